@@ -1,0 +1,1 @@
+"""Sub-commands of the ``valley`` CLI, one module each."""

@@ -1,0 +1,43 @@
+"""Exact accounting of optimizer-state memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _local(t: Tensor) -> Tensor:
+    """The locally stored shard of a DTensor, the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _tensors(value: Any):
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor held in ``optimizer.state`` (each storage counted once).
+
+    Works for any ``torch.optim.Optimizer``; for DTensor state, the local shard is counted.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for st in optimizer.state.values():
+        for t in _tensors(st):
+            t = _local(t)
+            key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

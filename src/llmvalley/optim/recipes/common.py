@@ -1,0 +1,26 @@
+"""Pieces shared by recipes: optional transforms and reusable checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmvalley.optim.transforms import Cautious
+from llmvalley.optim.transforms.base import Transform
+
+
+def cautious(group: dict[str, Any]) -> list[Transform]:
+    """``[Cautious()]`` when the group asks for cautious masking, else nothing."""
+    return [Cautious()] if group.get("cautious", False) else []
+
+
+def require_betas(name: str, count: int):
+    """A check that ``betas`` has exactly ``count`` entries."""
+
+    def check(group: dict[str, Any]) -> None:
+        betas = group["betas"]
+        if len(betas) != count:
+            raise ValueError(
+                f"{name}: invalid betas={tuple(betas)!r}: expected {count} values"
+            )
+
+    return check

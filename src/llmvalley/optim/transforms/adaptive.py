@@ -1,0 +1,353 @@
+"""Second-moment (adaptive) transforms: Adam and its published relatives.
+
+Each returns the *direction* (to be multiplied by the learning rate by :class:`ApplyLR`).
+Two epsilon conventions exist in the field and are named explicitly:
+
+- ``"torch"``: ``(m / bc1) / (sqrt(v / bc2) + eps)`` (torch.optim.Adam/AdamW),
+- ``"hf"``: ``(sqrt(bc2) / bc1) * m / (sqrt(v) + eps)`` (HF AdamW, Grams, SOAP, C-AdamW).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+
+
+def scalars(values: list[float]) -> float | list[float]:
+    """One scalar when every parameter shares it (the common case), else the list."""
+    first = values[0]
+    return first if all(v == first for v in values) else values
+
+
+class ScaleByAdam(Transform):
+    """Adam's bias-corrected first moment over the root of the second moment.
+
+    State: ``exp_avg``, ``exp_avg_sq`` and, with ``group["amsgrad"]``, ``max_exp_avg_sq`` (the
+    running maximum of the uncorrected second moment, as torch.optim.Adam).
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, eps_form: str = "torch") -> None:
+        if eps_form not in ("torch", "hf"):
+            raise ValueError(f"eps_form must be 'torch' or 'hf', got {eps_form!r}")
+        self.eps_form = eps_form
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2 = ctx.hp("betas")[:2]
+        eps = ctx.hp("eps")
+        m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
+        torch._foreach_lerp_(m, updates, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
+        second = v
+        if ctx.group.get("amsgrad", False):
+            second = ctx.buffers("max_exp_avg_sq")
+            torch._foreach_maximum_(second, v)
+        bc1 = [1 - beta1**t for t in ctx.steps]
+        bc2 = [1 - beta2**t for t in ctx.steps]
+        denom = torch._foreach_sqrt(second)
+        if self.eps_form == "torch":
+            torch._foreach_div_(denom, scalars([math.sqrt(b) for b in bc2]))
+            torch._foreach_add_(denom, eps)
+            out = torch._foreach_div(m, denom)
+            torch._foreach_div_(out, scalars(bc1))
+        else:
+            torch._foreach_add_(denom, eps)
+            out = torch._foreach_div(m, denom)
+            torch._foreach_mul_(out, scalars([math.sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)]))
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return numel(shape) * (3 if group.get("amsgrad", False) else 2)
+
+
+class ScaleByNAdam(Transform):
+    """NAdam with the momentum-decay schedule of torch.optim.NAdam (Dozat 2016).
+
+    ``mu_t = beta1 * (1 - 0.5 * 0.96**(t * momentum_decay))``; the direction is
+    ``(1 - mu_t) / (1 - prod mu) * g / d + mu_{t+1} / (1 - prod mu * mu_{t+1}) * m / d`` with
+    ``d = sqrt(v / bc2) + eps``. State: ``exp_avg``, ``exp_avg_sq`` and the running product
+    ``mu_product`` (a Python float, so it adds no tensor memory).
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2 = ctx.hp("betas")
+        eps, decay = ctx.hp("eps"), ctx.hp("momentum_decay")
+        m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
+        grad_coef, mom_coef = [], []
+        for st, t in zip(ctx.states, ctx.steps):
+            mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * decay))
+            mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * decay))
+            st["mu_product"] = st.get("mu_product", 1.0) * mu
+            grad_coef.append((1.0 - mu) / (1.0 - st["mu_product"]))
+            mom_coef.append(mu_next / (1.0 - st["mu_product"] * mu_next))
+        torch._foreach_lerp_(m, updates, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
+        denom = torch._foreach_div(v, scalars([1 - beta2**t for t in ctx.steps]))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        out = torch._foreach_mul(updates, scalars(grad_coef))
+        torch._foreach_add_(out, torch._foreach_mul(m, scalars(mom_coef)))
+        torch._foreach_div_(out, denom)
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return 2 * numel(shape)
+
+
+class ScaleByAdaBelief(Transform):
+    """AdaBelief (Zhuang et al., NeurIPS'20), as adabelief-pytorch 0.2.1.
+
+    ``s = beta2 * s + (1 - beta2) * (g - m)**2 + eps`` (eps is added into the state, as the
+    reference does); the direction is ``(m / bc1) / (sqrt(s / bc2) + eps)``. With
+    ``rectify`` (the reference default) RAdam's variance rectification applies: while the
+    approximated SMA length is below 5 the step is SGD with momentum (``degenerated_to_sgd``)
+    or no step. With ``amsgrad`` the running maximum of ``s`` is used in both branches (the
+    reference ignores it in the rectified branch, which the paper does not intend).
+    State: ``exp_avg``, ``exp_avg_var`` (+ ``max_exp_avg_var``).
+    """
+
+    state_keys = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2 = ctx.hp("betas")
+        eps = ctx.hp("eps")
+        m, s = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_var")
+        torch._foreach_lerp_(m, updates, 1 - beta1)
+        residual = torch._foreach_sub(updates, m)
+        torch._foreach_mul_(s, beta2)
+        torch._foreach_addcmul_(s, residual, residual, 1 - beta2)
+        torch._foreach_add_(s, eps)
+        second = s
+        if ctx.hp("amsgrad"):
+            second = ctx.buffers("max_exp_avg_var")
+            torch._foreach_maximum_(second, s)
+        out = []
+        rectify, to_sgd = ctx.hp("rectify"), ctx.hp("degenerated_to_sgd")
+        for mi, di, t in zip(m, second, ctx.steps):
+            bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+            if not rectify:
+                out.append(mi / ((di.sqrt() / math.sqrt(bc2)).add_(eps)) / bc1)
+                continue
+            sma_max = 2 / (1 - beta2) - 1
+            sma = sma_max - 2 * t * beta2**t / bc2
+            if sma >= 5:
+                r = math.sqrt(
+                    bc2 * (sma - 4) / (sma_max - 4) * (sma - 2) / sma * sma_max / (sma_max - 2)
+                )
+                out.append(mi / di.sqrt().add_(eps) * (r / bc1))
+            elif to_sgd:
+                out.append(mi / bc1)
+            else:
+                out.append(torch.zeros_like(mi))
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return numel(shape) * (3 if group["amsgrad"] else 2)
+
+
+class ScaleByLaProp(Transform):
+    """LaProp (Ziyin, Wang, Ueda, arXiv 2002.04839), as the official code.
+
+    Normalise first, then average: ``u = g / (sqrt(v / bc2) + eps)``,
+    ``m = beta1 * m + (1 - beta1) * lr * u``. Because the momentum accumulates ``lr * u``,
+    its bias correction is the EMA of past learning rates (``exp_avg_lr``, a float in the
+    state), so the output, multiplied by ``lr`` later, is ``m / exp_avg_lr``.
+    State: ``exp_avg``, ``exp_avg_sq`` (+ ``max_exp_avg_sq`` with amsgrad).
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2 = ctx.hp("betas")
+        eps, lr = ctx.hp("eps"), float(ctx.hp("lr"))
+        m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
+        second = v
+        if ctx.hp("amsgrad"):
+            second = ctx.buffers("max_exp_avg_sq")
+            torch._foreach_maximum_(second, v)
+        lr_avgs = []
+        for st in ctx.states:
+            st["exp_avg_lr"] = st.get("exp_avg_lr", 0.0) * beta1 + (1 - beta1) * lr
+            lr_avgs.append(st["exp_avg_lr"])
+        denom = torch._foreach_div(second, scalars([1 - beta2**t for t in ctx.steps]))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        step = torch._foreach_div(updates, denom)
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, step, alpha=(1 - beta1) * lr)
+        if lr == 0:
+            return torch._foreach_mul(m, 0.0)
+        return torch._foreach_div(m, scalars(lr_avgs))
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return numel(shape) * (3 if group["amsgrad"] else 2)
+
+
+def _linear_warmup(step: int, end: float, start: float, warmup: int) -> float:
+    if step < warmup:
+        a = step / float(warmup)
+        return (1.0 - a) * start + a * end
+    return end
+
+
+def _half_life_warmup(step: int, end: float, start: float, warmup: int) -> float:
+    """AdEMAMix's beta3 scheduler: linear in the half-life ``ln(0.5)/ln(beta) - 1``."""
+
+    def half_life(beta: float) -> float:
+        return math.log(0.5) / math.log(beta + 1e-8) - 1
+
+    if step < warmup:
+        a = step / float(warmup)
+        return math.pow(0.5, 1 / ((1.0 - a) * half_life(start) + a * half_life(end) + 1))
+    return end
+
+
+class ScaleByAdEMAMix(Transform):
+    """AdEMAMix (Pagliardini, Ablin, Grangier, arXiv 2409.03113), as apple/ml-ademamix.
+
+    Mixes a fast bias-corrected EMA with a slow, uncorrected one:
+    ``((m1 / bc1) + alpha * m2) / (sqrt(v / bc2) + eps)``. ``alpha`` ramps linearly over
+    ``alpha_warmup`` steps and ``beta3`` over ``beta3_warmup`` steps (linear in half-life,
+    starting from ``beta1``). State: ``exp_avg_fast`` (absent when ``beta1 == 0``),
+    ``exp_avg_slow``, ``exp_avg_sq``.
+    """
+
+    state_keys = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2, beta3_final = ctx.hp("betas")
+        eps, alpha_final = ctx.hp("eps"), ctx.hp("alpha")
+        alpha_warmup, beta3_warmup = ctx.hp("alpha_warmup"), ctx.hp("beta3_warmup")
+        slow, v = ctx.buffers("exp_avg_slow"), ctx.buffers("exp_avg_sq")
+        if beta1 != 0:
+            fast = ctx.buffers("exp_avg_fast")
+            torch._foreach_lerp_(fast, updates, 1 - beta1)
+        else:
+            fast = updates
+        alphas, beta3s = [], []
+        for t in ctx.steps:
+            alphas.append(
+                alpha_final if alpha_warmup is None
+                else _linear_warmup(t, alpha_final, 0.0, alpha_warmup)
+            )
+            beta3s.append(
+                beta3_final if beta3_warmup is None
+                else _half_life_warmup(t, beta3_final, beta1, beta3_warmup)
+            )
+        torch._foreach_lerp_(slow, updates, scalars([1 - b for b in beta3s]))
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, scalars([math.sqrt(1 - beta2**t) for t in ctx.steps]))
+        torch._foreach_add_(denom, eps)
+        out = torch._foreach_div(fast, scalars([1 - beta1**t for t in ctx.steps]))
+        torch._foreach_add_(out, torch._foreach_mul(slow, scalars(alphas)))
+        torch._foreach_div_(out, denom)
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return numel(shape) * (3 if group["betas"][0] != 0 else 2)
+
+
+class ScaleByAdan(Transform):
+    """Adan (Xie et al., arXiv 2208.06677), as sail-sg/Adan with the code's betas.
+
+    With ``(b1, b2, b3) = group["betas"]`` (the code's convention: 1 minus the paper's) and
+    ``d_g = g - g_prev`` (zero at the first step):
+    ``m = EMA_b1(g)``, ``d = EMA_b2(d_g)``, ``n = EMA_b3((g + b2 * d_g)**2)``; the direction is
+    ``(m / bc1 + b2 * d / bc2) / (sqrt(n / bc3) + eps)``.
+    State: ``exp_avg``, ``exp_avg_diff``, ``exp_avg_sq``, ``prev_grad``.
+    """
+
+    state_keys = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2, beta3 = ctx.hp("betas")
+        eps = ctx.hp("eps")
+        for st, u in zip(ctx.states, updates):
+            if "prev_grad" not in st:
+                st["prev_grad"] = u.detach().clone().to(ctx.state_dtype or u.dtype)
+        prev = [st["prev_grad"] for st in ctx.states]
+        m, d, n = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_diff"), ctx.buffers("exp_avg_sq")
+        diff = torch._foreach_sub(updates, prev)
+        torch._foreach_lerp_(m, updates, 1 - beta1)
+        torch._foreach_lerp_(d, diff, 1 - beta2)
+        torch._foreach_mul_(diff, beta2)
+        torch._foreach_add_(diff, updates)
+        torch._foreach_mul_(n, beta3)
+        torch._foreach_addcmul_(n, diff, diff, 1 - beta3)
+        for p_buf, u in zip(prev, updates):
+            p_buf.copy_(u)
+        denom = torch._foreach_sqrt(n)
+        torch._foreach_div_(denom, scalars([math.sqrt(1 - beta3**t) for t in ctx.steps]))
+        torch._foreach_add_(denom, eps)
+        out = torch._foreach_div(m, scalars([1 - beta1**t for t in ctx.steps]))
+        torch._foreach_add_(
+            out, torch._foreach_mul(d, scalars([beta2 / (1 - beta2**t) for t in ctx.steps]))
+        )
+        torch._foreach_div_(out, denom)
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return 4 * numel(shape)
+
+
+class ScaleByMARS(Transform):
+    """MARS-AdamW (Yuan et al., arXiv 2411.10438), as AGI-Arena/MARS (``is_approx=True``).
+
+    For 2-D parameters (all parameters with ``optimize_1d``):
+    ``c = g + gamma * beta1 / (1 - beta1) * (g - g_prev)``, rescaled to unit norm when its
+    norm exceeds 1; ``m = EMA_beta1(c)``, ``v = EMA_beta2(c**2)``; direction
+    ``(m / bc1) / (sqrt(v / bc2) + eps) + wd * p``. ``g_prev`` starts at zero, as in the
+    reference, and is a copy (the reference keeps a reference to ``p.grad``, which breaks
+    when gradients are zeroed in place).
+    Other parameters take the reference's AdamW branch: ``betas_1d``, ``weight_decay_1d`` and
+    a learning rate scaled by ``lr_1d / lr_0`` where ``lr_0`` is the group's initial rate.
+    State: ``exp_avg``, ``exp_avg_sq``, ``last_grad`` (the AdamW branch keeps no last_grad).
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq", "last_grad")
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2 = ctx.hp("betas")
+        eps, gamma, wd = ctx.hp("eps"), ctx.hp("gamma"), ctx.hp("weight_decay")
+        b1_1d, b2_1d = ctx.hp("betas_1d")
+        lr_factor = ctx.hp("lr_1d") / ctx.group.get("initial_lr", ctx.hp("lr"))
+        optimize_1d = ctx.hp("optimize_1d")
+        m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
+        out = []
+        for i, (u, p, st, t) in enumerate(zip(updates, ctx.params, ctx.states, ctx.steps)):
+            if optimize_1d or u.dim() == 2:
+                last = st.get("last_grad")
+                if last is None:
+                    last = st["last_grad"] = ctx.zeros(i)
+                c = (u - last).mul_(gamma * beta1 / (1 - beta1)).add_(u)
+                norm = torch.linalg.vector_norm(c)
+                c = torch.where(norm > 1, c / norm, c)
+                last.copy_(u)
+                b1, b2, decay, scale = beta1, beta2, wd, 1.0
+            else:
+                c = u
+                b1, b2, decay, scale = b1_1d, b2_1d, ctx.hp("weight_decay_1d"), lr_factor
+            m[i].lerp_(c, 1 - b1)
+            v[i].mul_(b2).addcmul_(c, c, value=1 - b2)
+            denom = (v[i].sqrt() / math.sqrt(1 - b2**t)).add_(eps).mul_(1 - b1**t)
+            step = (m[i] / denom).add_(p, alpha=decay)
+            out.append(step.mul_(scale) if scale != 1.0 else step)
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        matrix = group["optimize_1d"] or len(shape) == 2
+        return numel(shape) * (3 if matrix else 2)

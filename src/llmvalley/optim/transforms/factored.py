@@ -1,0 +1,139 @@
+"""Factored second moments (Adafactor, CAME): O(m + n) state for an m x n matrix.
+
+Parameters with two or more dimensions are factored over their last two dimensions (leading
+dimensions are treated as a batch); vectors and scalars keep a full second moment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+
+
+def rms(x: Tensor) -> Tensor:
+    """Root mean square of all entries, as a 0-d tensor (no host sync)."""
+    return torch.linalg.vector_norm(x) / (x.numel() ** 0.5)
+
+
+def clip_by_rms(update: Tensor, threshold: float) -> Tensor:
+    """``update / max(1, rms(update) / threshold)`` (Adafactor's update clipping), in place."""
+    return update.div_((rms(update) / threshold).clamp_(min=1.0))
+
+
+def factored_numel(shape: Shape) -> int:
+    """Elements of one row factor plus one column factor."""
+    lead = numel(shape[:-2])
+    return lead * (shape[-2] + shape[-1])
+
+
+class ScaleByAdafactor(Transform):
+    """Adafactor (Shazeer & Stern, arXiv 1804.04235) exactly as ``torch.optim.Adafactor``.
+
+    ``beta2_t = 1 - t**beta2_decay``; row/column means of ``g**2`` are tracked with that decay
+    and combined as ``R C / mean(R)``; ``u = g / sqrt(max(V, eps1**2))`` is clipped to RMS
+    ``d``; the step is ``max(eps2, RMS(p)) * min(lr, 1/sqrt(t)) * u`` (``lr`` caps the relative
+    step size, so it is applied here and the chain ends with ``ApplyLR(use_lr=False)``).
+    ``eps1=None`` means the machine epsilon of the compute dtype. No first moment.
+    State: ``row_var`` and ``col_var`` (factored) or ``variance``.
+    """
+
+    state_keys = ("row_var", "col_var", "variance")
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        eps1, eps2 = ctx.hp("eps")
+        decay, d, lr = ctx.hp("beta2_decay"), ctx.hp("d"), float(ctx.hp("lr"))
+        out = []
+        for i, (g, p, st, t) in enumerate(zip(updates, ctx.params, ctx.states, ctx.steps)):
+            e1 = torch.finfo(g.dtype).eps if eps1 is None else eps1
+            weight = t**decay
+            alpha = rms(p).clamp_(min=eps2) * min(lr, t**-0.5)
+            if g.dim() > 1:
+                if "row_var" not in st:
+                    st["row_var"] = ctx.zeros(i, (*g.shape[:-1], 1))
+                    st["col_var"] = ctx.zeros(i, (*g.shape[:-2], 1, g.shape[-1]))
+                row, col = st["row_var"], st["col_var"]
+                row.lerp_(torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_()
+                          .div_(g.size(-1)), weight)
+                col.lerp_(torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_()
+                          .div_(g.size(-2)), weight)
+                var = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=e1))
+            else:
+                if "variance" not in st:
+                    st["variance"] = ctx.zeros(i)
+                st["variance"].lerp_(g * g, weight)
+                var = st["variance"].clone()
+            u = var.clamp_(min=e1 * e1).rsqrt_().mul_(g)
+            out.append(clip_by_rms(u, d).mul_(alpha))
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return factored_numel(shape) if len(shape) > 1 else numel(shape)
+
+
+class ScaleByCAME(Transform):
+    """CAME (Luo et al., ACL'23, arXiv 2307.02047), as came-pytorch 0.1.3.
+
+    ``u = g / sqrt(V)`` with ``V`` the factored EMA (beta2) of ``g**2 + eps1``, clipped to RMS
+    ``clip_threshold``; ``m = EMA_beta1(u)``; the confidence ``(u - m)**2 + eps2`` gets a
+    factored EMA (beta3) ``S`` and the direction is ``m / sqrt(S)``. Non-factored parameters
+    (fewer than 2 dims) use ``m`` directly, as the reference. No bias correction.
+    State: ``exp_avg`` + ``exp_avg_sq_row/col`` + ``exp_avg_res_row/col`` (factored) or
+    ``exp_avg`` + ``exp_avg_sq``.
+    """
+
+    state_keys = (
+        "exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col",
+        "exp_avg_res_row", "exp_avg_res_col",
+    )
+
+    @staticmethod
+    def _approx_rsqrt(row: Tensor, col: Tensor) -> Tensor:
+        r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        return torch.mul(r, col.unsqueeze(-2).rsqrt())
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2, beta3 = ctx.hp("betas")
+        eps1, eps2 = ctx.hp("eps")
+        threshold = ctx.hp("clip_threshold")
+        m = ctx.buffers("exp_avg")
+        out = []
+        for i, (g, st) in enumerate(zip(updates, ctx.states)):
+            factored = g.dim() >= 2
+            sq = g * g + eps1
+            if factored:
+                if "exp_avg_sq_row" not in st:
+                    row_shape, col_shape = g.shape[:-1], (*g.shape[:-2], g.shape[-1])
+                    st["exp_avg_sq_row"] = ctx.zeros(i, row_shape)
+                    st["exp_avg_sq_col"] = ctx.zeros(i, col_shape)
+                    st["exp_avg_res_row"] = ctx.zeros(i, row_shape)
+                    st["exp_avg_res_col"] = ctx.zeros(i, col_shape)
+                row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+                row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1 - beta2)
+                col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1 - beta2)
+                u = self._approx_rsqrt(row, col).mul_(g)
+            else:
+                if "exp_avg_sq" not in st:
+                    st["exp_avg_sq"] = ctx.zeros(i)
+                st["exp_avg_sq"].mul_(beta2).add_(sq, alpha=1 - beta2)
+                u = st["exp_avg_sq"].rsqrt().mul_(g)
+            clip_by_rms(u, threshold)
+            m[i].mul_(beta1).add_(u, alpha=1 - beta1)
+            if factored:
+                res = (u - m[i]).square_().add_(eps2)
+                rrow, rcol = st["exp_avg_res_row"], st["exp_avg_res_col"]
+                rrow.mul_(beta3).add_(res.mean(dim=-1), alpha=1 - beta3)
+                rcol.mul_(beta3).add_(res.mean(dim=-2), alpha=1 - beta3)
+                out.append(self._approx_rsqrt(rrow, rcol).mul_(m[i]))
+            else:
+                out.append(m[i].clone())
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        if len(shape) >= 2:
+            lead = numel(shape[:-2])
+            return numel(shape) + 2 * (numel(shape[:-1]) + lead * shape[-1])
+        return 2 * numel(shape)

@@ -76,9 +76,38 @@ class ChainOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(group["params"]):
             label = names[i] if names else f"group {len(self.param_groups) - 1} param {i}"
             self._names[id(p)] = f"{label} (shape {tuple(p.shape)})"
-        check = getattr(spec, "check_params", None)
-        if check is not None:
-            check(group, [self._names[id(p)] for p in group["params"]])
+        if spec.applies_to == "matrix":
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(
+                        f"{spec.name} applies to weight matrices only, and "
+                        f"{self.param_name(p)} has {p.ndim} dimension(s): put it in a group "
+                        "with another optimizer (e.g. {'params': [...], 'optimizer': 'adamw'}), "
+                        f"or pass the model itself to create_optimizer('{spec.name}', model) "
+                        "to route embeddings, head, norms and biases to a fallback"
+                    )
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch does, but keep each state tensor's saved dtype.
+
+        ``torch.optim.Optimizer`` casts floating state to the parameter's dtype, which would
+        round the float32 state of bf16 parameters to bf16 and break bit-exact resume.
+        Tensors are moved to their parameter's device (so a checkpoint moves across devices).
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_to_param = dict(zip(saved_ids, params))
+        for pid, st in saved_state.items():
+            p = id_to_param.get(pid)
+            if p is None:
+                continue
+            self.state[p] = {
+                k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor) else v
+                for k, v in st.items()
+            }
 
     def param_name(self, p: Tensor) -> str:
         return self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")

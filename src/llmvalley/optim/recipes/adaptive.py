@@ -45,6 +45,8 @@ def _fused_adam(decoupled: bool):
         for p, g in zip(ctx.params, ctx.grads):
             if p.dtype != first.dtype or g.dtype != first.dtype or p.device != first.device:
                 return False
+            if not (p.is_contiguous() and g.is_contiguous()):  # the kernel assumes dense
+                return False
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]

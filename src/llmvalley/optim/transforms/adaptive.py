@@ -314,7 +314,8 @@ class ScaleByMARS(Transform):
     reference, and is a copy (the reference keeps a reference to ``p.grad``, which breaks
     when gradients are zeroed in place).
     Other parameters take the reference's AdamW branch: ``betas_1d``, ``weight_decay_1d`` and
-    a learning rate scaled by ``lr_1d / lr_0`` where ``lr_0`` is the group's initial rate.
+    a learning rate scaled by ``lr_1d / lr_0`` where ``lr_0`` is the group's initial rate
+    (``initial_lr``, as LR schedulers record it; 0 keeps a frozen group frozen).
     State: ``exp_avg``, ``exp_avg_sq``, ``last_grad`` (the AdamW branch keeps no last_grad).
     """
 
@@ -324,7 +325,8 @@ class ScaleByMARS(Transform):
         beta1, beta2 = ctx.hp("betas")
         eps, gamma, wd = ctx.hp("eps"), ctx.hp("gamma"), ctx.hp("weight_decay")
         b1_1d, b2_1d = ctx.hp("betas_1d")
-        lr_factor = ctx.hp("lr_1d") / ctx.group.get("initial_lr", ctx.hp("lr"))
+        lr0 = float(ctx.group.setdefault("initial_lr", ctx.hp("lr")))
+        lr_factor = ctx.hp("lr_1d") / lr0 if lr0 > 0 else 0.0
         optimize_1d = ctx.hp("optimize_1d")
         m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
         out = []

@@ -1,0 +1,145 @@
+"""Time of one optimizer ``step()`` on a LLaMA-shaped parameter set, for every optimizer.
+
+Each time is reported as a ratio to ``torch.optim.AdamW(fused=True)`` and to
+``torch.optim.AdamW(foreach=True)`` measured in the same run on the same parameters, with
+the optimizer-state bytes per parameter. Matrix-only methods are created through the model
+router (hidden matrices to the method, the rest to AdamW), as users would.
+
+    python benchmarks/step_time.py                      # CPU, LLaMA d=512 x 4 layers
+    python benchmarks/step_time.py --device cuda --layers 8 --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import llmvalley
+
+
+class LlamaShapedParams(nn.Module):
+    """The parameters of a LLaMA decoder (no forward): embedding, per-layer attention and
+    SwiGLU matrices and RMSNorm weights, final norm and an untied head."""
+
+    def __init__(self, dim: int, ffn: int, layers: int, vocab: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.Module()
+            block.self_attn = nn.Module()
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(block.self_attn, proj, nn.Linear(dim, dim, bias=False))
+            block.mlp = nn.Module()
+            block.mlp.gate_proj = nn.Linear(dim, ffn, bias=False)
+            block.mlp.up_proj = nn.Linear(dim, ffn, bias=False)
+            block.mlp.down_proj = nn.Linear(ffn, dim, bias=False)
+            block.input_layernorm = nn.RMSNorm(dim)
+            block.post_attention_layernorm = nn.RMSNorm(dim)
+            self.layers.append(block)
+        self.norm = nn.RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+
+def timed_step(opt: torch.optim.Optimizer, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(opts: list[torch.optim.Optimizer], device: str, warmup: int,
+                     reps: int) -> list[float]:
+    """Minimum seconds per ``step()`` of each optimizer, measured round-robin so that
+    background load hits every optimizer alike (the minimum is the least disturbed run)."""
+    for _ in range(warmup):
+        for opt in opts:
+            opt.step()
+    times: list[list[float]] = [[] for _ in opts]
+    for _ in range(reps):
+        for i, opt in enumerate(opts):
+            times[i].append(timed_step(opt, device))
+    return [min(t) for t in times]
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=1376)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--only", help="comma-separated optimizer names")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = LlamaShapedParams(args.dim, args.ffn, args.layers, args.vocab).to(args.device)
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+
+    fused_opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    foreach_opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    fused_all, foreach_all = [], []
+    names = args.only.split(",") if args.only else [s.name for s in llmvalley.list_optimizers()]
+    rows = []
+    for name in names:
+        variants = [(name, {})]
+        if name in ("adam", "adamw"):
+            variants.append((f"{name} (fused=False)", {"fused": False}))
+        for label, kw in variants:
+            opt = llmvalley.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **kw)
+            fused, foreach, t = time_interleaved([fused_opt, foreach_opt, opt], args.device,
+                                                 args.warmup, args.reps)
+            fused_all.append(fused)
+            foreach_all.append(foreach)
+            rows.append((label, t, t / fused, t / foreach, llmvalley.state_bytes(opt) / n_params))
+            del opt
+    fused, foreach = statistics.median(fused_all), statistics.median(foreach_all)
+
+    device = machine(args.device)
+    header = (f"{n_params / 1e6:.1f}M parameters (d={args.dim}, ffn={args.ffn}, "
+              f"layers={args.layers}, vocab={args.vocab}) on {args.device} ({device}, "
+              f"{torch.get_num_threads()} threads), torch {torch.__version__}; "
+              f"torch AdamW fused {fused * 1e3:.1f} ms, foreach {foreach * 1e3:.1f} ms "
+              "(medians over the paired runs; each ratio is against the peers timed "
+              "round-robin with that optimizer, minimum of the repetitions)")
+    print(header)
+    if args.markdown:
+        print("\n| optimizer | ms/step | vs fused AdamW | vs foreach AdamW | state bytes/param |")
+        print("|---|---:|---:|---:|---:|")
+        for label, t, r1, r2, b in rows:
+            print(f"| {label} | {t * 1e3:.1f} | {r1:.2f}x | {r2:.2f}x | {b:.2f} |")
+    else:
+        print(f"{'optimizer':24} {'ms/step':>9} {'vs fused':>9} {'vs foreach':>10} {'B/param':>8}")
+        for label, t, r1, r2, b in rows:
+            print(f"{label:24} {t * 1e3:9.1f} {r1:8.2f}x {r2:9.2f}x {b:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

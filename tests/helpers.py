@@ -1,0 +1,99 @@
+"""Small models and training loops shared by the optimizer tests."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import nn
+
+import llmvalley
+
+VOCAB, DIM = 13, 8
+
+
+class TinyLM(nn.Module):
+    """A LLaMA-shaped miniature: embedding, attention-like and MLP matrices with and without
+    bias, RMSNorm, a scalar gain, and an untied head (tied with ``tied=True``)."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, DIM)
+        self.q_proj = nn.Linear(DIM, DIM, bias=False)
+        self.norm = nn.RMSNorm(DIM)
+        self.up_proj = nn.Linear(DIM, 2 * DIM, bias=True)
+        self.down_proj = nn.Linear(2 * DIM, DIM, bias=False)
+        self.gain = nn.Parameter(torch.tensor(1.0))
+        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(tokens)
+        h = h + self.q_proj(h)
+        h = h + self.down_proj(torch.nn.functional.silu(self.up_proj(self.norm(h))))
+        return self.lm_head(h * self.gain)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic batch for a step: a learnable next-token pattern plus noise."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, VOCAB, (4, 6), generator=gen)
+    y = (x * 3 + 1) % VOCAB
+    return x, y
+
+
+def loss_fn(model: nn.Module, step: int) -> torch.Tensor:
+    x, y = batch(step)
+    return nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = False) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(tied=tied).to(dtype)
+
+
+def make_optimizer(name: str, model: nn.Module, **hp) -> torch.optim.Optimizer:
+    """Through the model router, so matrix-only methods get their fallback."""
+    return llmvalley.create_optimizer(name, model, **hp)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, steps: int) -> list[float]:
+    losses = []
+    for step in range(start, start + steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, step)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def roundtrip(obj):
+    """Serialise and load, as a separate process would see it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+# Learning rates at which each method makes steady progress on the toy problems (sign and
+# normalised methods take fixed-size steps, so they need smaller rates than SGD).
+CONVERGENCE_LR = {
+    "sgd": 0.05, "signum": 0.01, "lion": 0.01, "adafactor": 0.05, "came": 0.01,
+}
+
+
+def convergence_lr(name: str) -> float:
+    return CONVERGENCE_LR.get(name, 0.01)
+
+
+# Rosenbrock from (-1.5, 2) over 1000 steps: a rate in each method's working range.
+ROSENBROCK_LR = {
+    "sgd": 1e-3, "mars": 1e-3, "adabelief": 1e-2, "adan": 1e-2, "adafactor": 1e-2,
+    "lion": 1e-2, "grams": 1e-1,
+}
+
+
+def rosenbrock_lr(name: str) -> float:
+    return ROSENBROCK_LR.get(name, 3e-2)

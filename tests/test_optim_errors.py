@@ -1,0 +1,106 @@
+"""Bad input gets a clear error and loses nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmvalley
+
+
+def param():
+    return [torch.nn.Parameter(torch.randn(3, 2))]
+
+
+@pytest.mark.parametrize("name,key,value", [
+    ("adamw", "lr", -1.0),
+    ("adamw", "lr", float("nan")),
+    ("adamw", "lr", "fast"),
+    ("adamw", "betas", (1.0, 0.999)),
+    ("adamw", "betas", (0.9, -0.1)),
+    ("adamw", "betas", 0.9),
+    ("adamw", "betas", (0.9, 0.99, 0.9)),
+    ("adamw", "eps", -1e-8),
+    ("adamw", "weight_decay", -0.1),
+    ("sgd", "momentum", -0.5),
+    ("sgd", "nesterov", True),
+    ("adan", "betas", (0.98, 0.92)),
+    ("ademamix", "alpha_warmup", 0),
+    ("adafactor", "d", 0.5),
+    ("adafactor", "beta2_decay", 0.5),
+    ("adafactor", "eps", 1e-3),
+    ("came", "eps", (None, 1e-16)),
+    ("mars", "betas_1d", (0.9,)),
+    ("adamw", "nonfinite", "explode"),
+])
+def test_invalid_hyperparameter_names_it(name, key, value):
+    with pytest.raises(ValueError, match=key):
+        llmvalley.create_optimizer(name, param(), **{key: value})
+
+
+def test_unknown_hyperparameter_lists_accepted_ones():
+    with pytest.raises(ValueError, match="betaz.*accepted: .*betas"):
+        llmvalley.create_optimizer("adamw", param(), betaz=(0.9, 0.99))
+
+
+def test_invalid_group_hyperparameter_is_caught():
+    with pytest.raises(ValueError, match="lr"):
+        llmvalley.create_optimizer("adamw", [{"params": param(), "lr": -3.0}])
+
+
+def test_unknown_optimizer_lists_registered():
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'.*adamw"):
+        llmvalley.create_optimizer("adamx", param())
+
+
+def test_nan_gradient_raises_naming_parameter_and_changes_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = llmvalley.create_optimizer("adamw", model)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                    for p, s in opt.state.items()}
+    model(torch.randn(5, 3)).sum().backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"1\.weight.*shape \(2, 4\)"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            old = state_before[id(p)][k]
+            assert torch.equal(v, old) if torch.is_tensor(v) else v == old
+
+
+def test_inf_gradient_can_skip_the_step():
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    b = torch.nn.Parameter(torch.ones(2))
+    opt = llmvalley.create_optimizer("adam", [w, b], nonfinite="skip")
+    w.grad = torch.ones(2, 2)
+    b.grad = torch.tensor([1.0, float("inf")])
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert torch.equal(w.detach(), torch.ones(2, 2)) and not opt.state
+    b.grad = torch.ones(2)
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.state[w]["step"] == 1
+
+
+def test_matrix_only_method_rejects_vectors_naming_them():
+    matrix = [s.name for s in llmvalley.list_optimizers() if s.applies_to == "matrix"]
+    if not matrix:
+        pytest.skip("no matrix-only optimizer registered")
+    vec = torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(ValueError, match=r"shape \(5,\).*fallback|shape \(5,\).*adamw"):
+        llmvalley.create_optimizer(matrix[0], [vec])
+    with pytest.raises(ValueError, match="fallback"):
+        llmvalley.create_optimizer(matrix[0], torch.nn.Linear(3, 3), fallback=None)
+
+
+def test_sparse_gradients_are_refused():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = llmvalley.create_optimizer("adam", emb)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()

@@ -14,6 +14,9 @@ import sys
 COMMAND_MODULES = (
     "llmvalley.commands.list_cmd",
     "llmvalley.commands.train_cmd",
+    "llmvalley.commands.sweep_cmd",
+    "llmvalley.commands.compare_cmd",
+    "llmvalley.commands.report_cmd",
 )
 
 

@@ -96,3 +96,12 @@ def test_valley_list_prints_every_optimizer(capsys):
     for spec in llmvalley.list_optimizers():
         assert re.search(rf"^{spec.name}\s+{spec.family}\s", out, re.M), spec.name
         assert spec.paper.arxiv in out
+
+
+def test_valley_list_details_and_unknown_name(capsys):
+    assert main(["list", "--details", "adan"]) == 0
+    out = capsys.readouterr().out
+    assert "sail-sg/Adan" in out and "proximal" in out and "betas=(0.98, 0.92, 0.99)" in out
+    assert main(["list", "--details", "adamx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown optimizer 'adamx'" in err

@@ -24,7 +24,33 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(out)
 
 
+def describe(spec) -> str:
+    """Everything the registry knows about one optimizer, as text."""
+    defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
+    lines = [
+        f"{spec.name} ({spec.family}, applies to {spec.applies_to})",
+        f"  paper:        {spec.paper}",
+        f"  reference:    {spec.reference}",
+        f"  defaults:     {defaults}",
+        f"  weight decay: {spec.weight_decay}",
+        f"  state:        {state_per_param(spec)} elements per weight of a large matrix",
+    ]
+    if spec.notes:
+        lines.append(f"  notes:        {spec.notes}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.details:
+        from llmvalley.cli import UsageError
+        from llmvalley.optim import get_spec
+
+        try:
+            spec = get_spec(args.details)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        print(describe(spec))
+        return 0
     specs = list_optimizers(args.family)
     rows = [
         [s.name, s.family, s.applies_to, state_per_param(s), f"{s.paper.title} "
@@ -40,4 +66,5 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("list", help="list the registered optimizers")
     parser.add_argument("--family", help="only this family")
+    parser.add_argument("--details", metavar="NAME", help="everything known about one optimizer")
     parser.set_defaults(func=run)

@@ -53,10 +53,10 @@ class ScaleByAdam(Transform):
         bc2 = [1 - beta2**t for t in ctx.steps]
         denom = torch._foreach_sqrt(second)
         if self.eps_form == "torch":
-            torch._foreach_div_(denom, scalars([math.sqrt(b) for b in bc2]))
-            torch._foreach_add_(denom, eps)
+            # (m / bc1) / (sqrt(v / bc2) + eps) with bc1 folded into the denominator
+            torch._foreach_mul_(denom, scalars([b1 / math.sqrt(b2) for b1, b2 in zip(bc1, bc2)]))
+            torch._foreach_add_(denom, scalars([eps * b1 for b1 in bc1]))
             out = torch._foreach_div(m, denom)
-            torch._foreach_div_(out, scalars(bc1))
         else:
             torch._foreach_add_(denom, eps)
             out = torch._foreach_div(m, denom)
@@ -278,7 +278,7 @@ class ScaleByAdan(Transform):
         eps = ctx.hp("eps")
         for st, u in zip(ctx.states, updates):
             if "prev_grad" not in st:
-                st["prev_grad"] = u.detach().clone().to(ctx.state_dtype or u.dtype)
+                st["prev_grad"] = u.detach().clone()
         prev = [st["prev_grad"] for st in ctx.states]
         m, d, n = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_diff"), ctx.buffers("exp_avg_sq")
         diff = torch._foreach_sub(updates, prev)

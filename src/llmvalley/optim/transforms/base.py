@@ -33,8 +33,7 @@ class StepContext:
         states: one state dict per parameter (``optimizer.state[p]``).
         steps: the step number of each parameter, counted from 1 for this step.
         group: the parameter group (hyperparameters).
-        state_dtype: dtype that new state tensors are created in (``None``: the param's).
-        names: parameter names for error messages.
+        names: parameter names for error messages and name-based rules.
     """
 
     params: list[Tensor]
@@ -42,20 +41,18 @@ class StepContext:
     states: list[dict[str, Any]]
     steps: list[int]
     group: dict[str, Any]
-    state_dtype: torch.dtype | None = None
     names: list[str] = field(default_factory=list)
 
     def zeros(self, i: int, shape: Sequence[int] | None = None) -> Tensor:
-        """A zero state tensor for parameter ``i`` (its shape unless ``shape`` is given)."""
+        """A zero state tensor for parameter ``i``, in the compute dtype (its shape unless
+        ``shape`` is given)."""
         p = self.params[i]
-        dtype = self.state_dtype or p.dtype
         if shape is None:
-            return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-        return torch.zeros(tuple(shape), dtype=dtype, device=p.device)
+            return torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return torch.zeros(tuple(shape), dtype=p.dtype, device=p.device)
 
-    def buffers(self, key: str, init: str = "zeros") -> list[Tensor]:
-        """The state tensor ``key`` of every parameter, created (zeros or a copy of the
-        current update is the caller's business) on first use."""
+    def buffers(self, key: str) -> list[Tensor]:
+        """The state tensor ``key`` of every parameter, created as zeros on first use."""
         out = []
         for i, st in enumerate(self.states):
             buf = st.get(key)

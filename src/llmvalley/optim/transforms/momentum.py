@@ -28,15 +28,12 @@ class HeavyBall(Transform):
         if momentum == 0:
             return updates
         dampening = ctx.hp("dampening")
-        fresh_i, fresh_u, old_b, old_u = [], [], [], []
+        old_b, old_u = [], []
         bufs: list[Tensor] = []
-        for i, (st, u) in enumerate(zip(ctx.states, updates)):
+        for st, u in zip(ctx.states, updates):
             buf = st.get("momentum_buffer")
-            if buf is None:
-                buf = u.detach().clone().to(ctx.state_dtype or u.dtype)
-                st["momentum_buffer"] = buf
-                fresh_i.append(i)
-                fresh_u.append(u)
+            if buf is None:  # first step: the buffer starts as the update itself
+                buf = st["momentum_buffer"] = u.detach().clone()
             else:
                 old_b.append(buf)
                 old_u.append(u)

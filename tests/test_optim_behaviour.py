@@ -257,3 +257,17 @@ def test_trains_the_tiny_language_model(name):
     opt = make_optimizer(name, model, lr=convergence_lr(name))
     losses = train(model, opt, 0, 60)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, f"{name}: {losses[:3]}..."
+
+
+@pytest.mark.parametrize("name", ANY)
+def test_tensor_learning_rate_equals_float(name):
+    def run(lr):
+        w = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3))
+        opt = llmvalley.create_optimizer(name, [w], lr=lr)
+        for step in range(3):
+            w.grad = torch.cos(w.detach() * (step + 2))
+            opt.step()
+        return w.detach()
+
+    lr = torch.tensor(0.01)
+    torch.testing.assert_close(run(lr), run(lr.item()), rtol=0, atol=0)

@@ -57,4 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module, so that ``UsageError`` raised by sub-commands
+    # (imported from ``llmvalley.cli``) is the class caught in ``main``.
+    from llmvalley.cli import main as package_main
+
+    sys.exit(package_main())

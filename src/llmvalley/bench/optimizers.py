@@ -1,0 +1,57 @@
+"""Building the optimizer of a run: any registry name, or ``torch-adamw`` as the peer baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmvalley.cli import UsageError
+
+PEER_BASELINE = "torch-adamw"
+
+
+def torch_adamw(model: nn.Module, lr: float, weight_decay: float | None = None,
+                **kwargs: Any) -> torch.optim.AdamW:
+    """Unmodified ``torch.optim.AdamW`` (fused where available); weight decay applies to
+    parameters with 2 or more dimensions only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    wd = 0.01 if weight_decay is None else weight_decay  # torch's default
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # fused unsupported for this device/dtype
+        return torch.optim.AdamW(groups, lr=lr, **kwargs)
+
+
+def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float | None,
+                    opt_args: dict[str, Any], fallback_args: dict[str, Any]
+                    ) -> torch.optim.Optimizer:
+    """The optimizer ``name`` for ``model``; user errors become one-line UsageErrors."""
+    hparams: dict[str, Any] = {"lr": lr, **opt_args}
+    if weight_decay is not None:
+        hparams["weight_decay"] = weight_decay
+    if name == PEER_BASELINE:
+        if fallback_args:
+            raise UsageError("--fallback-arg applies to matrix-only methods, not torch-adamw")
+        try:
+            return torch_adamw(model, **hparams)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"bad hyperparameters for torch-adamw: {exc}") from None
+    import llmvalley
+
+    create = getattr(llmvalley, "create_optimizer", None)
+    if create is None:
+        raise UsageError(f"optimizer {name!r} needs the llmvalley optimizer registry, which this "
+                         f"installation lacks; accepted here: {PEER_BASELINE}")
+    if fallback_args:
+        hparams["fallback_hparams"] = fallback_args
+    try:
+        return create(name, model, **hparams)
+    except (KeyError, ValueError, TypeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise UsageError(f"cannot build optimizer {name!r}: {message}") from None

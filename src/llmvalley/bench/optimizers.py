@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from llmvalley.cli import UsageError
+from llmvalley.optim import create_optimizer
 
 PEER_BASELINE = "torch-adamw"
 
@@ -42,16 +43,10 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: flo
             return torch_adamw(model, **hparams)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"bad hyperparameters for torch-adamw: {exc}") from None
-    import llmvalley
-
-    create = getattr(llmvalley, "create_optimizer", None)
-    if create is None:
-        raise UsageError(f"optimizer {name!r} needs the llmvalley optimizer registry, which this "
-                         f"installation lacks; accepted here: {PEER_BASELINE}")
     if fallback_args:
         hparams["fallback_hparams"] = fallback_args
     try:
-        return create(name, model, **hparams)
+        return create_optimizer(name, model, **hparams)
     except (KeyError, ValueError, TypeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise UsageError(f"cannot build optimizer {name!r}: {message}") from None

@@ -41,15 +41,18 @@ def create_optimizer(
         name: a registry name (see :func:`list_optimizers`).
         model_or_params: an ``nn.Module``, an iterable of tensors, or param-group dicts.
         fallback: recipe for parameters a matrix-only method cannot take (None: error).
-        fallback_hparams: hyperparameters of the fallback recipe.
+        fallback_hparams: hyperparameters of the fallback recipe (default: the spec's
+            ``fallback_hparams`` when the fallback is ``adamw``, else the recipe's defaults).
         rules: ``(matcher, settings)`` overrides, first match wins (module type, name regex,
-            or callable ``(name, param, module) -> bool``).
+            or callable ``(name, param, module) -> bool``); the spec's own ``rules`` follow.
         no_decay: matchers of parameters that take no weight decay (replaces the default).
         matrix_ndim: ``"2"`` (default) or ``">=2"`` (also route conv kernels to the method).
         **hparams: hyperparameters of ``name`` (validated; unknown names raise ValueError).
     """
     spec = get_spec(name)
     spec.resolve(hparams)  # validate early, naming the bad hyperparameter
+    if fallback_hparams is None and fallback == "adamw":
+        fallback_hparams = spec.fallback_hparams
     if fallback is not None:
         fb_spec = get_spec(fallback)
         fb_spec.resolve(dict(fallback_hparams or {}))
@@ -59,7 +62,7 @@ def create_optimizer(
             applies_to=spec.applies_to, decay_keys=spec.decay_keys,
             fallback=fallback, fallback_hparams=fallback_hparams,
             fallback_decay_keys=get_spec(fallback).decay_keys if fallback else (),
-            rules=rules, no_decay=no_decay, matrix_ndim=matrix_ndim,
+            rules=(*rules, *spec.rules), no_decay=no_decay, matrix_ndim=matrix_ndim,
         )
         return ChainOptimizer(groups, spec, **hparams)
     return ChainOptimizer(model_or_params, spec, **hparams)

@@ -55,6 +55,10 @@ class OptimizerSpec:
         fused: optional fast path ``(ctx) -> bool`` returning True when it did the step.
         check: optional extra validation of a group (raise ``ValueError``).
         notes: deviations from the reference, documented.
+        rules: default routing rules (as ``create_optimizer``'s ``rules``), applied after the
+            user's when ``create_optimizer`` is given a model (e.g. SCALE's output layer).
+        fallback_hparams: hyperparameters of the ``adamw`` fallback when the user gives none
+            (the reference's auxiliary AdamW, e.g. Muon's lr 3e-4, betas (0.9, 0.95)).
     """
 
     name: str
@@ -70,6 +74,8 @@ class OptimizerSpec:
     fused: Callable[[StepContext], bool] | None = None
     check: Callable[[dict[str, Any]], None] | None = None
     notes: str = ""
+    rules: tuple = ()
+    fallback_hparams: dict[str, Any] | None = None
     _chains: dict[tuple, list[Transform]] = field(default_factory=dict, repr=False)
 
     def chain(self, group: dict[str, Any]) -> list[Transform]:

@@ -3,4 +3,11 @@
 Importing this package registers every recipe.
 """
 
-from llmvalley.optim.recipes import adaptive, classical, factored, sign  # noqa: F401
+from llmvalley.optim.recipes import (  # noqa: F401
+    adaptive,
+    classical,
+    factored,
+    matrix,
+    normalized,
+    sign,
+)

@@ -22,9 +22,37 @@ from llmvalley.optim.transforms.decay import (
 from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
 from llmvalley.optim.transforms.mask import Cautious
 from llmvalley.optim.transforms.momentum import EMA, HeavyBall
+from llmvalley.optim.transforms.normalize import (
+    ScaleBySNR,
+    SCALEStep,
+    SinkhornNormalize,
+    SWANNormalizeWhiten,
+)
+from llmvalley.optim.transforms.orthogonalize import (
+    ApplyScaledLR,
+    CoshBrake,
+    DionUpdate,
+    MuonMomentum,
+    NAMOUpdate,
+    Orthogonalize,
+    RMSRescale,
+    ScaleByOrthoSecondMoment,
+)
 from llmvalley.optim.transforms.sign import GradSignTimesMagnitude, LionDirection, Sign
 
 __all__ = [
+    "ApplyScaledLR",
+    "CoshBrake",
+    "DionUpdate",
+    "MuonMomentum",
+    "NAMOUpdate",
+    "Orthogonalize",
+    "RMSRescale",
+    "SCALEStep",
+    "ScaleBySNR",
+    "ScaleByOrthoSecondMoment",
+    "SinkhornNormalize",
+    "SWANNormalizeWhiten",
     "ApplyLR",
     "Cautious",
     "CoupledWeightDecay",

@@ -1,0 +1,209 @@
+"""Matrix (orthogonalized) optimizers: Muon, AdaMuon, NAMO, NAMO-D, AuON, Dion.
+
+All apply to hidden weight matrices (``applies_to="matrix"``); ``create_optimizer(name,
+model)`` routes embeddings, the output head, norms and biases to AdamW with the reference's
+auxiliary settings (each spec's ``fallback_hparams``). Conv kernels (with
+``matrix_ndim=">=2"``) are viewed as ``(out, -1)`` matrices.
+
+Orthogonalization options shared by the Muon family (see
+:mod:`llmvalley.optim.transforms.orthogonalize`): ``orthogonalizer`` (``"newton_schulz"``,
+``"polar_express"``, ``"svd"``), ``ns_steps``, ``ns_coefficients``, ``ns_eps`` (the Frobenius
+normalisation guard, torch.optim.Muon's ``eps``), ``ns_dtype`` (None: bf16 on CUDA, the
+update's dtype elsewhere). ``shape_scale`` picks the update-scale convention: ``"keller"``
+``sqrt(max(1, m/n))``, ``"moonlight"`` ``0.2 sqrt(max(m, n))``, ``"dion"`` ``sqrt(m/n)``,
+``"none"``, or ``"rms"`` (rescale to RMS ``rms_target``); torch's ``"original"`` and
+``"match_rms_adamw"`` are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmvalley.optim.registry import OptimizerSpec, Paper, register
+from llmvalley.optim.transforms import ApplyLR, DecoupledWeightDecay, Sign
+from llmvalley.optim.transforms.orthogonalize import (
+    NS_COEFFICIENTS,
+    ORTHOGONALIZERS,
+    ApplyScaledLR,
+    CoshBrake,
+    DionUpdate,
+    MuonMomentum,
+    NAMOUpdate,
+    Orthogonalize,
+    RMSRescale,
+    ScaleByOrthoSecondMoment,
+    check_shape_scale,
+)
+
+ORTHO_DEFAULTS: dict[str, Any] = dict(
+    orthogonalizer="newton_schulz", ns_steps=5, ns_coefficients=NS_COEFFICIENTS, ns_eps=1e-7,
+    ns_dtype=None,
+)
+
+
+def check_matrix_group(name: str, group: dict[str, Any]) -> None:
+    """Validate the orthogonalization / momentum / scale options shared by these recipes."""
+    if "orthogonalizer" in group and group["orthogonalizer"] not in ORTHOGONALIZERS:
+        raise ValueError(f"{name}: invalid orthogonalizer={group['orthogonalizer']!r}: "
+                         f"one of {ORTHOGONALIZERS}")
+    steps = group.get("ns_steps", 1)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{name}: invalid ns_steps={steps!r}: an integer >= 1")
+    if "ns_coefficients" in group and len(group["ns_coefficients"]) != 3:
+        raise ValueError(f"{name}: invalid ns_coefficients={group['ns_coefficients']!r}: "
+                         "expected (a, b, c)")
+    if "momentum" in group and not 0.0 <= float(group["momentum"]) < 1.0:
+        raise ValueError(f"{name}: invalid momentum={group['momentum']!r}: must lie in [0, 1)")
+    if "mu2" in group and not 0.0 <= float(group["mu2"]) < 1.0:
+        raise ValueError(f"{name}: invalid mu2={group['mu2']!r}: must lie in [0, 1)")
+    if "shape_scale" in group:
+        check_shape_scale(name, group["shape_scale"])
+
+
+def _check(name: str):
+    return lambda group: check_matrix_group(name, group)
+
+
+register(
+    OptimizerSpec(
+        name="muon",
+        family="matrix",
+        paper=Paper("Muon: An optimizer for hidden layers in neural networks (Jordan et al., "
+                    "blog 2024); Muon is Scalable for LLM Training (Liu et al.)",
+                    "2502.16982", 2024),
+        reference="KellerJordan/Muon (muon.py, SingleDeviceMuon); torch.optim.Muon "
+        "(tested against, bit-exact with ns_dtype=bfloat16)",
+        defaults=dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+                      shape_scale="keller", rms_target=0.2, **ORTHO_DEFAULTS),
+        build=lambda g: [DecoupledWeightDecay(), MuonMomentum(), Orthogonalize(),
+                         ApplyScaledLR()],
+        applies_to="matrix",
+        weight_decay="decoupled (p *= 1 - lr*wd, unadjusted lr), before the update",
+        check=_check("muon"),
+        fallback_hparams=dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0),
+        notes="Keller's defaults (lr 0.02, EMA momentum 0.95 with Nesterov, NS5, "
+        "sqrt(max(1, m/n)), wd 0); the fallback AdamW is MuonWithAuxAdam's (lr 3e-4, betas "
+        "(0.9, 0.95), eps 1e-10, wd 0). torch.optim.Muon's NS `eps` is `ns_eps` here. NS runs "
+        "in fp32 on CPU by default (torch.optim.Muon always uses bf16); ns_dtype='bfloat16' "
+        "reproduces torch bit for bit. The gradient is not modified (Keller's lerp_ on "
+        "p.grad is done out of place).",
+    )
+)
+
+register(
+    OptimizerSpec(
+        name="adamuon",
+        family="matrix",
+        paper=Paper("AdaMuon: Adaptive Muon Optimizer (Si, Zhang, Shen)", "2507.11005", 2025),
+        reference="Chongjie-Si/AdaMuon (gpt2/models/optimizers/adamuon.py, per "
+        "optimizers-part2.md); tested against an independent reference from the equations",
+        defaults=dict(lr=6e-4, momentum=0.95, nesterov=True, weight_decay=0.1, eps=1e-8,
+                      rms_target=0.2, **ORTHO_DEFAULTS),
+        build=lambda g: [DecoupledWeightDecay(), MuonMomentum(), Sign(), Orthogonalize(),
+                         ScaleByOrthoSecondMoment(), RMSRescale(), ApplyLR()],
+        applies_to="matrix",
+        check=_check("adamuon"),
+        fallback_hparams=dict(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1),
+        notes="O = NS5(sign(Nesterov momentum)); v = b v + (1-b) O^2 with b = momentum (0.95), "
+        "no bias correction; O / (sqrt(v) + eps) rescaled to RMS 0.2 (0.2 sqrt(mn) / ||.||_F). "
+        "The repository's top-level adamuon.py is a different variant (no sign, separate "
+        "beta2=0.999 with bias correction, sqrt(min)/||.|| times 0.2 sqrt(max)); this recipe "
+        "follows the GPT-2 code and the paper's Algorithm 1.",
+    )
+)
+
+
+NAMO_PAPER = Paper("Adam Improves Muon: Adaptive Moment Estimation with Orthogonalized "
+                   "Momentum (Zhang et al.)", "2602.17080", 2026)
+NAMO_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-2, momentum=0.95, mu2=0.99, eps=1e-8, nesterov=True, weight_decay=0.1,
+    scale_coeff=0.2, **ORTHO_DEFAULTS)
+NAMO_NOTES = ("mu2 is the paper's mu_2 (EMA of the squared raw-gradient norm), eps its "
+              "adamnorm_eps; scale_coeff the 0.2 of 0.2 sqrt(max(m, n)). Defaults are "
+              "src/namo.py's (lr 1e-2; the paper's GPT-2 configs tune lr, e.g. 0.012 / 0.009). "
+              "Weight decay is scaled by the clamped adaptive rate, not by lr. The AdamW "
+              "backup (betas (0.9, 0.95), eps 1e-8, wd as the method) is the fallback.")
+
+register(
+    OptimizerSpec(
+        name="namo",
+        family="matrix",
+        paper=NAMO_PAPER,
+        reference="minxin-zhg/namo (src/namo.py, NAMO); tested against an independent "
+        "reference from the equations",
+        defaults=dict(NAMO_DEFAULTS),
+        build=lambda g: [NAMOUpdate(columnwise=False)],
+        applies_to="matrix",
+        weight_decay="W *= 1 - wd * min(alpha, 1) (alpha: the adaptive rate), before the update",
+        check=_check("namo"),
+        fallback_hparams=dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+        notes=NAMO_NOTES,
+    )
+)
+
+register(
+    OptimizerSpec(
+        name="namo_d",
+        family="matrix",
+        paper=NAMO_PAPER,
+        reference="minxin-zhg/namo (src/namo.py, NAMO_D); tested against an independent "
+        "reference from the equations",
+        defaults=dict(NAMO_DEFAULTS, col_clamp=0.75),
+        build=lambda g: [NAMOUpdate(columnwise=True)],
+        applies_to="matrix",
+        weight_decay="per column: W_:,j *= max(1 - wd * min(c_j b, 1), 0), before the update",
+        check=_check("namo_d"),
+        fallback_hparams=dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+        notes=NAMO_NOTES + " col_clamp is the code's col_state_clamp_c (0.75; the paper's "
+        "configs use 0.01); values outside (0, 1] disable the clamp.",
+    )
+)
+
+register(
+    OptimizerSpec(
+        name="auon",
+        family="matrix",
+        paper=Paper("AuON: Alternative Unit-norm momentum-updates by Normalized nonlinear "
+                    "scaling (ryyzn9, repository write-up)", "n/a", 2025),
+        reference="ryyzn9/AuON (auon/optimizer.py); tested against an independent reference",
+        defaults=dict(lr=0.24, momentum=0.95, nesterov=True, weight_decay=0.0, gamma=1.5),
+        build=lambda g: [DecoupledWeightDecay(), MuonMomentum(), CoshBrake(), ApplyLR()],
+        applies_to="matrix",
+        check=_check("auon"),
+        notes="EMA momentum with Nesterov look-ahead (always on in the reference); "
+        "u = M~ / (sqrt(mean(cosh(gamma M~ / ||M~||)^2)) + 1e-8). For real layers the cosh "
+        "factor is about 1, so AuON is close to unnormalized Nesterov SGD. No arXiv paper "
+        "was found; the repository is the reference. HybridAuON (one Newton-Schulz step "
+        "first) is not offered: its code was not available to check.",
+    )
+)
+
+
+def _check_dion(group: dict[str, Any]) -> None:
+    check_matrix_group("dion", group)
+    frac = group.get("rank_fraction", 1.0)
+    if not 0.0 < float(frac) <= 1.0:
+        raise ValueError(f"dion: invalid rank_fraction={frac!r}: must lie in (0, 1]")
+
+
+register(
+    OptimizerSpec(
+        name="dion",
+        family="matrix",
+        paper=Paper("Dion: Distributed Orthonormalized Updates (Ahn et al.)", "2504.05295",
+                    2025),
+        reference="microsoft/dion (dion/dion_simple.py); tested against an independent "
+        "reference from the equations",
+        defaults=dict(lr=0.01, momentum=0.95, weight_decay=0.01, eps=1e-8, rank_fraction=1.0,
+                      shape_scale="dion"),
+        build=lambda g: [DecoupledWeightDecay(), DionUpdate(), ApplyScaledLR()],
+        applies_to="matrix",
+        check=_check_dion,
+        fallback_hparams=dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.01),
+        notes="Single-process form: M += G; P = QR(MQ); R = M^T P; M -= (1-mu) P R^T; "
+        "Q = R / (||R||_col + eps); X -= lr sqrt(m/n) P Q^T. Householder QR as dion_simple "
+        "(the distributed dion.py defaults to randomized Cholesky QR). rank = "
+        "ceil(rank_fraction * min(m, n)). The reference routes the unembedding to AdamW or to "
+        "Lion at lr/sqrt(d_in); here it goes to the AdamW fallback (pass a rule to change).",
+    )
+)

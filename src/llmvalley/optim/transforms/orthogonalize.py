@@ -1,0 +1,466 @@
+"""Orthogonalization of matrix updates and the update-scale conventions that go with it.
+
+Orthogonalizers map a matrix ``X = U S V^T`` to (an approximation of) its polar factor
+``U V^T``:
+
+- ``"newton_schulz"``: Keller Jordan's quintic Newton-Schulz iteration (Muon), coefficients
+  ``(a, b, c) = (3.4445, -4.7750, 2.0315)`` by default, ``X <- a X + (b A + c A^2) X`` with
+  ``A = X X^T``, after ``X <- X / max(||X||_F, eps)``. It does not converge to ``U V^T``: it
+  pushes every singular value into a band around 1 (Keller's docstring: roughly
+  ``Uniform(0.5, 1.5)``). Documented band, checked in ``tests/test_orthogonalize.py`` in fp32
+  and bf16: ``[0.67, 1.21]`` for every ``sigma_i`` with ``sigma_i / ||X||_F >= 2 / 3.4445^steps``
+  (smaller singular values have not yet been lifted; zero stays zero).
+- ``"polar_express"``: the Polar Express schedule (Amsel et al., arXiv 2505.16932), one
+  ``(a, b, c)`` per iteration, as used in modded-nanogpt: ``X / (1.02 ||X||_F + 1e-6)``, at
+  most 5 iterations. Band ``[0.85, 1.15]`` for ``sigma_i / ||X||_F >= 4e-3`` (5 iterations).
+- ``"svd"``: the exact polar factor ``U V^T`` from a thin SVD (tests, small matrices; zero
+  singular values map to 0 as they should).
+
+All orthogonalizers run batched over a stack of same-shape matrices (``(..., m, n)``) and
+work on the wide orientation (a tall matrix is transposed first and back after), as Keller's
+reference does. Parameters with more than two dimensions (conv kernels ``(out, in, kh, kw)``)
+are viewed as ``(out, in * kh * kw)`` matrices (Keller's rule: flatten the trailing dims);
+tensors with fewer than two dimensions are rejected with an error naming the parameter.
+
+Compute precision (``ns_dtype``): ``None`` means bfloat16 on CUDA (Keller, torch.optim.Muon)
+and the update's own dtype elsewhere (float32, or float64 in tests); any dtype may be forced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+
+#: Keller Jordan's quintic Newton-Schulz coefficients (Muon, torch.optim.Muon)
+NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+#: Polar Express schedule for 5 iterations with the 2% safety factor (modded-nanogpt)
+POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def matrix_view(t: Tensor, name: str = "tensor") -> Tensor:
+    """``t`` as a matrix: 2-D as is, ``(d0, d1, ...)`` as ``(d0, d1 * ...)`` (Keller's rule)."""
+    if t.ndim < 2:
+        raise ValueError(
+            f"{name} has {t.ndim} dimension(s), but this transform needs a matrix "
+            "(2-D, or a >2-D kernel viewed as (out, -1))"
+        )
+    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+
+
+def matrix_dims(shape: Shape) -> tuple[int, int]:
+    """``(m, n)`` of the matrix view of a parameter of ``shape``."""
+    return int(shape[0]), numel(shape[1:])
+
+
+def resolve_dtype(value: Any, device: torch.device, fallback: torch.dtype) -> torch.dtype:
+    """The compute dtype for ``ns_dtype=value`` (None: bf16 on CUDA, else ``fallback``)."""
+    if value is None:
+        return torch.bfloat16 if device.type == "cuda" else fallback
+    if isinstance(value, str):
+        value = getattr(torch, value)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"invalid ns_dtype={value!r}: expected a floating dtype or None")
+    return value
+
+
+def map_by_shape(
+    mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]
+) -> list[Tensor]:
+    """Apply a batched ``fn`` ((B, m, n) -> (B, m, n)) to matrices grouped by shape/dtype."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(mats):
+        groups.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
+    out: list[Tensor | None] = [None] * len(mats)
+    for idx in groups.values():
+        stacked = torch.stack([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]][None]
+        result = fn(stacked)
+        for j, i in enumerate(idx):
+            out[i] = result[j]
+    return out  # type: ignore[return-value]
+
+
+# ---- orthogonalizers (batched over leading dims) -----------------------------------------
+def _polynomial_iterations(
+    x: Tensor, coefficients: Sequence[tuple[float, float, float]]
+) -> Tensor:
+    """``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` for each ``(a, b, c)`` (X is wide)."""
+    for a, b, c in coefficients:
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x
+
+
+def newton_schulz(
+    g: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Keller Jordan's quintic Newton-Schulz on a batch ``(B, m, n)``; returns ``dtype``.
+
+    Same operation order as ``torch.optim.Muon`` (normalise by ``max(||X||_F, eps)``, then
+    ``addmm`` forms), so the two agree bit for bit in bf16.
+    """
+    x = g.to(dtype or g.dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    x = x / norm.clamp_min(eps)
+    x = _polynomial_iterations(x, [tuple(coefficients)] * steps)
+    return x.mT if tall else x
+
+
+def polar_express(
+    g: Tensor, steps: int = 5, eps: float = 1e-6, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Polar Express (arXiv 2505.16932) on a batch ``(B, m, n)``: ``X / (1.02 ||X||_F + eps)``
+    then one tuned quintic per iteration (at most 5)."""
+    if not 1 <= steps <= len(POLAR_EXPRESS_COEFFICIENTS):
+        raise ValueError(
+            f"invalid ns_steps={steps} for polar_express: the schedule has "
+            f"{len(POLAR_EXPRESS_COEFFICIENTS)} iterations"
+        )
+    x = g.to(dtype or g.dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    x = x / (norm * 1.02 + eps)
+    x = _polynomial_iterations(x, POLAR_EXPRESS_COEFFICIENTS[:steps])
+    return x.mT if tall else x
+
+
+def svd_polar(g: Tensor, dtype: torch.dtype | None = None, rtol: float | None = None) -> Tensor:
+    """Exact polar factor ``U V^T`` of each matrix of a batch (thin SVD in ``dtype``).
+
+    Singular values below ``rtol * sigma_max`` (default: the dtype's machine epsilon times
+    ``max(m, n)``) are treated as zero, so rank-deficient inputs give a partial isometry.
+    """
+    x = g.to(dtype or g.dtype)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    if rtol is None:
+        rtol = torch.finfo(x.dtype).eps * max(x.shape[-2:])
+    keep = (s > rtol * s.amax(dim=-1, keepdim=True)).to(x.dtype)
+    return (u * keep.unsqueeze(-2)) @ vh
+
+
+def orthogonalize(
+    g: Tensor,
+    method: str = "newton_schulz",
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Approximate polar factor of a matrix or a batch of matrices, in ``dtype``."""
+    squeeze = g.ndim == 2
+    x = g[None] if squeeze else g
+    if method == "newton_schulz":
+        out = newton_schulz(x, steps, coefficients, eps, dtype)
+    elif method == "polar_express":
+        out = polar_express(x, steps, dtype=dtype)
+    elif method == "svd":
+        out = svd_polar(x, dtype).to(dtype or g.dtype)
+    else:
+        raise ValueError(f"unknown orthogonalizer {method!r}; expected one of {ORTHOGONALIZERS}")
+    return out[0] if squeeze else out
+
+
+# ---- update-scale conventions -------------------------------------------------------------
+#: multiplier of the learning rate for an ``m x n`` (d_out x d_in) matrix update; a >2-D kernel
+#: uses its matrix view ``(out, in * kh * kw)`` (Keller's code takes ``kh / kw`` from the 4-D
+#: gradient instead, which is 1 for square kernels; the two agree whenever out <= in * kh * kw)
+SHAPE_SCALES: dict[str, Callable[[int, int], float]] = {
+    "keller": lambda m, n: math.sqrt(max(1.0, m / n)),  # Keller Jordan; torch "original"
+    "moonlight": lambda m, n: 0.2 * math.sqrt(max(m, n)),  # torch "match_rms_adamw"
+    "dion": lambda m, n: math.sqrt(m / n),  # Dion; microsoft/dion "spectral_norm"
+    "none": lambda m, n: 1.0,
+}
+SHAPE_SCALE_ALIASES = {"original": "keller", "match_rms_adamw": "moonlight",
+                       "spectral_norm": "dion"}
+
+
+def shape_scale(convention: str, shape: Shape) -> float:
+    """LR multiplier of a convention in :data:`SHAPE_SCALES` (aliases accepted)."""
+    key = SHAPE_SCALE_ALIASES.get(convention, convention)
+    if key not in SHAPE_SCALES:
+        raise ValueError(
+            f"unknown shape_scale {convention!r}; expected one of "
+            f"{sorted(SHAPE_SCALES) + sorted(SHAPE_SCALE_ALIASES)} or 'rms'"
+        )
+    return SHAPE_SCALES[key](*matrix_dims(shape))
+
+
+def check_shape_scale(name: str, convention: Any, allow_rms: bool = True) -> None:
+    """Raise ValueError unless ``convention`` names a scale convention."""
+    known = set(SHAPE_SCALES) | set(SHAPE_SCALE_ALIASES) | ({"rms"} if allow_rms else set())
+    if convention not in known:
+        raise ValueError(f"{name}: invalid shape_scale={convention!r}: one of {sorted(known)}")
+
+
+# ---- transforms ---------------------------------------------------------------------------
+class MuonMomentum(Transform):
+    """Keller Jordan's / torch.optim.Muon's momentum, in their exact ``lerp`` form.
+
+    ``b.lerp_(g, 1 - momentum)``; output ``g.lerp(b, momentum)`` with ``nesterov`` (a fresh
+    tensor: the gradient is not touched) and ``b`` otherwise. State ``momentum_buffer`` (the
+    name torch.optim.Muon uses). Hyperparameters ``momentum``, ``nesterov``.
+    """
+
+    state_keys = ("momentum_buffer",)
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        mu = float(ctx.hp("momentum"))
+        bufs = ctx.buffers("momentum_buffer")
+        torch._foreach_lerp_(bufs, updates, 1 - mu)
+        if ctx.hp("nesterov"):
+            return torch._foreach_lerp(updates, bufs, mu)
+        return bufs
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return numel(shape)
+
+
+class Orthogonalize(Transform):
+    """Replace each update by its (approximate) polar factor, batched over same shapes.
+
+    Hyperparameters: ``orthogonalizer`` (one of :data:`ORTHOGONALIZERS`), ``ns_steps``,
+    ``ns_coefficients`` (Newton-Schulz only), ``ns_eps``, ``ns_dtype`` (module docstring).
+    The result is cast back to the update's dtype and shape.
+    """
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        group = ctx.group
+        mats = [matrix_view(u, ctx.names[i] if ctx.names else "parameter")
+                for i, u in enumerate(updates)]
+        if not mats:
+            return updates
+        dtype = resolve_dtype(group["ns_dtype"], mats[0].device, mats[0].dtype)
+        method = group["orthogonalizer"]
+        steps = int(group["ns_steps"])
+        coeffs = tuple(group.get("ns_coefficients", NS_COEFFICIENTS))
+        eps = float(group["ns_eps"])
+        outs = map_by_shape(
+            mats, lambda x: orthogonalize(x, method, steps, coeffs, eps, dtype)
+        )
+        return [o.to(u.dtype).reshape(u.shape) for o, u in zip(outs, updates)]
+
+
+class ApplyScaledLR(Transform):
+    """``p -= lr * s(shape) * u`` with the convention ``group[key]`` (:data:`SHAPE_SCALES`).
+
+    The multiplier folds into the step size (``alpha = -lr * s``), as torch.optim.Muon's
+    ``adjust_lr``, so results match it bit for bit. ``"rms"`` instead rescales each update to
+    RMS ``group["rms_target"]`` (``u * target * sqrt(mn) / ||u||_F``) before the step.
+    """
+
+    def __init__(self, key: str = "shape_scale") -> None:
+        self.key = key
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        lr = float(ctx.hp("lr"))
+        convention = ctx.hp(self.key)
+        if convention == "rms":
+            updates = rms_rescale(updates, float(ctx.hp("rms_target")))
+            torch._foreach_add_(ctx.params, updates, alpha=-lr)
+            return updates
+        by_scale: dict[float, list[int]] = {}
+        for i, u in enumerate(updates):
+            by_scale.setdefault(shape_scale(convention, tuple(u.shape)), []).append(i)
+        for s, idx in by_scale.items():
+            torch._foreach_add_([ctx.params[i] for i in idx], [updates[i] for i in idx],
+                                alpha=-(lr * s))
+        return updates
+
+
+def rms_rescale(updates: list[Tensor], target: float) -> list[Tensor]:
+    """Each update times ``target * sqrt(numel) / ||u||_F`` (RMS ``target``; 0 stays 0)."""
+    norms = torch._foreach_norm(updates)
+    factors = [target * math.sqrt(u.numel()) / n.clamp_min(1e-30) for u, n in
+               zip(updates, norms)]
+    return torch._foreach_mul(updates, factors)
+
+
+class RMSRescale(Transform):
+    """Rescale each update to RMS ``target`` (AdaMuon's ``0.2 sqrt(mn) / ||U||_F``)."""
+
+    def __init__(self, target: float | None = None, key: str = "rms_target") -> None:
+        self.target = target
+        self.key = key
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        target = self.target if self.target is not None else float(ctx.hp(self.key))
+        return rms_rescale(updates, target)
+
+
+class ScaleByOrthoSecondMoment(Transform):
+    """AdaMuon's element-wise variance adaptation of the orthogonalized update.
+
+    ``v = beta * v + (1 - beta) * O^2`` with ``beta = group["momentum"]`` (AdaMuon reuses the
+    momentum decay; no bias correction); output ``O / (sqrt(v) + eps)``. State ``exp_avg_sq``.
+    """
+
+    state_keys = ("exp_avg_sq",)
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta = float(ctx.hp("momentum"))
+        v = ctx.buffers("exp_avg_sq")
+        torch._foreach_mul_(v, beta)
+        torch._foreach_addcmul_(v, updates, updates, value=1 - beta)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, float(ctx.hp("eps")))
+        return torch._foreach_div(updates, denom)
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return numel(shape)
+
+
+def dion_rank(shape: Shape, rank_fraction: float) -> int:
+    """Dion's rank ``r = ceil(rank_fraction * min(m, n))`` (at least 1) for a matrix view."""
+    m, n = matrix_dims(shape)
+    return max(1, min(m, n, math.ceil(rank_fraction * min(m, n))))
+
+
+class DionUpdate(Transform):
+    """Dion's low-rank orthonormal update with error feedback (Ahn et al., arXiv 2504.05295),
+    single-process form of microsoft/dion ``dion_simple.py``.
+
+    ``M += G``; ``P = QR(M Q)`` (Householder QR, at least float32); ``R = M^T P``;
+    ``M -= (1 - momentum) P R^T``; ``Q = R / (||R||_col + eps)``; output ``P Q^T`` (the caller
+    applies the ``sqrt(m / n)`` scale and weight decay). ``Q`` starts as ``randn(n, r)`` from
+    torch's global generator, as the reference. State: ``momentum`` (m x n), ``Q`` (n x r).
+    One QR per matrix, so this loops over parameters (the QR dominates the cost).
+    """
+
+    state_keys = ("momentum", "Q")
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        mu, eps = float(ctx.hp("momentum")), float(ctx.hp("eps"))
+        out = []
+        for i, (g, st) in enumerate(zip(updates, ctx.states)):
+            gm = matrix_view(g, ctx.names[i] if ctx.names else "parameter")
+            if "momentum" not in st:
+                st["momentum"] = ctx.zeros(i, gm.shape)
+                r = dion_rank(tuple(g.shape), float(ctx.hp("rank_fraction")))
+                st["Q"] = torch.randn(gm.shape[1], r, device=g.device,
+                                      dtype=g.dtype)
+            m, q = st["momentum"], st["Q"]
+            m.add_(gm.to(m.dtype))
+            p = m @ q.to(m.dtype)
+            qr_dtype = torch.promote_types(p.dtype, torch.float32)
+            p = torch.linalg.qr(p.to(qr_dtype)).Q.to(m.dtype)
+            r_mat = m.T @ p
+            m.addmm_(p, r_mat.T, alpha=-(1 - mu))
+            r32 = r_mat.to(qr_dtype)
+            q.copy_(r32 / (r32.norm(dim=0, keepdim=True) + eps))
+            out.append((p @ q.T.to(p.dtype)).to(g.dtype).reshape(g.shape))
+        return out
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        m, n = matrix_dims(shape)
+        return m * n + n * dion_rank(shape, float(group["rank_fraction"]))
+
+
+class NAMOUpdate(Transform):
+    """NAMO / NAMO-D (Zhang et al., "Adam Improves Muon", arXiv 2602.17080), as
+    minxin-zhg/namo ``src/namo.py``; this transform applies the step itself.
+
+    ``M`` is Muon's EMA momentum (``momentum``, Nesterov look-ahead ``M~`` with ``nesterov``),
+    ``O = orth(M~)`` (the :class:`Orthogonalize` options), ``bc1 = 1 - momentum^t``,
+    ``bc2 = 1 - mu2^t``, ``s = scale_coeff * sqrt(max(m, n))``.
+
+    - NAMO (scalar): ``v = mu2 v + (1 - mu2) ||G||_F^2`` (raw gradient);
+      ``a = lr sqrt(bc2) / (bc1 + 1e-12) * ||M~||_F / (sqrt(v) + eps)``;
+      ``W <- W (1 - wd min(a, 1)) - min(a s, 1) O``. State ``momentum_buffer``, ``v_squared``.
+    - NAMO-D (``columnwise``): ``V = mu2 V + (1 - mu2) ||G_:,j||^2`` per column;
+      ``c_j = ||M~_:,j|| / (sqrt(V_j) + eps)`` clamped to ``[c mean, mean / c]`` with
+      ``c = col_clamp`` when ``0 < c <= 1``; ``b = lr sqrt(bc2) / (bc1 + 1e-12)``;
+      column ``j`` decays by ``max(1 - wd min(c_j b, 1), 0)`` and moves by
+      ``min(c_j b s, 1) O_:,j``. State ``momentum_buffer``, ``V`` (n).
+    """
+
+    def __init__(self, columnwise: bool) -> None:
+        self.columnwise = columnwise
+        self.state_keys = ("momentum_buffer", "V" if columnwise else "v_squared")
+        self.orthogonalize = Orthogonalize()
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        group = ctx.group
+        mu, mu2, eps = float(group["momentum"]), float(group["mu2"]), float(group["eps"])
+        lr, wd, coeff = float(group["lr"]), float(group["weight_decay"]), float(
+            group["scale_coeff"])
+        mats = [matrix_view(u, ctx.names[i] if ctx.names else "parameter")
+                for i, u in enumerate(updates)]
+        # second-moment statistics of the raw gradient
+        key = "V" if self.columnwise else "v_squared"
+        for i, (g, st) in enumerate(zip(mats, ctx.states)):
+            if key not in st:
+                shape = (g.shape[1],) if self.columnwise else ()
+                st[key] = ctx.zeros(i, shape)
+            stat = g.square().sum(dim=0) if self.columnwise else g.square().sum()
+            st[key].mul_(mu2).add_(stat, alpha=1 - mu2)
+        bufs = ctx.buffers("momentum_buffer")
+        torch._foreach_lerp_(bufs, updates, 1 - mu)
+        looks = torch._foreach_lerp(updates, bufs, mu) if group["nesterov"] else bufs
+        orth = self.orthogonalize(ctx, looks)
+        for i, (p, o, look, st) in enumerate(zip(ctx.params, orth, looks, ctx.states)):
+            t = ctx.steps[i]
+            base = lr * math.sqrt(1 - mu2**t) / ((1 - mu**t) + 1e-12)
+            m, n = matrix_dims(tuple(p.shape))
+            shape_factor = coeff * math.sqrt(max(m, n))
+            p2, o2, look2 = matrix_view(p), matrix_view(o), matrix_view(look)
+            if not self.columnwise:
+                alpha = base * torch.linalg.vector_norm(look2) / (st[key].sqrt() + eps)
+                p2.mul_(1 - wd * alpha.clamp(max=1.0))
+                p2.sub_(o2 * (alpha * shape_factor).clamp(max=1.0))
+                continue
+            scale = torch.linalg.vector_norm(look2, dim=0) / (st[key].sqrt() + eps)
+            c = float(group["col_clamp"])
+            if 0.0 < c <= 1.0:
+                mean = scale.nanmean()
+                ok = torch.isfinite(mean) & (mean > 0)
+                lo = torch.where(ok, mean * c, torch.zeros_like(mean))
+                hi = torch.where(ok, mean / c, torch.full_like(mean, math.inf))
+                scale = torch.clamp(scale, min=lo, max=hi)
+            decay = (1 - wd * (scale * base).clamp(max=1.0)).clamp_min(0.0)
+            p2.mul_(decay)
+            p2.sub_(o2 * (scale * base * shape_factor).clamp(max=1.0))
+        return updates
+
+    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
+        return numel(shape) + (matrix_dims(shape)[1] if self.columnwise else 1)
+
+
+class CoshBrake(Transform):
+    """AuON's cosh-based normalization (ryyzn9/AuON ``auon/optimizer.py``):
+    ``u / (sqrt(mean(cosh(gamma * u / (||u||_F + 1e-7))^2)) + 1e-8)`` (``gamma`` = γ)."""
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        gamma = float(ctx.hp("gamma"))
+        norms = torch._foreach_norm(updates)
+        out = []
+        for u, nrm in zip(updates, norms):
+            r = torch.cosh(u * (gamma / (nrm + 1e-7))).square().mean().sqrt()
+            out.append(u / (r + 1e-8))
+        return out

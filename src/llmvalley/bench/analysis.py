@@ -1,0 +1,318 @@
+"""The comparison's metrics, computed from a results folder (see ``docs/benchmark.md``).
+
+Everything here is a pure function of the numbers written by ``valley compare``: the sweeps'
+``sweep.json`` files and the seed runs' ``log.jsonl``/``summary.json``. The definitions:
+
+- **final validation loss**: mean, sample standard deviation and standard error over the seed
+  runs of the best configuration (diverged seeds are counted apart, not averaged).
+- **tokens-to-target**: the target is AdamW's mean final loss at the same scale; on an
+  optimizer's seed-mean validation curve, the first point where the loss reaches the target,
+  interpolated linearly between evaluation points (``None``: did not reach). Speedup = AdamW's
+  tokens / this optimizer's tokens (1 for AdamW by construction).
+- **wall-clock-to-target**: the same on the seed-mean curve of wall-clock seconds (as
+  measured: it moves with the machine's load). The **wall-clock speedup** is the protocol's
+  token speedup x (AdamW step time / this optimizer's step time), the step times taken from the
+  optimizer share measured inside each run (see :func:`wall_clock_speedup`), which load on a
+  shared machine does not distort.
+- **learning-rate sensitivity**: the log2 width of the learning-rate interval around the best
+  trial whose final loss stays within ``margin`` nats of the best, with linear interpolation in
+  log2(lr) between grid points (a diverged neighbour ends the interval at the last point inside);
+  flagged as a lower bound when the interval reaches the edge of the grid.
+- **significance**: a difference to AdamW is called real when it exceeds 3 standard errors of
+  the difference of the two seed means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmvalley.bench.compare import BASELINE, load_compare
+from llmvalley.bench.records import LOG_FILE
+from llmvalley.bench.sweep import SWEEP_FILE
+
+SENSITIVITY_MARGIN = 0.02  # nats
+SIGNIFICANCE_SE = 3.0
+
+
+@dataclass
+class Curve:
+    """A validation curve: evaluation points in tokens and wall-clock seconds."""
+
+    tokens: list[float]
+    seconds: list[float]
+    loss: list[float]
+
+
+def read_curve(run_dir: Path) -> Curve | None:
+    """The validation points of one run's ``log.jsonl`` (None when it has none)."""
+    path = run_dir / LOG_FILE
+    if not path.is_file():
+        return None
+    points = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("val_loss") is not None:
+            points.append((record["tokens"], record.get("elapsed_s") or 0.0, record["val_loss"]))
+    if not points:
+        return None
+    tokens, seconds, loss = (list(v) for v in zip(*points))
+    return Curve(tokens, seconds, loss)
+
+
+def mean_curve(curves: list[Curve]) -> Curve | None:
+    """Point-wise mean over runs, on the evaluation points all of them share."""
+    if not curves:
+        return None
+    n = min(len(c.tokens) for c in curves)
+    return Curve(tokens=[statistics.fmean(c.tokens[i] for c in curves) for i in range(n)],
+                 seconds=[statistics.fmean(c.seconds[i] for c in curves) for i in range(n)],
+                 loss=[statistics.fmean(c.loss[i] for c in curves) for i in range(n)])
+
+
+def first_crossing(x: list[float], loss: list[float], target: float) -> float | None:
+    """The first ``x`` where ``loss`` reaches ``target`` (``<=``), linearly interpolated
+    between consecutive points; None when it never does."""
+    for i, value in enumerate(loss):
+        if value <= target:
+            if i == 0:
+                return x[0]
+            prev = loss[i - 1]
+            fraction = (prev - target) / (prev - value)
+            return x[i - 1] + fraction * (x[i] - x[i - 1])
+    return None
+
+
+def speedup(baseline: float | None, other: float | None) -> float | None:
+    """baseline / other: how many times less the other needs (None if either did not reach)."""
+    if baseline is None or other is None or other <= 0:
+        return None
+    return baseline / other
+
+
+def wall_clock_speedup(token_speedup: float | None, base_share: float | None,
+                       share: float | None, measured: float | None) -> float | None:
+    """Token speedup x (AdamW step time / this optimizer's step time).
+
+    Step times come from each run's optimizer share ``s`` (optimizer step / training step,
+    measured inside the same run, so machine load cancels): with the same model, forward and
+    backward cost the same for every optimizer, and the step time is proportional to
+    ``1 / (1 - s)``. Without shares, the measured wall-clock ratio (``measured``) is used.
+    """
+    if token_speedup is None:
+        return None
+    if base_share is None or share is None or share >= 1 or base_share >= 1:
+        return measured
+    return token_speedup * (1 - share) / (1 - base_share)
+
+
+@dataclass
+class Sensitivity:
+    """Learning-rate sensitivity of one sweep."""
+
+    width_log2: float | None  # None: no completed trial
+    low_lr: float | None
+    high_lr: float | None
+    lower_bound: bool  # the interval reaches an edge of the grid
+    margin: float
+
+
+def lr_sensitivity(points: list[tuple[float, float | None]],
+                   margin: float = SENSITIVITY_MARGIN) -> Sensitivity:
+    """Width (in log2 units) of the learning-rate interval within ``margin`` of the best loss.
+
+    ``points`` are (lr, final loss or None for diverged/failed trials).
+    """
+    pts = sorted((math.log2(lr), math.inf if loss is None else loss) for lr, loss in points)
+    finite = [p for p in pts if math.isfinite(p[1])]
+    if not finite:
+        return Sensitivity(None, None, None, False, margin)
+    best = min(range(len(pts)), key=lambda i: pts[i][1])
+    threshold = pts[best][1] + margin
+
+    def boundary(step: int) -> tuple[float, bool]:
+        i = best
+        while 0 <= i + step < len(pts) and pts[i + step][1] <= threshold:
+            i += step
+        if not 0 <= i + step < len(pts):
+            return pts[i][0], True  # reached the edge of the grid
+        (x_in, l_in), (x_out, l_out) = pts[i], pts[i + step]
+        if not math.isfinite(l_out):
+            return x_in, False
+        return x_in + (threshold - l_in) / (l_out - l_in) * (x_out - x_in), False
+
+    low, low_edge = boundary(-1)
+    high, high_edge = boundary(+1)
+    return Sensitivity(high - low, 2**low, 2**high, low_edge or high_edge, margin)
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (std None with fewer than two values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+@dataclass
+class CellMetrics:
+    """Every metric of one optimizer at one scale."""
+
+    model: str
+    optimizer: str
+    n_params: int | None = None
+    best_lr: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_at_edge: bool = False
+    trials: int = 0
+    trials_diverged: int = 0
+    trials_failed: int = 0
+    seeds: int = 0
+    seeds_diverged: int = 0
+    final_loss_mean: float | None = None
+    final_loss_std: float | None = None
+    final_loss_se: float | None = None
+    final_bpb_mean: float | None = None
+    delta_vs_baseline: float | None = None
+    significant: bool | None = None
+    tokens_to_target: float | None = None
+    seconds_to_target: float | None = None
+    token_speedup: float | None = None
+    wall_speedup: float | None = None
+    state_bytes: int | None = None
+    state_bytes_per_param: float | None = None
+    peak_memory_bytes: float | None = None
+    optimizer_share: float | None = None
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+    sensitivity: Sensitivity | None = None
+    spikes_sweep: int = 0
+    spikes_seeds: int = 0
+    max_grad_norm: float | None = None
+    trial_points: list[tuple[float, float | None, str]] = field(default_factory=list)
+    curves: list[Curve] = field(default_factory=list)
+    mean: Curve | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("curves")
+        return data
+
+
+def cell_metrics(model: str, optimizer: str, sweep: dict[str, Any], folder: Path,
+                 margin: float = SENSITIVITY_MARGIN) -> CellMetrics:
+    """The metrics of one sweep folder that need no baseline (speedups come later)."""
+    m = CellMetrics(model=model, optimizer=optimizer)
+    trials = sweep.get("trials", [])
+    m.trials = len(trials)
+    m.trials_diverged = sum(1 for t in trials if t["status"] == "diverged")
+    m.trials_failed = sum(1 for t in trials if t["status"] == "error")
+    m.spikes_sweep = sum(t.get("loss_spikes") or 0 for t in trials)
+    m.trial_points = [(t["lr"], t["final_val_loss"] if t["status"] == "completed" else None,
+                       t["status"]) for t in trials if t.get("lr")]
+    m.sensitivity = lr_sensitivity([(lr, loss) for lr, loss, _ in m.trial_points], margin)
+    best = sweep.get("best")
+    if best:
+        m.best_lr, m.best_params = best["lr"], best["params"]
+        m.best_at_edge = bool(sweep.get("best_at_edge"))
+    seeds = sweep.get("seeds", [])
+    done = [s for s in seeds if s.get("status") == "completed" and s.get("final_val_loss")]
+    m.seeds = len(seeds)
+    m.seeds_diverged = sum(1 for s in seeds if s.get("status") == "diverged")
+    m.spikes_seeds = sum(s.get("loss_spikes") or 0 for s in seeds)
+    losses = [s["final_val_loss"] for s in done]
+    m.final_loss_mean, m.final_loss_std = mean_std(losses)
+    if m.final_loss_std is not None:
+        m.final_loss_se = m.final_loss_std / math.sqrt(len(losses))
+    m.final_bpb_mean = mean_std([s["final_val_bpb"] for s in done
+                                 if s.get("final_val_bpb") is not None])[0]
+    source = done or ([best] if best else [])
+    if source:
+        m.n_params = source[0].get("n_params")
+        m.state_bytes = source[0].get("state_bytes")
+        m.state_bytes_per_param = source[0].get("state_bytes_per_param")
+        m.peak_memory_bytes = mean_std([s["peak_memory_bytes"] for s in source
+                                        if s.get("peak_memory_bytes")])[0]
+        m.optimizer_share = mean_std([s["optimizer_share"] for s in source
+                                      if s.get("optimizer_share") is not None])[0]
+        m.tokens_per_s = mean_std([s["tokens_per_s"] for s in source
+                                   if s.get("tokens_per_s")])[0]
+        m.step_time_s = mean_std([s["train_time_s"] / s["steps"] for s in source
+                                  if s.get("train_time_s") and s.get("steps")])[0]
+        grad_norms = [s["max_grad_norm"] for s in source if s.get("max_grad_norm") is not None]
+        m.max_grad_norm = max(grad_norms) if grad_norms else None
+    for s in done:
+        curve = read_curve(folder / s["run_dir"]) if s.get("run_dir") else None
+        if curve is not None:
+            m.curves.append(curve)
+    m.mean = mean_curve(m.curves)
+    return m
+
+
+def add_baseline_metrics(cells: list[CellMetrics]) -> None:
+    """Fill speedups, deltas and significance against the AdamW cell of the same scale."""
+    base = next((c for c in cells if c.optimizer == BASELINE), None)
+    if base is None or base.final_loss_mean is None:
+        return
+    target = base.final_loss_mean
+    base_tokens = first_crossing(base.mean.tokens, base.mean.loss, target) if base.mean else None
+    base_seconds = first_crossing(base.mean.seconds, base.mean.loss, target) \
+        if base.mean else None
+    for c in cells:
+        if c.mean is not None:
+            c.tokens_to_target = first_crossing(c.mean.tokens, c.mean.loss, target)
+            c.seconds_to_target = first_crossing(c.mean.seconds, c.mean.loss, target)
+            c.token_speedup = speedup(base_tokens, c.tokens_to_target)
+            c.wall_speedup = wall_clock_speedup(c.token_speedup, base.optimizer_share,
+                                                c.optimizer_share,
+                                                speedup(base_seconds, c.seconds_to_target))
+        if c.final_loss_mean is not None:
+            c.delta_vs_baseline = c.final_loss_mean - target
+            if c is not base and c.final_loss_se is not None and base.final_loss_se is not None:
+                se = math.hypot(c.final_loss_se, base.final_loss_se)
+                c.significant = abs(c.delta_vs_baseline) > SIGNIFICANCE_SE * se
+
+
+@dataclass
+class Results:
+    """A results folder's comparison, analysed: cells per scale in the compare's order."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    models: list[str]
+    optimizers: list[str]
+    cells: dict[str, list[CellMetrics]]  # model -> one entry per optimizer with a sweep
+    margin: float
+
+    def target(self, model: str) -> float | None:
+        base = next((c for c in self.cells[model] if c.optimizer == BASELINE), None)
+        return base.final_loss_mean if base else None
+
+    def cell(self, model: str, optimizer: str) -> CellMetrics | None:
+        return next((c for c in self.cells.get(model, []) if c.optimizer == optimizer), None)
+
+
+def analyse(folder: str | Path, margin: float = SENSITIVITY_MARGIN) -> Results:
+    """Read a ``valley compare`` results folder and compute every metric."""
+    folder = Path(folder)
+    manifest = load_compare(folder)
+    spec = manifest["spec"]
+    cells: dict[str, list[CellMetrics]] = {}
+    for model in spec["models"]:
+        cells[model] = []
+        for optimizer in spec["optimizers"]:
+            sweep_folder = folder / model / optimizer
+            path = sweep_folder / SWEEP_FILE
+            if not path.is_file():
+                continue
+            sweep = json.loads(path.read_text())
+            cells[model].append(cell_metrics(model, optimizer, sweep, sweep_folder, margin))
+        add_baseline_metrics(cells[model])
+    return Results(folder, manifest, list(spec["models"]), list(spec["optimizers"]), cells,
+                   margin)

@@ -1,0 +1,317 @@
+"""Comparing optimizers across model sizes under one protocol: ``valley compare``.
+
+Every (model, optimizer) cell is a :class:`~llmvalley.bench.sweep.Sweep` with the same workload
+(data, batch size, token budget, schedule, warmup, evaluation) and the same search budget.
+Matrix-only methods (registry ``applies_to == "matrix"``) train embeddings, head and norms with
+AdamW at the AdamW baseline's tuned settings, so their sweeps start once AdamW's trials at that
+scale are done. Trials run in ``workers`` worker processes (a fresh process per run, so the peak
+memory of a run is its own); cells are scheduled concurrently so the workers stay busy, the
+baseline's trials first, seed runs last.
+
+The results folder::
+
+    RESULTS/compare.json            the comparison: command, machine, workload, search, cells
+    RESULTS/command.txt             the exact command
+    RESULTS/optuna.db               every study (unless --storage names another database)
+    RESULTS/MODEL/OPTIMIZER/        a sweep folder: sweep.json, trials/*, seeds/seed-*/
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import os
+import platform
+import threading
+import time
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmvalley.bench.pool import BASELINE_TRIALS, PriorityPool
+from llmvalley.bench.records import write_json
+from llmvalley.bench.sweep import Sweep, SweepSpec, TrialFn, TuneSpec, run_training
+from llmvalley.cli import UsageError
+
+COMPARE_FILE = "compare.json"
+BASELINE = "adamw"
+# AdamW settings a matrix method's fallback takes from the tuned baseline (plus its lr).
+FALLBACK_KEYS = ("betas", "eps", "weight_decay")
+
+
+@dataclass
+class Preset:
+    """A named comparison: optimizers, scales, shared workload and search budget."""
+
+    description: str
+    optimizers: tuple[str, ...]
+    models: tuple[str, ...]
+    workload: dict[str, Any]
+    trials: int = 5
+    grid_points: int = 4
+    seeds: int = 3
+    workers: int = 1
+    lr_centers: dict[str, float] = field(default_factory=dict)
+    tokens_per_param: float | None = None  # token budget per scale = this x parameters
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu-quick": Preset(
+        description="nano (0.9M parameters), byte-level stdlib sources, 100 steps of 16 x 128 "
+                    "tokens, cosine with 10 warmup steps; 5 learning rates (3-point grid + 2 "
+                    "extensions) + 3 seeds per optimizer; two single-thread workers (about 25 "
+                    "minutes on 2 CPU cores)",
+        optimizers=("adamw", "muon", "lion", "adafactor"),
+        models=("nano",),
+        workload={"data": "stdlib", "steps": 100, "batch_size": 16, "warmup_steps": 10,
+                  "schedule": "cosine", "eval_every": 20, "eval_batches": 8, "log_every": 5,
+                  "threads": 1, "device": "cpu"},
+        trials=5, grid_points=3, seeds=3, workers=2,
+        # grid centers near each method's optimum for this workload (from a first run with a
+        # 4-point grid); the grid extends itself where the best value sits at an edge
+        lr_centers={"adamw": 2e-3, "torch-adamw": 2e-3, "lion": 1e-3, "muon": 0.04,
+                    "adafactor": 0.04},
+    ),
+    "gpu-ladder": Preset(
+        description="llama-60m, llama-130m, llama-350m at 20 tokens per parameter (Chinchilla), "
+                    "batch 64 x 256 tokens, cosine with 10% warmup, bf16 on one GPU; 6 learning "
+                    "rates + 3 seeds per optimizer",
+        optimizers=("adamw", "muon", "lion", "adafactor"),
+        models=("llama-60m", "llama-130m", "llama-350m"),
+        workload={"data": "stdlib", "batch_size": 64, "schedule": "cosine", "eval_every": 200,
+                  "eval_batches": 32, "log_every": 20, "device": "cuda", "precision": "bf16"},
+        trials=6, grid_points=4, seeds=3, workers=1,
+        lr_centers={"adamw": 2e-3, "torch-adamw": 2e-3, "lion": 3e-4, "muon": 0.02,
+                    "adafactor": 1e-2},
+        tokens_per_param=20.0,
+    ),
+}
+
+
+@dataclass
+class CompareSpec:
+    """A whole comparison, resolved from a preset and/or command-line options."""
+
+    optimizers: list[str]
+    models: list[str]
+    workload: dict[str, Any]
+    out: str | Path
+    trials: int = 5
+    grid_points: int = 4
+    factor: float = 2.0
+    seeds: int = 3
+    workers: int = 1
+    tune: tuple[TuneSpec, ...] = ()
+    lr_centers: dict[str, float] = field(default_factory=dict)
+    tokens_per_param: float | None = None
+    storage: str | None = None
+    skipped: list[str] = field(default_factory=list)
+    preset: str | None = None
+    command: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["tune"] = [vars(t) for t in self.tune]
+        return data
+
+
+def registered_optimizers() -> set[str]:
+    """Names ``create_optimizer`` accepts, plus the peer baseline ``torch-adamw``."""
+    import llmvalley
+
+    return {spec.name for spec in llmvalley.list_optimizers()} | {"torch-adamw"}
+
+
+def is_matrix(optimizer: str) -> bool:
+    """Whether the method applies to hidden matrices only (needs the AdamW fallback)."""
+    import llmvalley
+
+    if optimizer == "torch-adamw":
+        return False
+    return llmvalley.get_spec(optimizer).applies_to == "matrix"
+
+
+def check_optimizers(names: list[str], *, skip_missing: bool, need_baseline: bool = True
+                     ) -> tuple[list[str], list[str]]:
+    """Split ``names`` into (available, skipped); unknown names are a UsageError unless
+    ``skip_missing`` (presets run with whatever is registered)."""
+    known = registered_optimizers()
+    missing = [n for n in names if n not in known]
+    if missing and not skip_missing:
+        raise UsageError(f"optimizer{'s' if len(missing) > 1 else ''} not registered: "
+                         f"{', '.join(missing)}; registered: {', '.join(sorted(known))}")
+    available = [n for n in names if n in known]
+    if need_baseline and BASELINE not in available:
+        raise UsageError(f"the comparison needs the {BASELINE} baseline in --optimizers "
+                         "(speedups are measured against it)")
+    return available, missing
+
+
+def check_models(names: list[str]) -> None:
+    from llmvalley.models.presets import PRESETS as MODEL_PRESETS
+
+    unknown = [n for n in names if n not in MODEL_PRESETS]
+    if unknown:
+        raise UsageError(f"unknown model preset {', '.join(unknown)}; accepted: "
+                         f"{', '.join(MODEL_PRESETS)}")
+
+
+@functools.cache
+def model_parameters(model: str) -> int:
+    """Parameters of a preset (with its own vocabulary), counted without allocating."""
+    from llmvalley.models.presets import build_model, model_config
+
+    return build_model(model_config(model), "meta").num_parameters()
+
+
+def scale_workload(spec: CompareSpec, model: str) -> dict[str, Any]:
+    """The workload of one scale: the shared one, the model, and its token budget."""
+    workload = {**spec.workload, "model": model}
+    if spec.tokens_per_param:
+        workload.pop("steps", None)
+        workload["tokens"] = int(spec.tokens_per_param * model_parameters(model))
+    return workload
+
+
+def fallback_from(baseline: dict[str, Any]) -> dict[str, Any]:
+    """The AdamW fallback of matrix methods: the tuned baseline's lr and settings."""
+    import llmvalley
+
+    best = baseline.get("best")
+    if best is None:
+        raise RuntimeError("the AdamW baseline has no completed trial to take settings from")
+    settings = dict(llmvalley.get_spec(BASELINE).defaults)
+    settings.update(baseline.get("fixed", {}).get("opt_args") or {})
+    settings.update({k: v for k, v in best["params"].items()})
+    fallback = {k: settings[k] for k in FALLBACK_KEYS if k in settings}
+    fallback["lr"] = best["lr"]
+    return fallback
+
+
+class Comparison:
+    """Runs every cell of a :class:`CompareSpec` and writes ``compare.json``."""
+
+    def __init__(self, spec: CompareSpec, trial_fn: TrialFn = run_training) -> None:
+        self.spec = spec
+        self.trial_fn = trial_fn
+        self.out = Path(spec.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cells: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._baseline_done: dict[str, threading.Event] = {m: threading.Event()
+                                                           for m in spec.models}
+        self._baseline: dict[str, dict[str, Any]] = {}
+        self.errors: list[str] = []
+
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with self._lock:
+            print(f"[{stamp}] {message}", flush=True)
+
+    def sweep_spec(self, model: str, optimizer: str,
+                   fallback: dict[str, Any] | None) -> SweepSpec:
+        storage = self.spec.storage or f"sqlite:///{(self.out / 'optuna.db').resolve()}"
+        return SweepSpec(
+            optimizer=optimizer, workload=scale_workload(self.spec, model),
+            out=self.out / model / optimizer, lr_center=self.spec.lr_centers.get(optimizer),
+            factor=self.spec.factor, grid_points=self.spec.grid_points, trials=self.spec.trials,
+            tune=self.spec.tune, seeds=self.spec.seeds,
+            fixed={"fallback_args": fallback} if fallback else {},
+            storage=storage, study_name=f"{model}/{optimizer}")
+
+    def run_cell(self, model: str, optimizer: str, executor: Executor | None) -> None:
+        """One sweep; the baseline releases the matrix methods of its scale after its trials."""
+        cell = f"{model}/{optimizer}"
+        try:
+            fallback = None
+            if is_matrix(optimizer):
+                self._baseline_done[model].wait()
+                if model not in self._baseline:
+                    raise RuntimeError(f"{model}/{BASELINE} failed, no fallback settings")
+                fallback = fallback_from(self._baseline[model])
+            sweep = Sweep(self.sweep_spec(model, optimizer, fallback), self.trial_fn)
+            sweep.log = lambda message: self.log(f"{model}: {message}")
+            if optimizer == BASELINE:  # matrix methods wait for these trials
+                sweep.trial_priority = BASELINE_TRIALS
+            sweep.run_trials(executor, parallel=max(1, self.spec.workers))
+            if optimizer == BASELINE:
+                self._baseline[model] = sweep.write()
+                self._baseline_done[model].set()
+            result = sweep.run(executor, parallel=max(1, self.spec.workers))
+            best = result["best"]
+            self.log(f"{cell}: done; best lr {best['lr']:.3g}, final val loss "
+                     f"{best['final_val_loss']:.4f}" if best else f"{cell}: no trial completed")
+            self.cells[cell] = {"status": "done", "fallback_args": fallback}
+        except Exception as exc:  # one failed cell must not stop the others
+            self.errors.append(f"{cell}: {type(exc).__name__}: {exc}")
+            self.cells[cell] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            self.log(f"{cell}: FAILED: {exc}")
+        finally:
+            if optimizer == BASELINE:
+                self._baseline_done[model].set()
+
+    def manifest(self, started: float, finished: float | None) -> dict[str, Any]:
+        import torch
+
+        return {
+            "spec": self.spec.to_dict(),
+            "command": self.spec.command,
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+            "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat()
+            if finished else None,
+            "wall_s": finished - started if finished else None,
+            "machine": {"platform": platform.platform(), "processor": cpu_name(),
+                        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                        "torch": torch.__version__,
+                        "cuda": torch.cuda.get_device_name(0)
+                        if torch.cuda.is_available() else None},
+            "cells": self.cells,
+            "errors": self.errors,
+        }
+
+    def run(self) -> dict[str, Any]:
+        """Run all cells (concurrently, sharing the worker pool); returns ``compare.json``."""
+        started = time.time()
+        if self.spec.command:
+            (self.out / "command.txt").write_text(self.spec.command + "\n")
+        write_json(self.out / COMPARE_FILE, self.manifest(started, None))
+        executor: Executor | None = None
+        if self.spec.workers > 1 or self.trial_fn is run_training:
+            executor = PriorityPool(self.spec.workers)
+        order = sorted(self.spec.optimizers, key=lambda o: (o != BASELINE, is_matrix(o)))
+        threads = [threading.Thread(target=self.run_cell, args=(model, optimizer, executor),
+                                    name=f"{model}/{optimizer}")
+                   for model in self.spec.models for optimizer in order]
+        try:
+            for thread in threads:
+                thread.start()
+                time.sleep(0.2)  # submit in order: the baseline's trials reach the pool first
+            for thread in threads:
+                thread.join()
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+        manifest = self.manifest(started, time.time())
+        write_json(self.out / COMPARE_FILE, manifest)
+        return manifest
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo`` on Linux, where ``platform.processor()`` is empty)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor()
+
+
+def load_compare(folder: str | Path) -> dict[str, Any]:
+    """Read a results folder's ``compare.json``."""
+    path = Path(folder) / COMPARE_FILE
+    if not path.is_file():
+        raise UsageError(f"{folder}: no {COMPARE_FILE} (not a valley compare results folder)")
+    return json.loads(path.read_text())

@@ -1,0 +1,563 @@
+"""Tuning one optimizer on one workload under a fixed trial budget, on an Optuna study.
+
+The learning rate is searched on a log grid ``center * factor**k`` (factor 2 by default). The
+first round evaluates ``grid_points`` consecutive exponents around the center; every later trial
+widens the grid by one point: beyond the edge when the best value sits there, otherwise on the
+side whose edge loss is lower. A sweep therefore always spends exactly its budget, the same for
+every optimizer, and a best value left at an edge is flagged (``best_at_edge``).
+
+With ``tune`` (other named hyperparameters) the grid gives way to Optuna's TPE sampler over the
+learning-rate range of the initial grid and the given ranges, with the same budget.
+
+Trials live in an Optuna storage (a SQLite file by default, or any database URL SQLAlchemy
+accepts, so several machines can share one study). A restarted sweep continues: finished trials
+are kept, trials left running by a killed process (their heartbeat stopped) are marked failed
+and re-run, and they do not count against the budget. Diverged trials are finished trials: they
+are recorded with their learning rate and count.
+
+Once the budget is spent, the best configuration is re-run with fresh seeds (``seeds``); those
+runs are resumed too (a seed whose ``summary.json`` exists is not re-run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmvalley.bench.records import SUMMARY_FILE, json_safe, write_json
+from llmvalley.cli import UsageError
+
+#: A trial function: a full ``valley train`` config dict in, the run's summary dict out.
+TrialFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+SWEEP_FILE = "sweep.json"
+SEEDS_FOR = "configuration.json"  # in seeds/: the configuration the seed runs belong to
+LR_PARAM = "lr"
+# The learning-rate distribution every trial declares; grid values are fixed by enqueueing them.
+LR_LOW, LR_HIGH = 1e-7, 10.0
+# Summary fields kept with each trial (the rest stays in the run folder's summary.json).
+KEPT_SUMMARY = (
+    "status", "final_val_loss", "final_val_bpb", "best_val_loss", "tokens", "steps",
+    "wall_clock_s", "train_time_s", "tokens_per_s", "optimizer_share", "peak_memory_bytes",
+    "state_bytes", "state_bytes_per_param", "n_params", "loss_spikes", "max_grad_norm",
+    "diverged", "diverged_step", "diverged_reason",
+)
+
+
+def run_training(config: dict[str, Any]) -> dict[str, Any]:
+    """The real trial function: :func:`llmvalley.bench.train` (picklable for worker processes)."""
+    from llmvalley.bench import train
+
+    return train(config)
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """One extra hyperparameter searched by TPE: a float range (``log`` scale optional) or a
+    list of choices. ``name`` is ``weight_decay`` or any scalar optimizer argument."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TuneSpec:
+        """``name=low:high``, ``name=low:high:log`` or ``name=a,b,c``."""
+        from llmvalley.bench.config import parse_value
+
+        name, sep, value = text.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier() or name == LR_PARAM:
+            raise UsageError(f"--tune: expected name=low:high[:log] or name=a,b,c (not lr), "
+                             f"got {text!r}")
+        if "," in value:
+            return cls(name, choices=tuple(parse_value(v.strip()) for v in value.split(",")))
+        parts = value.split(":")
+        try:
+            low, high = float(parts[0]), float(parts[1])
+        except (ValueError, IndexError):
+            raise UsageError(f"--tune {name}: expected low:high[:log], got {value!r}") from None
+        log = len(parts) > 2 and parts[2] == "log"
+        if not low < high or (log and low <= 0) or len(parts) > 3:
+            raise UsageError(f"--tune {name}: need low < high (and low > 0 with log), "
+                             f"got {value!r}")
+        return cls(name, low, high, log)
+
+    def suggest(self, trial: Any) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+
+@dataclass
+class SweepSpec:
+    """What to tune and how: the optimizer, the shared workload and the search budget."""
+
+    optimizer: str
+    workload: dict[str, Any]  # TrainConfig fields shared by every trial (model, data, steps...)
+    out: str | Path  # the sweep folder: run folders and sweep.json go here
+    lr_center: float | None = None  # default: the optimizer's registry default learning rate
+    factor: float = 2.0
+    grid_points: int = 4
+    trials: int = 5
+    tune: tuple[TuneSpec, ...] = ()
+    seeds: int = 3
+    seed: int = 0  # seed of the tuning trials; seed runs use seed + 1 ... seed + seeds
+    fixed: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields (opt_args...)
+    storage: str | None = None  # default: sqlite file optuna.db in ``out``
+    study_name: str | None = None
+    heartbeat_s: int = 30
+    grace_s: int = 90
+
+    def __post_init__(self) -> None:
+        if self.factor <= 1:
+            raise UsageError(f"--factor: expected a number above 1, got {self.factor}")
+        if self.grid_points < 1:
+            raise UsageError(f"--grid-points: expected 1 or more, got {self.grid_points}")
+        if self.trials < self.grid_points:
+            raise UsageError(f"--trials ({self.trials}) must be at least --grid-points "
+                             f"({self.grid_points})")
+        if self.seeds < 0:
+            raise UsageError(f"--seeds: expected 0 or more, got {self.seeds}")
+        if self.lr_center is not None and not self.lr_center > 0:
+            raise UsageError(f"--lr-center: expected a positive number, got {self.lr_center}")
+        self.out = Path(self.out)
+
+    def center(self) -> float:
+        """The grid's center learning rate."""
+        if self.lr_center is not None:
+            return self.lr_center
+        return default_lr(self.optimizer)
+
+    def lr_at(self, k: int) -> float:
+        return self.center() * self.factor**k
+
+    def initial_exponents(self) -> list[int]:
+        """Exponents of the first round, e.g. -2, -1, 0, 1 for four points."""
+        start = -(self.grid_points // 2)
+        return list(range(start, start + self.grid_points))
+
+
+def default_lr(optimizer: str) -> float:
+    """The registry's default learning rate of ``optimizer`` (1e-3 for torch-adamw)."""
+    import llmvalley
+
+    if optimizer == "torch-adamw":
+        return 1e-3
+    try:
+        return float(llmvalley.get_spec(optimizer).defaults["lr"])
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"unknown optimizer {optimizer!r}; see valley list ({exc})") from None
+
+
+def storage_url(spec: SweepSpec) -> str:
+    """A database URL: the given one, a path made into ``sqlite:///``, or ``out/optuna.db``."""
+    target = spec.storage or str(Path(spec.out) / "optuna.db")
+    if "://" in target:
+        return target
+    path = Path(target).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+_OPEN_LOCK = threading.Lock()  # sweeps in threads of one process must not create tables at once
+
+
+def open_study(spec: SweepSpec) -> Any:
+    """Create or load the sweep's Optuna study (heartbeats on, so stale trials are detected)."""
+    with _OPEN_LOCK:
+        return _open_study(spec)
+
+
+def _open_study(spec: SweepSpec) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    # heartbeats and fail_stale_trials are flagged experimental; ask/tell use is deliberate
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+    url = storage_url(spec)
+    # SQLite: wait for the lock instead of failing when several sweeps write at once
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                         heartbeat_interval=spec.heartbeat_s,
+                                         grace_period=spec.grace_s)
+    sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.grid_points)
+    name = spec.study_name or f"{spec.workload.get('model', 'model')}/{spec.optimizer}"
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                               direction="minimize", load_if_exists=True)
+
+
+@dataclass
+class TrialRecord:
+    """One finished or running trial as the sweep sees it."""
+
+    number: int
+    state: str  # optuna state: RUNNING, COMPLETE, FAIL, WAITING
+    status: str | None  # completed, diverged, error; None for running/interrupted
+    lr: float | None
+    k: int | None  # grid exponent (grid mode)
+    params: dict[str, Any]
+    summary: dict[str, Any]
+
+    @property
+    def counts(self) -> bool:
+        """Whether the trial counts against the budget (finished with a result or an error)."""
+        return self.status in ("completed", "diverged", "error")
+
+    @property
+    def loss(self) -> float:
+        value = self.summary.get("final_val_loss")
+        return value if self.status == "completed" and value is not None else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: self.summary.get(k) for k in KEPT_SUMMARY}, "number": self.number,
+                "status": self.status, "lr": self.lr, "k": self.k, "params": self.params,
+                "run_dir": self.summary.get("run_dir"), "error": self.summary.get("error")}
+
+
+def trial_records(study: Any) -> list[TrialRecord]:
+    """Every trial of the study as a :class:`TrialRecord`, in creation order."""
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        lr = t.params.get(LR_PARAM, attrs.get("lr"))
+        records.append(TrialRecord(
+            number=t.number, state=t.state.name, status=attrs.get("status"),
+            lr=lr, k=attrs.get("grid_k"),
+            params={k: v for k, v in t.params.items()}, summary=attrs.get("summary", {})))
+    return records
+
+
+def next_exponent(spec: SweepSpec, records: list[TrialRecord]) -> int | None:
+    """The grid exponent to try next, or None when nothing can start now.
+
+    Initial points first (in order); once every grid point has finished, one more point:
+    beyond the best value's edge, or, with an interior best, beyond the edge whose loss is
+    lower (ties: the upper edge). While a round is still running nothing new is planned, so
+    the extension is decided on complete information.
+    """
+    taken = {r.k for r in records if r.k is not None and (r.counts or r.state == "RUNNING")}
+    for k in spec.initial_exponents():
+        if k not in taken:
+            return k
+    if any(r.state == "RUNNING" for r in records):
+        return None
+    done = {r.k: r.loss for r in records if r.k is not None and r.counts}
+    low, high = min(done), max(done)
+    best = min(done, key=lambda k: (done[k], k))
+    if best == low and best != high:
+        return low - 1
+    if best == high and best != low:
+        return high + 1
+    if math.isinf(done[best]):  # everything diverged: widen downwards, where lr is safer
+        return low - 1
+    return high + 1 if done[high] <= done[low] else low - 1
+
+
+class _Heartbeat:
+    """Records heartbeats of the sweep's running trials so a killed sweep's trials go stale."""
+
+    def __init__(self, storage: Any, interval_s: float) -> None:
+        self.storage = storage
+        self.interval_s = interval_s
+        self.trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.add(trial_id)
+        self.storage.record_heartbeat(trial_id)
+
+    def remove(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.discard(trial_id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                self.storage.record_heartbeat(trial_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Sweep:
+    """Runs a :class:`SweepSpec`: tuning trials, then the seed runs; writes ``sweep.json``."""
+
+    def __init__(self, spec: SweepSpec, trial_fn: TrialFn = run_training) -> None:
+        self.spec = spec
+        self.trial_fn = trial_fn
+        Path(spec.out).mkdir(parents=True, exist_ok=True)
+        self.study = open_study(spec)
+        self.log: Callable[[str], None] = lambda message: None
+        # queue order when sharing a PriorityPool with other sweeps (lower runs first)
+        self.trial_priority, self.seed_priority = 1, 2
+
+    # ------------------------------------------------------------------ configs
+    def trial_config(self, params: dict[str, Any], *, seed: int, out: Path,
+                     name: str) -> dict[str, Any]:
+        """The full train config of one run with the sweep's fixed settings and ``params``."""
+        config = {**self.spec.workload, **self.spec.fixed, "optimizer": self.spec.optimizer,
+                  "seed": seed, "out": str(out), "name": name, "quiet": True, "progress": False}
+        opt_args = dict(config.get("opt_args") or {})
+        for key, value in params.items():
+            if key == LR_PARAM:
+                config["lr"] = value
+            elif key == "weight_decay":
+                config["weight_decay"] = value
+            else:
+                opt_args[key] = value
+        config["opt_args"] = opt_args
+        return config
+
+    # ------------------------------------------------------------------ trials
+    def records(self) -> list[TrialRecord]:
+        return trial_records(self.study)
+
+    def budget_left(self, records: list[TrialRecord]) -> int:
+        """Trials that may still start: the budget less counted and running trials."""
+        used = sum(1 for r in records if r.counts or r.state == "RUNNING")
+        return self.spec.trials - used
+
+    def _ask(self, records: list[TrialRecord]) -> tuple[Any, dict[str, Any]] | None:
+        """Start the next trial (Optuna ask) and return it with its parameters, or None."""
+        import optuna
+
+        if self.budget_left(records) <= 0:
+            return None
+        lr_dist = optuna.distributions.FloatDistribution(LR_LOW, LR_HIGH, log=True)
+        if self.spec.tune:
+            trial = self.study.ask()
+            lo = self.spec.lr_at(self.spec.initial_exponents()[0])
+            hi = self.spec.lr_at(self.spec.initial_exponents()[-1])
+            params = {LR_PARAM: trial.suggest_float(LR_PARAM, lo, hi, log=True)}
+            params.update({t.name: t.suggest(trial) for t in self.spec.tune})
+            return trial, params
+        k = next_exponent(self.spec, records)
+        if k is None:
+            return None
+        self.study.enqueue_trial({LR_PARAM: self.spec.lr_at(k)}, user_attrs={"grid_k": k})
+        trial = self.study.ask({LR_PARAM: lr_dist})  # pops the oldest enqueued grid point
+        return trial, {LR_PARAM: trial.params[LR_PARAM]}
+
+    def _finish(self, trial: Any, summary: dict[str, Any] | None, error: str | None) -> None:
+        """Optuna tell: completed and diverged trials COMPLETE (diverged as +inf), errors FAIL."""
+        import optuna
+
+        if error is not None:
+            trial.set_user_attr("status", "error")
+            trial.set_user_attr("summary", {"error": error})
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        assert summary is not None
+        status = "diverged" if summary.get("status") == "diverged" else "completed"
+        kept = {k: summary.get(k) for k in KEPT_SUMMARY}
+        kept["run_dir"] = relative_path(summary.get("run_dir"), self.spec.out)
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("summary", json_safe(kept))
+        value = summary.get("final_val_loss") if status == "completed" else None
+        self.study.tell(trial, math.inf if value is None else float(value))
+
+    def run_trials(self, executor: Executor | None = None, parallel: int = 1) -> None:
+        """Spend the trial budget; ``executor`` runs trials in worker processes (else inline)."""
+        from optuna.storages import fail_stale_trials
+
+        fail_stale_trials(self.study)  # trials of a killed sweep: FAIL without a status
+        heartbeat = _Heartbeat(self.study._storage, self.spec.heartbeat_s)
+        running: dict[Future, Any] = {}
+        trials_dir = Path(self.spec.out) / "trials"
+        try:
+            while True:
+                while len(running) < (parallel if executor else 1):
+                    started = self._ask(self.records())
+                    if started is None:
+                        break
+                    trial, params = started
+                    heartbeat.add(trial._trial_id)
+                    lr = params[LR_PARAM]
+                    trial.set_user_attr("lr", lr)
+                    config = self.trial_config(params, seed=self.spec.seed, out=trials_dir,
+                                               name=f"trial-{trial.number:03d}-lr{lr:.3g}")
+                    self.log(f"{self.spec.optimizer}: trial {trial.number} lr={lr:.3g} "
+                             f"{ {k: v for k, v in params.items() if k != LR_PARAM} or ''}")
+                    if executor is None:
+                        summary, error = _call(self.trial_fn, config)
+                        self._finish(trial, summary, error)
+                        heartbeat.remove(trial._trial_id)
+                        continue
+                    running[self._submit(executor, config, seeds=False)] = trial
+                if not running:
+                    records = self.records()
+                    if not any(r.state == "RUNNING" for r in records):
+                        break
+                    # trials running elsewhere (another worker, or a killed process whose
+                    # heartbeat has not gone stale yet): wait for them to finish or go stale
+                    time.sleep(min(self.spec.heartbeat_s, 5))
+                    fail_stale_trials(self.study)
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    trial = running.pop(future)
+                    try:
+                        summary, error = future.result()
+                    except Exception as exc:  # the worker process itself died (e.g. OOM kill)
+                        summary, error = None, f"worker failed: {type(exc).__name__}: {exc}"
+                    self._finish(trial, summary, error)
+                    heartbeat.remove(trial._trial_id)
+        finally:
+            heartbeat.stop()
+        self.write()
+
+    # ------------------------------------------------------------------ best and seeds
+    def best(self) -> TrialRecord | None:
+        """The completed trial with the lowest final validation loss (None if none completed)."""
+        completed = [r for r in self.records() if r.status == "completed"]
+        return min(completed, key=lambda r: r.loss) if completed else None
+
+    def seed_values(self) -> list[int]:
+        return [self.spec.seed + i for i in range(1, self.spec.seeds + 1)]
+
+    def run_seeds(self, executor: Executor | None = None) -> list[dict[str, Any]]:
+        """Re-run the best configuration with each seed; finished seeds are not re-run."""
+        best = self.best()
+        if best is None:
+            self.write()
+            return []
+        seeds_dir = Path(self.spec.out) / "seeds"
+        chosen = json_safe({"params": best.params, "fixed": self.spec.fixed})
+        marker = seeds_dir / SEEDS_FOR
+        if marker.is_file() and json.loads(marker.read_text()) != chosen:
+            # the best configuration changed (a resumed sweep with a larger budget): start over
+            self.log(f"{self.spec.optimizer}: best configuration changed, seed runs redone")
+            shutil.rmtree(seeds_dir)
+        seeds_dir.mkdir(parents=True, exist_ok=True)
+        write_json(marker, chosen)
+        pending: dict[int, dict[str, Any]] = {}
+        results: dict[int, dict[str, Any]] = {}
+        for seed in self.seed_values():
+            run_dir = seeds_dir / f"seed-{seed}"
+            summary_path = run_dir / SUMMARY_FILE
+            if summary_path.is_file():
+                results[seed] = json.loads(summary_path.read_text())
+                continue
+            if run_dir.exists():  # a seed run cut short by a kill: start it again
+                shutil.rmtree(run_dir)
+            pending[seed] = self.trial_config(best.params, seed=seed, out=seeds_dir,
+                                              name=f"seed-{seed}")
+        if pending:
+            self.log(f"{self.spec.optimizer}: seeds {sorted(pending)} at lr={best.lr:.3g}")
+        futures = {seed: self._submit(executor, config, seeds=True)
+                   for seed, config in pending.items()} if executor else {}
+        for seed, config in pending.items():
+            try:
+                summary, error = (futures[seed].result() if executor
+                                  else _call(self.trial_fn, config))
+            except Exception as exc:  # the worker process itself died
+                summary, error = None, f"worker failed: {type(exc).__name__}: {exc}"
+            results[seed] = summary if summary is not None else {"status": "error",
+                                                                 "error": error}
+        self.write()
+        return [results[s] for s in self.seed_values()]
+
+    def _submit(self, executor: Executor, config: dict[str, Any], *, seeds: bool) -> Future:
+        """Queue one run; a :class:`~llmvalley.bench.pool.PriorityPool` gets its priority."""
+        from llmvalley.bench.pool import PriorityPool
+
+        if isinstance(executor, PriorityPool):
+            priority = self.seed_priority if seeds else self.trial_priority
+            return executor.submit(_call, self.trial_fn, config, priority=priority)
+        return executor.submit(_call, self.trial_fn, config)
+
+    def run(self, executor: Executor | None = None, parallel: int = 1) -> dict[str, Any]:
+        """Trials, then seeds; returns the contents of ``sweep.json``."""
+        self.run_trials(executor, parallel)
+        self.run_seeds(executor)
+        return self.write()
+
+    # ------------------------------------------------------------------ output
+    def seed_summaries(self) -> list[dict[str, Any]]:
+        """Summaries of the finished seed runs (from their folders)."""
+        result = []
+        for seed in self.seed_values():
+            path = Path(self.spec.out) / "seeds" / f"seed-{seed}" / SUMMARY_FILE
+            if path.is_file():
+                summary = json.loads(path.read_text())
+                kept = {k: summary.get(k) for k in KEPT_SUMMARY}
+                kept.update(seed=seed, run_dir=relative_path(summary.get("run_dir"),
+                                                             self.spec.out))
+                result.append(kept)
+        return result
+
+    def write(self) -> dict[str, Any]:
+        """Write ``sweep.json`` (spec, every trial, best, seeds) and return its contents."""
+        records = self.records()
+        best = self.best()
+        counted = [r for r in records if r.counts]
+        ks = [r.k for r in counted if r.k is not None]
+        data = {
+            "optimizer": self.spec.optimizer,
+            "workload": self.spec.workload,
+            "fixed": self.spec.fixed,
+            "search": {
+                "mode": "tpe" if self.spec.tune else "grid",
+                "lr_center": self.spec.center(), "factor": self.spec.factor,
+                "grid_points": self.spec.grid_points, "trials": self.spec.trials,
+                "tune": [vars(t) for t in self.spec.tune], "seed": self.spec.seed,
+                "study": self.study.study_name,
+            },
+            "trials": [r.to_dict() for r in records if r.counts],
+            "interrupted": sum(1 for r in records if r.state == "FAIL" and not r.counts),
+            "trials_counted": len(counted),
+            "best": best.to_dict() if best else None,
+            "best_at_edge": bool(best and best.k is not None and ks
+                                 and best.k in (min(ks), max(ks)) and len(set(ks)) > 1),
+            "seeds": self.seed_summaries(),
+        }
+        write_json(Path(self.spec.out) / SWEEP_FILE, data)
+        return json_safe(data)
+
+
+def _call(trial_fn: TrialFn, config: dict[str, Any]) -> tuple[dict | None, str | None]:
+    """Run ``trial_fn``; return (summary, None) or (None, one-line error)."""
+    try:
+        return trial_fn(config), None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # a trial's failure is a result of the sweep, not its end
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def relative_path(path: str | None, root: str | Path) -> str | None:
+    """``path`` relative to ``root`` when it lies inside it (result folders stay movable)."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_sweep(folder: str | Path) -> dict[str, Any]:
+    """Read a sweep folder's ``sweep.json``."""
+    path = Path(folder) / SWEEP_FILE
+    if not path.is_file():
+        raise UsageError(f"{folder}: no {SWEEP_FILE} (not a sweep folder)")
+    return json.loads(path.read_text())

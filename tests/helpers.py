@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,6 +48,17 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def loss_fn(model: nn.Module, step: int) -> torch.Tensor:
     x, y = batch(step)
     return nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def write_corpus(folder: Path, words: list[str], *, seed: int, files: int, lines: int,
+                 words_per_line: int) -> Path:
+    """A folder of small random-word text files: a corpus the data pipeline can split."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(files):
+        text = (" ".join(rng.choice(words, size=words_per_line)) + ".\n" for _ in range(lines))
+        (folder / f"part{i}.txt").write_text("".join(text))
+    return folder
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = False) -> TinyLM:

@@ -14,28 +14,18 @@ from llmvalley.bench import TrainConfig, Trainer, coerce_config, lr_multiplier, 
 from llmvalley.bench.metrics import SpikeCounter, divergence_reason, tensor_state_bytes
 from llmvalley.bench.records import read_log
 from llmvalley.cli import UsageError
+from tests.helpers import write_corpus
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards box and jog".split()
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A private token cache, and torch's thread count restored after each test."""
-    monkeypatch.setenv("LLMVALLEY_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        lines = (" ".join(rng.choice(WORDS, size=9)) + ".\n" for _ in range(60))
-        (folder / f"part{i}.txt").write_text("".join(lines))
-    return folder
+    return write_corpus(tmp_path / "corpus", WORDS, seed=0, files=12, lines=60,
+                        words_per_line=9)
 
 
 def small(corpus: Path, tmp_path: Path, **overrides) -> dict:

@@ -5,33 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from llmvalley.cli import main
+from tests.helpers import write_corpus
 
 WORDS = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor".split()
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("LLMVALLEY_CACHE", str(tmp_path / "cache"))
+def isolated(private_cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A private cache, and the run folders written under the test's own directory."""
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(10):
-        lines = (" ".join(rng.choice(WORDS, size=8)) + ".\n" for _ in range(50))
-        (folder / f"f{i}.txt").write_text("".join(lines))
-    return folder
+    return write_corpus(tmp_path / "corpus", WORDS, seed=1, files=10, lines=50,
+                        words_per_line=8)
 
 
 def small_args(corpus: Path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,29 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, steps: int) 
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_resume_bit_exact(name: str, make: Callable[[int], nn.Module],
+                            run: Callable[[nn.Module, torch.optim.Optimizer, int, int], object]
+                            ) -> None:
+    """50 steps, checkpoint, fresh process-equivalent load, 50 more == 100 straight.
+
+    ``make(seed)`` builds the model; the resumed one starts from another seed, so everything
+    must come from the checkpoint. ``run(model, opt, start, steps)`` takes the steps.
+    """
+    ref = make(0)
+    run(ref, make_optimizer(name, ref), 0, 100)
+    model = make(0)
+    opt = make_optimizer(name, model)
+    run(model, opt, 0, 50)
+    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    resumed = make(123)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt = make_optimizer(name, resumed)
+    resumed_opt.load_state_dict(ckpt["opt"])
+    run(resumed, resumed_opt, 50, 50)
+    for (n, a), b in zip(ref.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), f"{name}: {n} differs after resume"
 
 
 def roundtrip(obj):

@@ -16,7 +16,7 @@ from torch import nn
 
 import llmvalley
 from tests import references_matrix as refs
-from tests.helpers import roundtrip
+from tests.helpers import assert_resume_bit_exact
 
 MINE = ["muon", "adamuon", "namo", "namo_d", "auon", "dion", "swan", "sinkgd", "scale",
         "sgd_sai"]
@@ -381,19 +381,7 @@ def test_state_bytes_match_registry_formula_on_llama(name):
 
 @pytest.mark.parametrize("name", MINE)
 def test_resume_is_bit_exact_on_llama(name):
-    ref_model = llama()
-    synthetic_steps(ref_model, llmvalley.create_optimizer(name, ref_model), 0, 100)
-    model = llama()
-    opt = llmvalley.create_optimizer(name, model)
-    synthetic_steps(model, opt, 0, 50)
-    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
-    resumed = llama(seed=5)
-    resumed.load_state_dict(ckpt["model"])
-    resumed_opt = llmvalley.create_optimizer(name, resumed)
-    resumed_opt.load_state_dict(ckpt["opt"])
-    synthetic_steps(resumed, resumed_opt, 50, 50)
-    for (n, a), b in zip(ref_model.named_parameters(), resumed.parameters()):
-        assert torch.equal(a, b), f"{name}: {n} differs after resume"
+    assert_resume_bit_exact(name, llama, synthetic_steps)
 
 
 @pytest.mark.parametrize("name", MINE)

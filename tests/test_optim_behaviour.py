@@ -12,6 +12,7 @@ import llmvalley
 from tests.helpers import (
     REGRESSION_TARGET,
     ROSENBROCK_DEGENERATE,
+    assert_resume_bit_exact,
     convergence_lr,
     loss_fn,
     make_model,
@@ -38,23 +39,7 @@ def test_registry_metadata_complete():
 
 @pytest.mark.parametrize("name", ALL)
 def test_resume_is_bit_exact(name):
-    """50 steps, checkpoint, fresh process-equivalent load, 50 more == 100 straight."""
-    ref_model = make_model()
-    ref_opt = make_optimizer(name, ref_model)
-    train(ref_model, ref_opt, 0, 100)
-
-    model = make_model()
-    opt = make_optimizer(name, model)
-    train(model, opt, 0, 50)
-    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
-
-    resumed_model = make_model(seed=123)  # different init: everything must come from ckpt
-    resumed_model.load_state_dict(ckpt["model"])
-    resumed_opt = make_optimizer(name, resumed_model)
-    resumed_opt.load_state_dict(ckpt["opt"])
-    train(resumed_model, resumed_opt, 50, 50)
-    for (n, a), b in zip(ref_model.named_parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b), f"{name}: {n} differs after resume"
+    assert_resume_bit_exact(name, lambda seed: make_model(seed=seed), train)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -13,7 +13,7 @@ import torch
 
 from llmvalley.optim.memory import state_bytes
 from llmvalley.optim.registry import OptimizerSpec, Paper, get_spec, list_optimizers
-from llmvalley.optim.routing import Matcher, Rule, is_module, route
+from llmvalley.optim.routing import Matcher, Rule, route
 from llmvalley.optim.shell import ChainOptimizer
 
 
@@ -56,7 +56,7 @@ def create_optimizer(
     if fallback is not None:
         fb_spec = get_spec(fallback)
         fb_spec.resolve(dict(fallback_hparams or {}))
-    if is_module(model_or_params):
+    if isinstance(model_or_params, torch.nn.Module):
         groups = route(
             model_or_params, spec.name, hparams,
             applies_to=spec.applies_to, decay_keys=spec.decay_keys,

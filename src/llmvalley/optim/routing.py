@@ -20,7 +20,6 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 Matcher = type | tuple | str | re.Pattern | Callable[[str, nn.Parameter, nn.Module], bool]
@@ -130,6 +129,3 @@ def route(
         group["param_names"].append(name)
     return list(buckets.values())
 
-
-def is_module(obj: Any) -> bool:
-    return isinstance(obj, torch.nn.Module)

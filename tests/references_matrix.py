@@ -198,3 +198,15 @@ class AuONRef(Reference):
         u = nesterov_ema(g, st, mu)
         r = math.sqrt(float((torch.cosh(gamma * u / (u.norm() + 1e-7)) ** 2).mean()))
         p.sub_(lr * u / (r + 1e-8))
+
+
+class HybridAuONRef(Reference):
+    """Maity's Hybrid-AuON: AuON's cosh brake applied to ns5(Nesterov momentum), as
+    ryyzn9/AuON HybridAuON (2-D parameters)."""
+
+    def update(self, p, g, st, name):
+        lr, mu, wd, gamma = (self.hp[k] for k in ("lr", "momentum", "weight_decay", "gamma"))
+        p.mul_(1 - lr * wd)
+        u = ns5(nesterov_ema(g, st, mu), self.hp["ns_steps"])
+        r = math.sqrt(float((torch.cosh(gamma * u / (u.norm() + 1e-7)) ** 2).mean()))
+        p.sub_(lr * u / (r + 1e-8))

@@ -18,8 +18,8 @@ import llmvalley
 from tests import references_matrix as refs
 from tests.helpers import assert_resume_bit_exact
 
-MINE = ["muon", "adamuon", "namo", "namo_d", "auon", "dion", "swan", "sinkgd", "scale",
-        "sgd_sai"]
+MINE = ["muon", "adamuon", "namo", "namo_d", "auon", "auon_hybrid", "dion", "swan", "sinkgd",
+        "scale", "sgd_sai"]
 MATRIX_SHAPES = [(12, 8), (8, 20), (10, 10), (6, 3, 2, 2)]
 STEPS = 50
 
@@ -159,6 +159,30 @@ def test_auon_matches_reference(hp):
                          MATRIX_SHAPES)
     theirs = run_reference(refs.AuONRef, MATRIX_SHAPES, **hp)
     assert_close(ours, theirs, 1e-12)
+
+
+@pytest.mark.parametrize("hp", [dict(lr=0.24, momentum=0.95, weight_decay=0.0, gamma=1.5,
+                                     ns_steps=1),
+                                dict(lr=0.05, momentum=0.9, weight_decay=0.1, gamma=20.0,
+                                     ns_steps=5)])
+def test_auon_hybrid_matches_reference(hp):
+    shapes = MATRIX_SHAPES[:3]  # the reference orthogonalizes 4-D kernels slice by slice
+    ours = run_optimizer(lambda ps: llmvalley.create_optimizer("auon_hybrid", ps, **hp),
+                         shapes)
+    theirs = run_reference(refs.HybridAuONRef, shapes, **hp)
+    assert_close(ours, theirs, 1e-10)
+
+
+def test_auon_hybrid_defaults_to_one_newton_schulz_step():
+    """The paper's single NS iteration: the first update is the cosh-braked ns5 with 1 step,
+    not the 5 steps of the repository's class default."""
+    spec = llmvalley.get_spec("auon_hybrid")
+    assert spec.defaults["ns_steps"] == 1
+    one = run_optimizer(lambda ps: llmvalley.create_optimizer("auon_hybrid", ps),
+                        MATRIX_SHAPES[:1])
+    five = run_optimizer(lambda ps: llmvalley.create_optimizer("auon_hybrid", ps, ns_steps=5),
+                         MATRIX_SHAPES[:1])
+    assert rel_err(one[0], five[0]) > 1e-3
 
 
 @pytest.mark.parametrize("hp", [dict(lr=0.01, momentum=0.95, weight_decay=0.01, eps=1e-8),
@@ -371,6 +395,7 @@ def test_state_bytes_match_registry_formula_on_llama(name):
     hidden = 2 * (4 * d * d + 3 * d * f)
     expected_matrix = {
         "muon": hidden, "adamuon": 2 * hidden, "swan": 0, "sinkgd": 0, "auon": hidden,
+        "auon_hybrid": hidden,
         "namo": hidden + 14, "namo_d": hidden + 2 * (6 * d + f),  # + n per matrix
         "dion": hidden + 2 * (4 * d * d + 2 * d * d + f * d),  # mn + n * min(m, n)
         "scale": vocab * d,  # the lm_head momentum only
@@ -410,8 +435,8 @@ def _indices(model: nn.Module, params: list[torch.Tensor]) -> list[int]:
     return [ids.index(id(p)) for p in params]
 
 
-@pytest.mark.parametrize("name", ["muon", "adamuon", "namo", "namo_d", "auon", "dion",
-                                  "swan", "sinkgd"])
+@pytest.mark.parametrize("name", ["muon", "adamuon", "namo", "namo_d", "auon", "auon_hybrid",
+                                  "dion", "swan", "sinkgd"])
 def test_matrix_methods_name_the_offending_parameter(name):
     bias = nn.Parameter(torch.zeros(8))
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.bias"):
@@ -422,6 +447,7 @@ def test_matrix_methods_name_the_offending_parameter(name):
 @pytest.mark.parametrize("name,bad", [
     ("muon", dict(shape_scale="spectral")), ("muon", dict(orthogonalizer="qr")),
     ("muon", dict(ns_steps=0)), ("muon", dict(momentum=1.0)),
+    ("auon_hybrid", dict(ns_eps_form="plus")),
     ("dion", dict(rank_fraction=0.0)), ("swan", dict(whitening="eig")),
     ("sinkgd", dict(sinkhorn_steps=0)),
 ])

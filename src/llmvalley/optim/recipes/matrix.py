@@ -1,4 +1,4 @@
-"""Matrix (orthogonalized) optimizers: Muon, AdaMuon, NAMO, NAMO-D, AuON, Dion.
+"""Matrix (orthogonalized) optimizers: Muon, AdaMuon, NAMO, NAMO-D, AuON, Hybrid-AuON, Dion.
 
 All apply to hidden weight matrices (``applies_to="matrix"``); ``create_optimizer(name,
 model)`` routes embeddings, the output head, norms and biases to AdamW with the reference's
@@ -23,6 +23,7 @@ from llmvalley.optim.registry import OptimizerSpec, Paper, register
 from llmvalley.optim.transforms import ApplyLR, DecoupledWeightDecay, Sign
 from llmvalley.optim.transforms.orthogonalize import (
     NS_COEFFICIENTS,
+    NS_EPS_FORMS,
     ORTHOGONALIZERS,
     ApplyScaledLR,
     CoshBrake,
@@ -49,6 +50,9 @@ def check_matrix_group(name: str, group: dict[str, Any]) -> None:
     steps = group.get("ns_steps", 1)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"{name}: invalid ns_steps={steps!r}: an integer >= 1")
+    if "ns_eps_form" in group and group["ns_eps_form"] not in NS_EPS_FORMS:
+        raise ValueError(f"{name}: invalid ns_eps_form={group['ns_eps_form']!r}: "
+                         f"one of {NS_EPS_FORMS}")
     if "ns_coefficients" in group and len(group["ns_coefficients"]) != 3:
         raise ValueError(f"{name}: invalid ns_coefficients={group['ns_coefficients']!r}: "
                          "expected (a, b, c)")
@@ -159,22 +163,48 @@ register(
     )
 )
 
+AUON_PAPER = Paper("AuON: A Linear-time Alternative to Semi-Orthogonal Momentum Updates "
+                   "(Maity)", "2509.24320", 2025)
+
 register(
     OptimizerSpec(
         name="auon",
         family="matrix",
-        paper=Paper("AuON: Alternative Unit-norm momentum-updates by Normalized nonlinear "
-                    "scaling (ryyzn9, repository write-up)", "n/a", 2025),
-        reference="ryyzn9/AuON (auon/optimizer.py); tested against an independent reference",
+        paper=AUON_PAPER,
+        reference="ryyzn9/AuON (auon/optimizer.py, AuON); tested against an independent "
+        "reference",
         defaults=dict(lr=0.24, momentum=0.95, nesterov=True, weight_decay=0.0, gamma=1.5),
         build=lambda g: [DecoupledWeightDecay(), MuonMomentum(), CoshBrake(), ApplyLR()],
         applies_to="matrix",
         check=_check("auon"),
         notes="EMA momentum with Nesterov look-ahead (always on in the reference); "
         "u = M~ / (sqrt(mean(cosh(gamma M~ / ||M~||)^2)) + 1e-8). For real layers the cosh "
-        "factor is about 1, so AuON is close to unnormalized Nesterov SGD. No arXiv paper "
-        "was found; the repository is the reference. HybridAuON (one Newton-Schulz step "
-        "first) is not offered: its code was not available to check.",
+        "factor is about 1, so AuON is close to unnormalized Nesterov SGD. No shape factor "
+        "(the repository has none; some write-ups add sqrt(max(1, m/n))).",
+    )
+)
+
+register(
+    OptimizerSpec(
+        name="auon_hybrid",
+        family="matrix",
+        paper=AUON_PAPER,
+        reference="ryyzn9/AuON (auon/optimizer.py, HybridAuON); tested against an "
+        "independent reference",
+        defaults=dict(lr=0.24, momentum=0.95, nesterov=True, weight_decay=0.0, gamma=1.5,
+                      orthogonalizer="newton_schulz", ns_steps=1,
+                      ns_coefficients=NS_COEFFICIENTS, ns_eps=1e-7, ns_eps_form="add",
+                      ns_dtype=None),
+        build=lambda g: [DecoupledWeightDecay(), MuonMomentum(), Orthogonalize(), CoshBrake(),
+                         ApplyLR()],
+        applies_to="matrix",
+        check=_check("auon_hybrid"),
+        notes="Hybrid-AuON: AuON's cosh brake applied to Newton-Schulz(M~). ns_steps=1 is "
+        "the paper's 'single Newton-Schulz iteration'; the repository's HybridAuON class "
+        "defaults to ns_steps=5 (pass ns_steps=5 to match it). The reference normalizes by "
+        "||X||_F + 1e-7 (ns_eps_form='add') and runs NS in the parameter dtype; ns_dtype=None "
+        "here means bf16 on CUDA as for every Muon-family method (pass ns_dtype='float32' "
+        "for the reference's precision).",
     )
 )
 

@@ -51,6 +51,9 @@ POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
 
 ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
 
+#: how the Newton-Schulz input is normalised: by ``max(||X||_F, eps)`` or ``||X||_F + eps``
+NS_EPS_FORMS = ("clamp", "add")
+
 
 # ---- helpers ------------------------------------------------------------------------------
 def matrix_view(t: Tensor, name: str = "tensor") -> Tensor:
@@ -113,18 +116,21 @@ def newton_schulz(
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
+    eps_form: str = "clamp",
 ) -> Tensor:
     """Keller Jordan's quintic Newton-Schulz on a batch ``(B, m, n)``; returns ``dtype``.
 
     Same operation order as ``torch.optim.Muon`` (normalise by ``max(||X||_F, eps)``, then
-    ``addmm`` forms), so the two agree bit for bit in bf16.
+    ``addmm`` forms), so the two agree bit for bit in bf16. ``eps_form="add"`` normalises by
+    ``||X||_F + eps`` instead, as Keller Jordan's original code and the references that copy
+    it (HybridAuON, COSMOS) do.
     """
     x = g.to(dtype or g.dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    x = x / norm.clamp_min(eps)
+    x = x / (norm + eps if eps_form == "add" else norm.clamp_min(eps))
     x = _polynomial_iterations(x, [tuple(coefficients)] * steps)
     return x.mT if tall else x
 
@@ -172,12 +178,17 @@ def orthogonalize(
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
+    eps_form: str = "clamp",
 ) -> Tensor:
-    """Approximate polar factor of a matrix or a batch of matrices, in ``dtype``."""
+    """Approximate polar factor of a matrix or a batch of matrices, in ``dtype``.
+
+    ``eps_form`` (Newton-Schulz only): ``"clamp"`` divides by ``max(||X||_F, eps)``
+    (torch.optim.Muon), ``"add"`` by ``||X||_F + eps`` (Keller Jordan's original code).
+    """
     squeeze = g.ndim == 2
     x = g[None] if squeeze else g
     if method == "newton_schulz":
-        out = newton_schulz(x, steps, coefficients, eps, dtype)
+        out = newton_schulz(x, steps, coefficients, eps, dtype, eps_form)
     elif method == "polar_express":
         out = polar_express(x, steps, dtype=dtype)
     elif method == "svd":
@@ -246,7 +257,8 @@ class Orthogonalize(Transform):
     """Replace each update by its (approximate) polar factor, batched over same shapes.
 
     Hyperparameters: ``orthogonalizer`` (one of :data:`ORTHOGONALIZERS`), ``ns_steps``,
-    ``ns_coefficients`` (Newton-Schulz only), ``ns_eps``, ``ns_dtype`` (module docstring).
+    ``ns_coefficients`` (Newton-Schulz only), ``ns_eps``, ``ns_dtype`` (module docstring) and,
+    optionally, ``ns_eps_form`` (:data:`NS_EPS_FORMS`, default ``"clamp"``).
     The result is cast back to the update's dtype and shape.
     """
 
@@ -261,8 +273,9 @@ class Orthogonalize(Transform):
         steps = int(group["ns_steps"])
         coeffs = tuple(group.get("ns_coefficients", NS_COEFFICIENTS))
         eps = float(group["ns_eps"])
+        eps_form = group.get("ns_eps_form", "clamp")
         outs = map_by_shape(
-            mats, lambda x: orthogonalize(x, method, steps, coeffs, eps, dtype)
+            mats, lambda x: orthogonalize(x, method, steps, coeffs, eps, dtype, eps_form)
         )
         return [o.to(u.dtype).reshape(u.shape) for o, u in zip(outs, updates)]
 

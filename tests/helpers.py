@@ -119,7 +119,7 @@ def roundtrip(obj):
 CONVERGENCE_LR = {
     "sgd": 0.05, "signum": 0.01, "lion": 0.01, "adafactor": 0.05, "came": 0.01,
     "adamuon": 0.1, "namo": 0.1, "namo_d": 0.1, "auon": 0.2,
-    "auon_hybrid": 0.2,
+    "auon_hybrid": 0.2, "conda": 0.1, "cosmos": 0.1,
 }
 
 

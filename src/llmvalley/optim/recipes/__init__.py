@@ -9,5 +9,6 @@ from llmvalley.optim.recipes import (  # noqa: F401
     factored,
     matrix,
     normalized,
+    rotated,
     sign,
 )

@@ -119,7 +119,7 @@ def roundtrip(obj):
 CONVERGENCE_LR = {
     "sgd": 0.05, "signum": 0.01, "lion": 0.01, "adafactor": 0.05, "came": 0.01,
     "adamuon": 0.1, "namo": 0.1, "namo_d": 0.1, "auon": 0.2,
-    "auon_hybrid": 0.2, "conda": 0.1, "cosmos": 0.1,
+    "auon_hybrid": 0.2, "conda": 0.1, "cosmos": 0.1, "polargrad": 0.1,
 }
 
 
@@ -130,7 +130,7 @@ def convergence_lr(name: str) -> float:
 # Rosenbrock from (-1.5, 2) over 1000 steps: a rate in each method's working range.
 ROSENBROCK_LR = {
     "sgd": 1e-3, "mars": 1e-3, "adabelief": 1e-2, "adan": 1e-2, "adafactor": 1e-2,
-    "lion": 1e-2, "grams": 1e-1, "sgd_sai": 1e-3,
+    "lion": 1e-2, "grams": 1e-1, "sgd_sai": 1e-3, "polargrad": 2e-3,
 }
 
 # Methods whose update is degenerate on the 1 x 2 Rosenbrock matrix: SWAN's row

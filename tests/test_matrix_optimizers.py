@@ -19,7 +19,7 @@ from tests import references_matrix as refs
 from tests.helpers import assert_resume_bit_exact
 
 MINE = ["muon", "adamuon", "namo", "namo_d", "auon", "auon_hybrid", "dion", "swan", "sinkgd",
-        "scale", "sgd_sai"]
+        "scale", "sgd_sai", "polargrad"]
 MATRIX_SHAPES = [(12, 8), (8, 20), (10, 10), (6, 3, 2, 2)]
 STEPS = 50
 
@@ -400,6 +400,7 @@ def test_state_bytes_match_registry_formula_on_llama(name):
         "dion": hidden + 2 * (4 * d * d + 2 * d * d + f * d),  # mn + n * min(m, n)
         "scale": vocab * d,  # the lm_head momentum only
         "sgd_sai": hidden + 14 + 2 * vocab * d + 2,  # momentum + one gsnr per tensor
+        "polargrad": hidden,  # the momentum, mn per matrix
     }[name]
     assert method_state == 4 * expected_matrix
 
@@ -436,7 +437,7 @@ def _indices(model: nn.Module, params: list[torch.Tensor]) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ["muon", "adamuon", "namo", "namo_d", "auon", "auon_hybrid",
-                                  "dion", "swan", "sinkgd"])
+                                  "dion", "swan", "sinkgd", "polargrad"])
 def test_matrix_methods_name_the_offending_parameter(name):
     bias = nn.Parameter(torch.zeros(8))
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.bias"):

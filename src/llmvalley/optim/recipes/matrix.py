@@ -1,4 +1,5 @@
-"""Matrix (orthogonalized) optimizers: Muon, AdaMuon, NAMO, NAMO-D, AuON, Hybrid-AuON, Dion.
+"""Matrix (orthogonalized) optimizers: Muon, AdaMuon, NAMO, NAMO-D, AuON, Hybrid-AuON, Dion,
+PolarGrad.
 
 All apply to hidden weight matrices (``applies_to="matrix"``); ``create_optimizer(name,
 model)`` routes embeddings, the output head, norms and biases to AdamW with the reference's
@@ -35,6 +36,7 @@ from llmvalley.optim.transforms.orthogonalize import (
     ScaleByOrthoSecondMoment,
     check_shape_scale,
 )
+from llmvalley.optim.transforms.qdwh import POLAR_METHODS, PolarGradUpdate
 
 ORTHO_DEFAULTS: dict[str, Any] = dict(
     orthogonalizer="newton_schulz", ns_steps=5, ns_coefficients=NS_COEFFICIENTS, ns_eps=1e-7,
@@ -235,5 +237,71 @@ register(
         "(the distributed dion.py defaults to randomized Cholesky QR). rank = "
         "ceil(rank_fraction * min(m, n)). The reference routes the unembedding to AdamW or to "
         "Lion at lr/sqrt(d_in); here it goes to the AdamW fallback (pass a rule to change).",
+    )
+)
+
+
+POLARGRAD_DEFAULTS: dict[str, Any] = dict(
+    lr=0.02, momentum=0.95, weight_decay=0.0, polar_first=False, polar_method="qdwh",
+    inner_steps=2, ns_steps=5, ns_coefficients=NS_COEFFICIENTS, ns_eps=1e-7,
+    ns_eps_form="clamp", ns_dtype=None,
+)
+
+
+def _check_polargrad(group: dict[str, Any]) -> None:
+    check_matrix_group("polargrad", group)
+    method = group.get("polar_method", "qdwh")
+    if method not in POLAR_METHODS:
+        raise ValueError(f"polargrad: invalid polar_method={method!r}: one of {POLAR_METHODS}")
+    steps = group.get("inner_steps", 2)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"polargrad: invalid inner_steps={steps!r}: an integer >= 1")
+    if not isinstance(group.get("polar_first", False), bool):
+        raise ValueError(f"polargrad: invalid polar_first={group['polar_first']!r}: a bool")
+    if method == "polar_express" and group.get("ns_steps", 5) > 5:
+        raise ValueError(f"polargrad: invalid ns_steps={group['ns_steps']!r}: polar_express "
+                         "has a 5-iteration schedule")
+
+
+register(
+    OptimizerSpec(
+        name="polargrad",
+        family="matrix",
+        paper=Paper("PolarGrad: A Class of Matrix-Gradient Optimizers from a Unifying "
+                    "Preconditioning Perspective (Lau et al.)", "2505.21799", 2025),
+        reference="timlautk/polargrad (polar_grad.py PolarGrad; qdwh.py / polar.py for the "
+        "QDWH polar factor); QDWH tested against an independent implementation from the "
+        "Nakatsukasa-Bai-Gygi equations and the SVD polar factor, the optimizer against an "
+        "independent reference in float64",
+        defaults=dict(POLARGRAD_DEFAULTS),
+        build=lambda g: [DecoupledWeightDecay(), PolarGradUpdate(), ApplyLR()],
+        applies_to="matrix",
+        weight_decay="decoupled (p *= 1 - lr*wd), before the update",
+        check=_check_polargrad,
+        fallback_hparams=dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0),
+        notes="M = lerp(M, G, 1 - momentum); U = polar(M); W <- W(1 - lr wd) - lr <M, U> U "
+        "(<M, U> = ||M||_* for the exact factor); polar_first=True: U = polar(G), "
+        "M = lerp(M, U, 1 - momentum), W <- W(1 - lr wd) - lr <G, U> M. No shape scale: the "
+        "step grows with the nuclear norm (so with the matrix size), hence much smaller rates "
+        "than Muon on large layers. Defaults are polar_grad.py's (lr 0.02, momentum 0.95, "
+        "wd 0, qdwh, inner_steps 2; its README example uses lr 1e-3, momentum 0.9; "
+        "polar_grad_ddp.py differs: wd 0.01, inner_steps 5, bf16 buffers). "
+        "QDWH is qdwh.py's: wide matrices transposed; x / sqrt(||x||_1 ||x||_inf); l0 = the "
+        "compute dtype's eps, so the schedule depends on the dtype (inner_steps=2 gives two "
+        "QR-form iterations in fp32 and fp64, far from converged for small singular values, "
+        "so <M, U> is below ||M||_* as in the reference); QR form for c > 100, then Cholesky "
+        "form with "
+        "the ||du||_F > (5 eps)^(1/3) test, then Halley (3, 1, 3) steps while not converged "
+        "and below inner_steps; one final Newton-Schulz refinement. It runs in at least fp32 "
+        "(bf16/fp16 promoted; the reference does not support bf16), one matrix at a time. "
+        "polar_method='newton_schulz' / 'polar_express' / 'svd' are llmvalley's "
+        "orthogonalizers with the ns_* options (ns_steps 5, Muon's conventions; inner_steps is "
+        "QDWH's only), not "
+        "the reference's ns / precond_ns code (which runs inner_steps bf16 NS iterations with "
+        "||X||_F + 1e-7: ns_steps=2, ns_eps_form='add', ns_dtype='bfloat16' come close); "
+        "their U is cast to the momentum's dtype before <M, U>. zolo-pd and precond_ns are not "
+        "offered. >2-D kernels use their (out, -1) matrix view (polar_grad.py takes 2-D only). "
+        "The reference README has no auxiliary Adam: the AdamW fallback is Muon's (lr 3e-4, "
+        "betas (0.9, 0.95), eps 1e-10, wd 0). State: momentum (mn per matrix).",
     )
 )

@@ -38,6 +38,7 @@ from llmvalley.optim.transforms.orthogonalize import (
     RMSRescale,
     ScaleByOrthoSecondMoment,
 )
+from llmvalley.optim.transforms.qdwh import PolarGradUpdate
 from llmvalley.optim.transforms.sign import GradSignTimesMagnitude, LionDirection, Sign
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "MuonMomentum",
     "NAMOUpdate",
     "Orthogonalize",
+    "PolarGradUpdate",
     "RMSRescale",
     "SCALEStep",
     "ScaleBySNR",

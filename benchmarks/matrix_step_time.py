@@ -28,7 +28,13 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 import llmvalley
 from llmvalley.optim.transforms.orthogonalize import NS_COEFFICIENTS, map_by_shape, orthogonalize
 
-OURS = ["muon", "adamuon", "namo", "namo_d", "auon", "dion", "swan", "sinkgd", "scale", "sgd_sai"]
+#: every registered matrix and normalized method, at its defaults
+OURS = [s.name for s in llmvalley.list_optimizers() if s.family in ("matrix", "normalized")]
+#: settings worth a row of their own: (label, optimizer, hyperparameters)
+VARIANTS = [
+    ("muon (ns_dtype=bfloat16)", "muon", dict(ns_dtype=torch.bfloat16)),
+    ("conda (update_proj_gap=1: an SVD every step)", "conda", dict(update_proj_gap=1)),
+]
 
 
 def llama_matrices(dim: int, ffn: int, layers: int, device: str) -> list[torch.nn.Parameter]:
@@ -87,7 +93,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", help="comma-separated subset of the optimizers")
     args = ap.parse_args()
+    ours = args.only.split(",") if args.only else OURS
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -107,11 +115,12 @@ def main() -> None:
                        args.reps, sync)
     muon = time_steps(lambda ps: torch.optim.Muon(ps, lr=0.02), fresh(), args.reps, sync)
     rows = [("torch.optim.AdamW (fused)", adamw), ("torch.optim.Muon", muon)]
-    for name in OURS:
+    for name in ours:
         rows.append((name, time_steps(lambda ps, name=name: llmvalley.create_optimizer(
             name, ps), fresh(), args.reps, sync)))
-    rows.append(("muon (ns_dtype=bfloat16)", time_steps(lambda ps: llmvalley.create_optimizer(
-        "muon", ps, ns_dtype=torch.bfloat16), fresh(), args.reps, sync)))
+    for label, name, hp in [v for v in VARIANTS if v[1] in ours]:
+        rows.append((label, time_steps(lambda ps, name=name, hp=hp: llmvalley.create_optimizer(
+            name, ps, **hp), fresh(), args.reps, sync)))
 
     print("| optimizer | ms / step | vs fused AdamW | vs torch.optim.Muon |")
     print("|---|---:|---:|---:|")

@@ -39,11 +39,13 @@ from llmvalley.optim.transforms.orthogonalize import (
     ScaleByOrthoSecondMoment,
 )
 from llmvalley.optim.transforms.qdwh import PolarGradUpdate
+from llmvalley.optim.transforms.rotated import COSMOSUpdate, ScaleByConda
 from llmvalley.optim.transforms.sign import GradSignTimesMagnitude, LionDirection, Sign
 
 __all__ = [
     "ApplyScaledLR",
     "CoshBrake",
+    "COSMOSUpdate",
     "DionUpdate",
     "MuonMomentum",
     "NAMOUpdate",
@@ -70,6 +72,7 @@ __all__ = [
     "ScaleByAdan",
     "ScaleByAdEMAMix",
     "ScaleByCAME",
+    "ScaleByConda",
     "ScaleByLaProp",
     "ScaleByMARS",
     "ScaleByNAdam",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmvalley.optim.recipes.common import require_positive_int
 from llmvalley.optim.registry import OptimizerSpec, Paper, register
 from llmvalley.optim.transforms import ApplyLR, DecoupledWeightDecay, Sign
 from llmvalley.optim.transforms.orthogonalize import (
@@ -49,9 +50,7 @@ def check_matrix_group(name: str, group: dict[str, Any]) -> None:
     if "orthogonalizer" in group and group["orthogonalizer"] not in ORTHOGONALIZERS:
         raise ValueError(f"{name}: invalid orthogonalizer={group['orthogonalizer']!r}: "
                          f"one of {ORTHOGONALIZERS}")
-    steps = group.get("ns_steps", 1)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"{name}: invalid ns_steps={steps!r}: an integer >= 1")
+    require_positive_int(name, group, "ns_steps")
     if "ns_eps_form" in group and group["ns_eps_form"] not in NS_EPS_FORMS:
         raise ValueError(f"{name}: invalid ns_eps_form={group['ns_eps_form']!r}: "
                          f"one of {NS_EPS_FORMS}")
@@ -253,9 +252,7 @@ def _check_polargrad(group: dict[str, Any]) -> None:
     method = group.get("polar_method", "qdwh")
     if method not in POLAR_METHODS:
         raise ValueError(f"polargrad: invalid polar_method={method!r}: one of {POLAR_METHODS}")
-    steps = group.get("inner_steps", 2)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"polargrad: invalid inner_steps={steps!r}: an integer >= 1")
+    require_positive_int("polargrad", group, "inner_steps")
     if not isinstance(group.get("polar_first", False), bool):
         raise ValueError(f"polargrad: invalid polar_first={group['polar_first']!r}: a bool")
     if method == "polar_express" and group.get("ns_steps", 5) > 5:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmvalley.optim.recipes.common import require_positive_int
 from llmvalley.optim.registry import OptimizerSpec, Paper, register
 from llmvalley.optim.transforms import ApplyLR, DecoupledWeightDecay
 from llmvalley.optim.transforms.normalize import (
@@ -18,9 +19,7 @@ def _check_swan(group: dict[str, Any]) -> None:
     if group.get("whitening") not in ("newton_schulz", "svd"):
         raise ValueError(f"swan: invalid whitening={group.get('whitening')!r}: "
                          "'newton_schulz' or 'svd'")
-    steps = group.get("ns_steps")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"swan: invalid ns_steps={steps!r}: an integer >= 1")
+    require_positive_int("swan", group, "ns_steps")
 
 
 register(
@@ -46,9 +45,7 @@ register(
 
 
 def _check_sinkgd(group: dict[str, Any]) -> None:
-    steps = group.get("sinkhorn_steps")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"sinkgd: invalid sinkhorn_steps={steps!r}: an integer >= 1")
+    require_positive_int("sinkgd", group, "sinkhorn_steps")
 
 
 register(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmvalley.optim.recipes.common import require_betas
+from llmvalley.optim.recipes.common import require_betas, require_positive_int
 from llmvalley.optim.recipes.matrix import ORTHO_DEFAULTS, check_matrix_group
 from llmvalley.optim.registry import OptimizerSpec, Paper, register
 from llmvalley.optim.transforms import ApplyLR, DecoupledWeightDecay
@@ -22,9 +22,7 @@ CONDA_PROJ_TYPES = ("std",)
 
 def _check_conda(group: dict[str, Any]) -> None:
     require_betas("conda", 2)(group)
-    gap = group.get("update_proj_gap", 1)
-    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
-        raise ValueError(f"conda: invalid update_proj_gap={gap!r}: an integer >= 1")
+    require_positive_int("conda", group, "update_proj_gap")
     if group.get("proj_type", "std") not in CONDA_PROJ_TYPES:
         raise ValueError(
             f"conda: invalid proj_type={group['proj_type']!r}: only 'std' is supported (the "
@@ -64,9 +62,7 @@ register(
 def _check_cosmos(group: dict[str, Any]) -> None:
     require_betas("cosmos", 2)(group)
     check_matrix_group("cosmos", group)
-    rank = group.get("rank", 1)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"cosmos: invalid rank={rank!r}: an integer >= 1")
+    require_positive_int("cosmos", group, "rank")
     for key in ("lr_ratio", "gamma"):
         if key in group and not float(group[key]) >= 0:
             raise ValueError(f"cosmos: invalid {key}={group[key]!r}: must be >= 0")

@@ -39,6 +39,9 @@ from llmvalley.optim.transforms.orthogonalize import (
 )
 from llmvalley.optim.transforms.qdwh import POLAR_METHODS, PolarGradUpdate
 
+#: Keller Jordan's MuonWithAuxAdam settings for the non-matrix parameters
+MUON_AUX_ADAMW: dict[str, Any] = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+
 ORTHO_DEFAULTS: dict[str, Any] = dict(
     orthogonalizer="newton_schulz", ns_steps=5, ns_coefficients=NS_COEFFICIENTS, ns_eps=1e-7,
     ns_dtype=None,
@@ -85,7 +88,7 @@ register(
         applies_to="matrix",
         weight_decay="decoupled (p *= 1 - lr*wd, unadjusted lr), before the update",
         check=_check("muon"),
-        fallback_hparams=dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0),
+        fallback_hparams=dict(MUON_AUX_ADAMW),
         notes="Keller's defaults (lr 0.02, EMA momentum 0.95 with Nesterov, NS5, "
         "sqrt(max(1, m/n)), wd 0); the fallback AdamW is MuonWithAuxAdam's (lr 3e-4, betas "
         "(0.9, 0.95), eps 1e-10, wd 0). torch.optim.Muon's NS `eps` is `ns_eps` here. NS runs "
@@ -193,9 +196,7 @@ register(
         reference="ryyzn9/AuON (auon/optimizer.py, HybridAuON); tested against an "
         "independent reference",
         defaults=dict(lr=0.24, momentum=0.95, nesterov=True, weight_decay=0.0, gamma=1.5,
-                      orthogonalizer="newton_schulz", ns_steps=1,
-                      ns_coefficients=NS_COEFFICIENTS, ns_eps=1e-7, ns_eps_form="add",
-                      ns_dtype=None),
+                      **dict(ORTHO_DEFAULTS, ns_steps=1, ns_eps_form="add")),
         build=lambda g: [DecoupledWeightDecay(), MuonMomentum(), Orthogonalize(), CoshBrake(),
                          ApplyLR()],
         applies_to="matrix",
@@ -275,7 +276,7 @@ register(
         applies_to="matrix",
         weight_decay="decoupled (p *= 1 - lr*wd), before the update",
         check=_check_polargrad,
-        fallback_hparams=dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0),
+        fallback_hparams=dict(MUON_AUX_ADAMW),
         notes="M = lerp(M, G, 1 - momentum); U = polar(M); W <- W(1 - lr wd) - lr <M, U> U "
         "(<M, U> = ||M||_* for the exact factor); polar_first=True: U = polar(G), "
         "M = lerp(M, U, 1 - momentum), W <- W(1 - lr wd) - lr <G, U> M. No shape scale: the "

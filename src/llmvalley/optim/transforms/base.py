@@ -62,6 +62,10 @@ class StepContext:
             out.append(buf)
         return out
 
+    def name(self, i: int) -> str:
+        """Parameter ``i``'s name for error messages (``"parameter"`` when unnamed)."""
+        return self.names[i] if self.names else "parameter"
+
     def hp(self, key: str) -> Any:
         """A hyperparameter of this group."""
         return self.group[key]

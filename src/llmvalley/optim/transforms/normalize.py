@@ -79,15 +79,11 @@ def whiten(x: Tensor, method: str = "newton_schulz", steps: int = 10) -> Tensor:
 
 
 # ---- transforms ---------------------------------------------------------------------------
-def _names(ctx: StepContext, i: int) -> str:
-    return ctx.names[i] if ctx.names else "parameter"
-
-
 class SinkhornNormalize(Transform):
     """Gradient multi-normalization of SinkGD (hyperparameter ``sinkhorn_steps`` = L)."""
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        mats = [matrix_view(u, _names(ctx, i)) for i, u in enumerate(updates)]
+        mats = [matrix_view(u, ctx.name(i)) for i, u in enumerate(updates)]
         steps = int(ctx.hp("sinkhorn_steps"))
         outs = map_by_shape(mats, lambda x: sinkhorn_normalize(x, steps))
         return [o.reshape(u.shape) for o, u in zip(outs, updates)]
@@ -101,7 +97,7 @@ class SWANNormalizeWhiten(Transform):
     """
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        mats = [matrix_view(u, _names(ctx, i)) for i, u in enumerate(updates)]
+        mats = [matrix_view(u, ctx.name(i)) for i, u in enumerate(updates)]
         eps, method = float(ctx.hp("eps")), ctx.hp("whitening")
         steps, rescale = int(ctx.hp("ns_steps")), bool(ctx.hp("rescale"))
 

@@ -198,6 +198,32 @@ def orthogonalize(
     return out[0] if squeeze else out
 
 
+def orthogonalize_matrices(mats: Sequence[Tensor], group: dict[str, Any],
+                           method: str | None = None) -> list[Tensor]:
+    """Each matrix's orthogonalization with a group's options, batched by shape and cast back
+    to each matrix's dtype.
+
+    Options: ``orthogonalizer`` (or ``method``), ``ns_steps``, ``ns_coefficients``,
+    ``ns_eps``, ``ns_dtype`` and ``ns_eps_form`` (default ``"clamp"``).
+    """
+    if not mats:
+        return []
+    dtype = resolve_dtype(group["ns_dtype"], mats[0].device, mats[0].dtype)
+    method = method or group["orthogonalizer"]
+    steps = int(group["ns_steps"])
+    coeffs = tuple(group.get("ns_coefficients", NS_COEFFICIENTS))
+    eps = float(group["ns_eps"])
+    eps_form = group.get("ns_eps_form", "clamp")
+    outs = map_by_shape(
+        mats, lambda x: orthogonalize(x, method, steps, coeffs, eps, dtype, eps_form))
+    return [o.to(x.dtype) for o, x in zip(outs, mats)]
+
+
+def lapack_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype for QR / SVD / Cholesky: at least float32 (no bf16/fp16 kernels)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 # ---- update-scale conventions -------------------------------------------------------------
 #: multiplier of the learning rate for an ``m x n`` (d_out x d_in) matrix update; a >2-D kernel
 #: uses its matrix view ``(out, in * kh * kw)`` (Keller's code takes ``kh / kw`` from the 4-D
@@ -263,21 +289,9 @@ class Orthogonalize(Transform):
     """
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        group = ctx.group
-        mats = [matrix_view(u, ctx.names[i] if ctx.names else "parameter")
-                for i, u in enumerate(updates)]
-        if not mats:
-            return updates
-        dtype = resolve_dtype(group["ns_dtype"], mats[0].device, mats[0].dtype)
-        method = group["orthogonalizer"]
-        steps = int(group["ns_steps"])
-        coeffs = tuple(group.get("ns_coefficients", NS_COEFFICIENTS))
-        eps = float(group["ns_eps"])
-        eps_form = group.get("ns_eps_form", "clamp")
-        outs = map_by_shape(
-            mats, lambda x: orthogonalize(x, method, steps, coeffs, eps, dtype, eps_form)
-        )
-        return [o.to(u.dtype).reshape(u.shape) for o, u in zip(outs, updates)]
+        mats = [matrix_view(u, ctx.name(i)) for i, u in enumerate(updates)]
+        outs = orthogonalize_matrices(mats, ctx.group)
+        return [o.reshape(u.shape) for o, u in zip(outs, updates)]
 
 
 class ApplyScaledLR(Transform):
@@ -372,7 +386,7 @@ class DionUpdate(Transform):
         mu, eps = float(ctx.hp("momentum")), float(ctx.hp("eps"))
         out = []
         for i, (g, st) in enumerate(zip(updates, ctx.states)):
-            gm = matrix_view(g, ctx.names[i] if ctx.names else "parameter")
+            gm = matrix_view(g, ctx.name(i))
             if "momentum" not in st:
                 st["momentum"] = ctx.zeros(i, gm.shape)
                 r = dion_rank(tuple(g.shape), float(ctx.hp("rank_fraction")))
@@ -381,7 +395,7 @@ class DionUpdate(Transform):
             m, q = st["momentum"], st["Q"]
             m.add_(gm.to(m.dtype))
             p = m @ q.to(m.dtype)
-            qr_dtype = torch.promote_types(p.dtype, torch.float32)
+            qr_dtype = lapack_dtype(p.dtype)
             p = torch.linalg.qr(p.to(qr_dtype)).Q.to(m.dtype)
             r_mat = m.T @ p
             m.addmm_(p, r_mat.T, alpha=-(1 - mu))
@@ -423,7 +437,7 @@ class NAMOUpdate(Transform):
         mu, mu2, eps = float(group["momentum"]), float(group["mu2"]), float(group["eps"])
         lr, wd, coeff = float(group["lr"]), float(group["weight_decay"]), float(
             group["scale_coeff"])
-        mats = [matrix_view(u, ctx.names[i] if ctx.names else "parameter")
+        mats = [matrix_view(u, ctx.name(i))
                 for i, u in enumerate(updates)]
         # second-moment statistics of the raw gradient
         key = "V" if self.columnwise else "v_squared"

@@ -19,11 +19,9 @@ from torch import Tensor
 
 from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
 from llmvalley.optim.transforms.orthogonalize import (
-    NS_COEFFICIENTS,
-    map_by_shape,
+    lapack_dtype,
     matrix_view,
-    orthogonalize,
-    resolve_dtype,
+    orthogonalize_matrices,
 )
 
 #: polar-factor methods of PolarGrad: QDWH (the reference's default) and our orthogonalizers
@@ -106,7 +104,7 @@ def qdwh(x: Tensor, max_iterations: int = 2, eps: float | None = None) -> QDWHRe
         raise ValueError(f"qdwh needs a 2-D matrix, got shape {tuple(x.shape)}")
     if max_iterations < 0:
         raise ValueError(f"qdwh: max_iterations={max_iterations} must be >= 0")
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = lapack_dtype(x.dtype)
     wide = x.shape[0] < x.shape[1]
     mat = x.to(dtype)
     if wide:
@@ -149,15 +147,7 @@ def polar_factors(mats: Sequence[Tensor], group: dict[str, Any]) -> list[Tensor]
         return [qdwh(x, steps).u for x in mats]
     if method not in POLAR_METHODS:
         raise ValueError(f"unknown polar_method {method!r}; expected one of {POLAR_METHODS}")
-    if not mats:
-        return []
-    dtype = resolve_dtype(group["ns_dtype"], mats[0].device, mats[0].dtype)
-    steps = int(group["ns_steps"])
-    coeffs = tuple(group.get("ns_coefficients", NS_COEFFICIENTS))
-    eps, eps_form = float(group["ns_eps"]), group.get("ns_eps_form", "clamp")
-    outs = map_by_shape(
-        mats, lambda x: orthogonalize(x, method, steps, coeffs, eps, dtype, eps_form))
-    return [o.to(x.dtype) for o, x in zip(outs, mats)]
+    return orthogonalize_matrices(mats, group, method)
 
 
 class PolarGradUpdate(Transform):
@@ -175,8 +165,7 @@ class PolarGradUpdate(Transform):
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta = float(ctx.hp("momentum"))
         polar_first = bool(ctx.hp("polar_first"))
-        mats = [matrix_view(u, ctx.names[i] if ctx.names else "parameter")
-                for i, u in enumerate(updates)]
+        mats = [matrix_view(u, ctx.name(i)) for i, u in enumerate(updates)]
         bufs = ctx.buffers("momentum")
         if polar_first:
             sources = mats

@@ -22,21 +22,11 @@ from torch import Tensor
 
 from llmvalley.optim.transforms.base import Shape, StepContext, Transform
 from llmvalley.optim.transforms.orthogonalize import (
-    NS_COEFFICIENTS,
+    lapack_dtype,
     matrix_dims,
     matrix_view,
-    orthogonalize,
-    resolve_dtype,
+    orthogonalize_matrices,
 )
-
-
-def _name(ctx: StepContext, i: int) -> str:
-    return ctx.names[i] if ctx.names else "parameter"
-
-
-def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
-    """SVD/QR run in at least float32 (LAPACK has no bf16/fp16 kernels)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # ---- Conda ---------------------------------------------------------------------------------
@@ -73,7 +63,7 @@ class ScaleByConda(Transform):
         gap = int(ctx.hp("update_proj_gap"))
         out = []
         for i, (g, st, t) in enumerate(zip(updates, ctx.states, ctx.steps)):
-            gm = matrix_view(g, _name(ctx, i))
+            gm = matrix_view(g, ctx.name(i))
             right = conda_side(tuple(g.shape)) == "right"
             if "exp_avg" not in st:
                 st["exp_avg"] = ctx.zeros(i, gm.shape)
@@ -95,7 +85,7 @@ class ScaleByConda(Transform):
     @staticmethod
     def _basis(m: Tensor, right: bool) -> Tensor:
         """``V^T``-rows (right) or ``U``-columns (left) of the thin SVD of ``m``."""
-        u, _, vh = torch.linalg.svd(m.to(_svd_dtype(m.dtype)), full_matrices=False)
+        u, _, vh = torch.linalg.svd(m.to(lapack_dtype(m.dtype)), full_matrices=False)
         return (vh if right else u).to(m.dtype)
 
     def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
@@ -141,7 +131,7 @@ class COSMOSUpdate(Transform):
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         ratio, gamma = float(group["lr_ratio"]), float(group["gamma"])
         for i, (p, g, st, t) in enumerate(zip(ctx.params, updates, ctx.states, ctx.steps)):
-            gm = matrix_view(g, _name(ctx, i))
+            gm = matrix_view(g, ctx.name(i))
             pm = matrix_view(p)
             m_rows, n_cols = gm.shape
             r = cosmos_rank(tuple(g.shape), group["rank"])
@@ -154,15 +144,14 @@ class COSMOSUpdate(Transform):
             mom.mul_(beta1).add_(gm)
             bc1 = (1 - beta1**t) / (1 - beta1)
             bc2 = 1 - beta2**t
-            self._track_subspace(gm, basis, cov, beta2, r, first=t == 1)
-            low = gm @ basis
+            low = self._track_subspace(gm, basis, cov, beta2, r, first=t == 1)
             v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
             look = (gm + beta1 * mom) / (1 + beta1 * bc1)
             look_low = look @ basis
             adam = (look_low / ((v.sqrt() / math.sqrt(bc2)).add_(eps))) @ basis.T
             scale = math.sqrt(m_rows * n_cols)
             if r < n_cols:
-                ortho = self._orthogonal_residual(look - look_low @ basis.T, group)
+                ortho = orthogonalize_matrices([look - look_low @ basis.T], group)[0]
                 adam.add_(ortho * (scale / (ortho.norm() + eps)), alpha=gamma)
             if wd > 0:
                 pm.mul_(1 - lr * wd)
@@ -171,29 +160,23 @@ class COSMOSUpdate(Transform):
 
     @staticmethod
     def _track_subspace(g: Tensor, basis: Tensor, cov: Tensor, beta2: float, r: int,
-                        first: bool) -> None:
-        """Update ``P`` and ``C`` in place (step 2 of the class docstring)."""
-        qr_dtype = _svd_dtype(g.dtype)
+                        first: bool) -> Tensor:
+        """Update ``P`` and ``C`` in place (step 2 of the class docstring); return ``G P``
+        with the new ``P``."""
+        qr_dtype = lapack_dtype(g.dtype)
         if first:
             u, _, _ = torch.linalg.svd((g.T @ g).to(qr_dtype), full_matrices=False)
             basis.copy_(u[:, :r])
             low = g @ basis
-            cov.copy_((basis.T @ g.T) @ low * (1 - beta2))
-            return
+            cov.copy_(low.T @ low * (1 - beta2))
+            return low
         old = basis.clone()
         target = beta2 * (basis @ cov) + (1 - beta2) * (g.T @ (g @ basis))
         basis.copy_(torch.linalg.qr(target.to(qr_dtype), mode="reduced").Q)
         rot = old.T @ basis
         low = g @ basis
         cov.copy_(beta2 * (rot.T @ (cov @ rot)) + (1 - beta2) * (low.T @ low))
-
-    @staticmethod
-    def _orthogonal_residual(residual: Tensor, group: dict[str, Any]) -> Tensor:
-        dtype = resolve_dtype(group["ns_dtype"], residual.device, residual.dtype)
-        out = orthogonalize(residual, group["orthogonalizer"], int(group["ns_steps"]),
-                            tuple(group.get("ns_coefficients", NS_COEFFICIENTS)),
-                            float(group["ns_eps"]), dtype, group.get("ns_eps_form", "add"))
-        return out.to(residual.dtype)
+        return low
 
     def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
         m, n = matrix_dims(shape)

@@ -19,7 +19,7 @@ from tests import references_matrix as refs
 from tests.helpers import assert_resume_bit_exact
 
 MINE = ["muon", "adamuon", "namo", "namo_d", "auon", "auon_hybrid", "dion", "swan", "sinkgd",
-        "scale", "sgd_sai", "polargrad"]
+        "scale", "sgd_sai", "polargrad", "conda", "cosmos"]
 MATRIX_SHAPES = [(12, 8), (8, 20), (10, 10), (6, 3, 2, 2)]
 STEPS = 50
 
@@ -401,6 +401,10 @@ def test_state_bytes_match_registry_formula_on_llama(name):
         "scale": vocab * d,  # the lm_head momentum only
         "sgd_sai": hidden + 14 + 2 * vocab * d + 2,  # momentum + one gsnr per tensor
         "polargrad": hidden,  # the momentum, mn per matrix
+        # 2mn + min(m, n)^2 per matrix
+        "conda": 2 * hidden + 2 * (4 * d * d + 3 * d * d),
+        # mn + mr + r^2 + nr with r = min(64, n) = n (the input dimension)
+        "cosmos": hidden + 2 * (4 * 3 * d * d + 2 * (f * d + 2 * d * d) + (d * f + 2 * f * f)),
     }[name]
     assert method_state == 4 * expected_matrix
 
@@ -437,7 +441,7 @@ def _indices(model: nn.Module, params: list[torch.Tensor]) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ["muon", "adamuon", "namo", "namo_d", "auon", "auon_hybrid",
-                                  "dion", "swan", "sinkgd", "polargrad"])
+                                  "dion", "swan", "sinkgd", "polargrad", "conda", "cosmos"])
 def test_matrix_methods_name_the_offending_parameter(name):
     bias = nn.Parameter(torch.zeros(8))
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.bias"):

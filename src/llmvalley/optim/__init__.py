@@ -12,9 +12,11 @@ from typing import Any
 import torch
 
 from llmvalley.optim.memory import state_bytes
-from llmvalley.optim.registry import OptimizerSpec, Paper, get_spec, list_optimizers
+from llmvalley.optim.catalogue import Paper
+from llmvalley.optim.registry import get_spec, list_optimizers, register
 from llmvalley.optim.routing import Matcher, Rule, route
 from llmvalley.optim.shell import ChainOptimizer
+from llmvalley.optim.spec import Decay, OptimizerSpec, spec_from_chain
 
 
 def create_optimizer(
@@ -70,10 +72,13 @@ def create_optimizer(
 
 __all__ = [
     "ChainOptimizer",
+    "Decay",
     "OptimizerSpec",
     "Paper",
     "create_optimizer",
     "get_spec",
     "list_optimizers",
+    "register",
+    "spec_from_chain",
     "state_bytes",
 ]

@@ -26,9 +26,12 @@ def _tensors(value: Any):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor held in ``optimizer.state`` (each storage counted once).
+    """Bytes of every tensor held in ``optimizer.state`` (each storage counted once), plus,
+    for an llmvalley optimizer, the declared state of parameters that have not taken a step
+    yet (it is created at their first step), so the figure is right before training starts.
 
     Works for any ``torch.optim.Optimizer``; for DTensor state, the local shard is counted.
+    Quantized state counts its codes and its scales.
     """
     seen: set[tuple[int, int]] = set()
     total = 0
@@ -40,4 +43,5 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 continue
             seen.add(key)
             total += t.numel() * t.element_size()
-    return total
+    planned = getattr(optimizer, "planned_state_bytes", None)
+    return total + (planned() if callable(planned) else 0)

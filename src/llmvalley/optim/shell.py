@@ -1,69 +1,106 @@
-"""The one ``torch.optim.Optimizer`` that runs every llmvalley recipe.
+"""The one ``torch.optim.Optimizer`` that runs every llmvalley recipe, and the one place that
+writes parameters.
 
 Each parameter group names its recipe under ``"optimizer"``, so a single optimizer can hold,
 say, Muon for hidden matrices and AdamW for the rest, with standard ``param_groups``, LR
 schedulers and ``state_dict()`` / ``load_state_dict()``.
 
-Precision: low-precision (bf16/fp16) parameters are updated through a float32 working copy
-and float32 state unless ``state_dtype`` says otherwise, so each step rounds once.
+A step, per group: the gradients (negated with ``maximize``) go through the group's full chain
+(:func:`~llmvalley.optim.options.chain_and_keys`: shell options plus the recipe), which
+returns a direction and a :class:`~llmvalley.optim.transforms.base.StepPlan`; the shell then
+applies the weight decay in the form the spec declares and ``p -= lr * scale * direction``.
 
-Non-finite gradients (``nonfinite``): ``"raise"`` (default) raises ``FloatingPointError``
-naming the parameter before any state changes; ``"skip"`` skips the whole step (every group,
-nothing touched) and counts it in ``optimizer.skipped_steps``; ``"ignore"`` does no check
-(no host sync, for speed when the training loop checks already).
+Shell options, accepted by every recipe and given to every group (fallback groups included)
+unless a group sets its own:
+
+- ``nonfinite``: ``"raise"`` (default) raises ``FloatingPointError`` naming the parameter
+  before any state changes; ``"skip"`` skips the whole step (every group, nothing touched) and
+  counts it in ``optimizer.skipped_steps``; ``"ignore"`` does no check (no host sync).
+- ``maximize``; ``cautious`` and ``mars`` (:mod:`llmvalley.optim.options`);
+- ``state_precision`` / ``state_dtype``: how slots are stored (:mod:`llmvalley.optim.state`);
+- ``master_weights`` (bf16/fp16 parameters): ``None`` (default) updates through a float32
+  working copy rounded to nearest, as torch.optim does; ``True`` keeps a float32 master copy in
+  the state (``master_weight``); ``False`` rounds stochastically, with no copy.
+
+State is declared by the transforms and created at a parameter's first step (the skipped
+steps of ``nonfinite="skip"`` create nothing); :meth:`ChainOptimizer.init_state` creates it
+at once, and :func:`~llmvalley.optim.memory.state_bytes` counts declared state that does not
+exist yet, so it is right before training starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmvalley.optim.registry import OptimizerSpec, get_spec
-from llmvalley.optim.transforms.base import StepContext
+from llmvalley.optim.options import chain_and_keys, is_plain
+from llmvalley.optim.spec import SHELL_DEFAULTS, SHELL_KEYS, OptimizerSpec, spec_from_chain
+from llmvalley.optim.state import Codec, stochastic_round
+from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform
+from llmvalley.optim.transforms.combine import chain_slots, run_chain
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+MASTER = "master_weight"
 
 
-def compute_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype a parameter's update is computed and its state stored in."""
-    if state_dtype is not None:
-        return state_dtype
+def compute_dtype(param: Tensor) -> torch.dtype:
+    """The dtype a parameter's update is computed in (float32 for bf16/fp16)."""
     return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
 
 
+def lookup_spec(optimizer: str | OptimizerSpec | list[Transform]) -> OptimizerSpec:
+    """A spec from a registry name, a spec, or a list of transforms."""
+    if isinstance(optimizer, OptimizerSpec):
+        return optimizer
+    if isinstance(optimizer, (list, tuple)):
+        return spec_from_chain(list(optimizer))
+    from llmvalley.optim.registry import get_spec
+
+    return get_spec(optimizer)
+
+
 class ChainOptimizer(torch.optim.Optimizer):
-    """Runs the transform chain of each group's recipe.
+    """Runs the transform chain of each group's recipe and applies the steps.
 
     Args:
         params: parameters or parameter-group dicts, as for any torch optimizer. A group may
-            name another recipe under ``"optimizer"``; missing keys come from that recipe's
-            defaults.
-        optimizer: the default recipe name (or spec).
+            name another recipe (or spec) under ``"optimizer"``; missing keys come from that
+            recipe's defaults, and shell options from this constructor's.
+        optimizer: the default recipe: a registry name, an :class:`OptimizerSpec` (registered
+            or not), or a list of transforms (a custom optimizer, see
+            ``docs/custom-optimizer.md``).
         **hparams: hyperparameters of the default recipe, plus the shell options
-            ``maximize``, ``nonfinite`` and ``state_dtype``.
+            (:data:`~llmvalley.optim.spec.SHELL_DEFAULTS`).
     """
 
-    def __init__(
-        self, params: Iterable[Any], optimizer: str | OptimizerSpec, **hparams: Any
-    ) -> None:
-        spec = get_spec(optimizer)
+    def __init__(self, params: Iterable[Any], optimizer: str | OptimizerSpec | list[Transform],
+                 **hparams: Any) -> None:
+        spec = lookup_spec(optimizer)
+        self._specs: dict[str, OptimizerSpec] = {spec.name: spec}
         defaults = spec.resolve(hparams)
         defaults["optimizer"] = spec.name
+        self._shell = {k: hparams[k] for k in SHELL_KEYS if k in hparams}
         self.skipped_steps = 0
         self._names: dict[int, str] = {}
         super().__init__(params, defaults)
 
     # ---- groups -------------------------------------------------------------------------
+    def spec(self, group: Mapping[str, Any]) -> OptimizerSpec:
+        """The spec a group runs."""
+        return self._specs[group["optimizer"]]
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        name = param_group.get("optimizer", self.defaults["optimizer"])
-        spec = get_spec(name)
+        wanted = param_group.get("optimizer", self.defaults["optimizer"])
+        spec = self._specs.get(wanted) if isinstance(wanted, str) else None
+        spec = spec or lookup_spec(wanted)
+        self._specs.setdefault(spec.name, spec)
         if spec.name == self.defaults["optimizer"]:
             base = dict(self.defaults)
         else:
-            base = {**spec.resolve({}), "optimizer": spec.name}
+            base = {**spec.resolve({}), **self._shell, "optimizer": spec.name}
         param_group["optimizer"] = spec.name
         saved, self.defaults = self.defaults, base
         try:
@@ -87,35 +124,108 @@ class ChainOptimizer(torch.optim.Optimizer):
                         "to route embeddings, head, norms and biases to a fallback"
                     )
 
+    def param_name(self, p: Tensor) -> str:
+        return self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
+
+    # ---- state ----------------------------------------------------------------------------
+    def _declared(self, group: Mapping[str, Any], p: Tensor):
+        """``(key, slot)`` of every slot declared for ``p`` by its group's full chain."""
+        spec = self.spec(group)
+        chain, keys = chain_and_keys(spec, group)
+        name = self._names.get(id(p), "")
+        out = []
+        if p.numel() == 0:
+            return out
+        for owner, slot in chain_slots(chain, tuple(p.shape), group, name):
+            out.append((keys.get(id(owner), {}).get(slot.name, slot.name), slot))
+        return out
+
+    def _materialize(self, group: Mapping[str, Any], p: Tensor, codec: Codec,
+                     created: set | None = None) -> dict[str, Any]:
+        st = self.state[p]
+        if "step" in st:
+            return st
+        st["step"] = 0
+        dtype = compute_dtype(p)
+        for key, slot in self._declared(group, p):
+            if key not in st:
+                codec.create(st, key, slot, dtype, p.device)
+                if created is not None:
+                    created.add((id(st), key))
+        if self._uses_master(group, p):
+            st[MASTER] = p.detach().to(torch.float32, copy=True)
+        return st
+
+    @staticmethod
+    def _uses_master(group: Mapping[str, Any], p: Tensor) -> bool:
+        return group.get("master_weights") is True and p.dtype in LOW_PRECISION
+
+    def init_state(self) -> None:
+        """Create every parameter's declared state now (zeros, step 0), e.g. before a
+        distributed checkpoint is loaded into it. Otherwise it is created at the first step."""
+        for group in self.param_groups:
+            codec = _codec(group, 0)
+            for p in group["params"]:
+                self._materialize(group, p, codec)
+
+    def planned_state_bytes(self) -> int:
+        """Bytes of declared state that does not exist yet (see :func:`state_bytes`)."""
+        total = 0
+        for group in self.param_groups:
+            codec = _codec(group, 0)
+            for p in group["params"]:
+                if "step" in self.state.get(p, {}):
+                    continue
+                dtype = compute_dtype(p)
+                total += sum(codec.nbytes(k, s, dtype) for k, s in self._declared(group, p))
+                if self._uses_master(group, p):
+                    total += 4 * p.numel()
+        return total
+
     # ---- checkpoints ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as torch does, but keep each state tensor's saved dtype.
 
         ``torch.optim.Optimizer`` casts floating state to the parameter's dtype, which would
         round the float32 state of bf16 parameters to bf16 and break bit-exact resume.
-        Tensors are moved to their parameter's device (so a checkpoint moves across devices).
+        Tensors are moved to their parameter's device. A state_dict of another method raises,
+        naming both; one written by llmvalley 0.1 is migrated (its state keys renamed as each
+        spec's ``legacy_keys`` says, new group options filled with their defaults).
         """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups):
+            for i, (mine, theirs) in enumerate(zip(self.param_groups, saved_groups)):
+                if theirs.get("optimizer", mine["optimizer"]) != mine["optimizer"]:
+                    raise ValueError(
+                        f"cannot load a state_dict of {theirs['optimizer']!r} into "
+                        f"{mine['optimizer']!r} (parameter group {i}): the checkpoint was "
+                        f"written by another method; create the optimizer as "
+                        f"{theirs['optimizer']!r} to resume it"
+                    )
+        current = [dict(g) for g in self.param_groups]
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_to_param = dict(zip(saved_ids, params))
+        for group, before in zip(self.param_groups, current):
+            for k, v in before.items():
+                group.setdefault(k, v)
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        owners = [(p, g) for g in self.param_groups for p in g["params"]]
+        id_to_param = dict(zip(saved_ids, owners))
         for pid, st in saved_state.items():
-            p = id_to_param.get(pid)
-            if p is None:
+            if pid not in id_to_param:
                 continue
-            self.state[p] = {
-                k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor) else v
-                for k, v in st.items()
-            }
+            p, group = id_to_param[pid]
+            state = {k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor)
+                     else v for k, v in st.items()}
+            for old, new in self.spec(group).legacy_keys.items():
+                if old in state and new not in state:
+                    state[new] = state.pop(old)
+            self.state[p] = state
 
-    def param_name(self, p: Tensor) -> str:
-        return self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
-
-    # ---- step ---------------------------------------------------------------------------
+    # ---- step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step (see the class docstring for the NaN policy)."""
+        """Perform one optimisation step (see the module docstring for the NaN policy)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -149,33 +259,116 @@ class ChainOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        spec = get_spec(group["optimizer"])
-        state_dtype = group["state_dtype"]
-        if isinstance(state_dtype, str):
-            state_dtype = getattr(torch, state_dtype)
-        working, grads, states, steps = [], [], [], []
+        spec = self.spec(group)
+        codec = _codec(group, 0)
+        created: set = set()
+        working, grads, states, steps, dtypes = [], [], [], [], []
         for p in params:
-            dtype = compute_dtype(p, state_dtype)
-            working.append(p if p.dtype == dtype else p.detach().to(dtype))
-            g = p.grad if p.grad.dtype == dtype else p.grad.to(dtype)
-            grads.append(g)
-            st = self.state[p]
-            st["step"] = st.get("step", 0) + 1
+            st = self._materialize(group, p, codec, created)
+            st["step"] += 1
+            dtype = compute_dtype(p)
+            if MASTER in st:
+                working.append(st[MASTER])
+            else:
+                working.append(p if p.dtype == dtype else p.detach().to(dtype))
+            grads.append(p.grad if p.grad.dtype == dtype else p.grad.to(dtype))
             states.append(st)
             steps.append(st["step"])
+            dtypes.append(dtype)
+        codec.step = max(steps)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
+        chain, keys = chain_and_keys(spec, group)
+        decay = spec.decay_for(group)
         ctx = StepContext(
             params=working, grads=grads, states=states, steps=steps, group=group,
-            names=[self.param_name(p) for p in params],
+            names=[self.param_name(p) for p in params], dtypes=dtypes, codec=codec,
+            plan=StepPlan.default(len(params), float(group.get(decay.key, 0.0) or 0.0)),
+            created=created,
         )
-        if spec.fused is None or not spec.fused(ctx):
-            updates = grads
-            for transform in spec.chain(group):
-                updates = transform(ctx, updates)
-        for p, w in zip(params, working):
-            if w is not p:
+        ctx.keymap = keys
+        if not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
+            directions = run_chain(chain, ctx, grads, keys)
+            apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
+                       decay.scaled(group))
+        for i, (p, w) in enumerate(zip(params, working)):
+            if w is p:
+                continue
+            if group.get("master_weights") is False and p.dtype == torch.bfloat16:
+                p.copy_(stochastic_round(w, p.dtype, codec.seed(f"param{i}", tuple(p.shape))))
+            else:
                 p.copy_(w)
+
+
+def _codec(group: Mapping[str, Any], step: int) -> Codec:
+    return Codec(group.get("state_precision"), group.get("state_dtype"), step)
+
+
+def _matrix(t: Tensor) -> Tensor:
+    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+
+
+def _foreach_by_value(tensors: list[Tensor], factors: list[float],
+                      op: Callable[[list[Tensor], float], None]) -> None:
+    """Apply ``op(tensors_with_factor, factor)`` once per distinct factor."""
+    buckets: dict[float, list[Tensor]] = {}
+    for t, f in zip(tensors, factors):
+        buckets.setdefault(f, []).append(t)
+    for f, ts in buckets.items():
+        op(ts, f)
+
+
+def _decoupled(params: list[Tensor], plan: StepPlan, lr: float, scaled: bool) -> None:
+    """``p *= 1 - rate * wd`` (tensor rates on the matrix view)."""
+    floats: list[Tensor] = []
+    factors: list[float] = []
+    for p, wd, mult, rate in zip(params, plan.weight_decay, plan.lr_mult, plan.decay_rate):
+        if rate is not None:
+            if wd != 0:
+                _matrix(p).mul_(1 - wd * rate)
+            continue
+        if wd == 0:
+            continue
+        r = (lr * mult if mult != 1.0 else lr) if scaled else 1.0
+        floats.append(p)
+        factors.append(1.0 - r * wd)
+    _foreach_by_value(floats, factors, torch._foreach_mul_)
+
+
+def apply_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, lr: float,
+               form: str, scaled: bool) -> None:
+    """The parameter write: weight decay in ``form`` and ``p -= rate * scale * u``."""
+    if form == "decoupled":
+        _decoupled(params, plan, lr, scaled)
+    plain_p: list[Tensor] = []
+    plain_u: list[Tensor] = []
+    alphas: list[float] = []
+    for p, u, s, mult, absolute in zip(params, directions, plan.scale, plan.lr_mult,
+                                       plan.absolute):
+        rate = 1.0 if absolute else (lr * mult if mult != 1.0 else lr)
+        if isinstance(s, Tensor):
+            target, step = (p, u) if s.ndim == 0 else (_matrix(p), _matrix(u))
+            if rate == 1.0:
+                target.sub_(step * s)
+            else:
+                target.add_(step * s, alpha=-rate)
+            continue
+        plain_p.append(p)
+        plain_u.append(u)
+        alphas.append(-(rate * s) if s != 1.0 else -rate)
+    if plain_p:
+        buckets: dict[float, list[int]] = {}
+        for j, a in enumerate(alphas):
+            buckets.setdefault(a, []).append(j)
+        for a, idx in buckets.items():
+            torch._foreach_add_([plain_p[j] for j in idx], [plain_u[j] for j in idx], alpha=a)
+    if form == "decoupled_after":
+        _decoupled(params, plan, lr, scaled)
+    elif form == "proximal":
+        factors = [1.0 + (lr * m if m != 1.0 else lr) * wd
+                   for wd, m in zip(plan.weight_decay, plan.lr_mult)]
+        keep = [(p, f) for p, f, wd in zip(params, factors, plan.weight_decay) if wd != 0]
+        _foreach_by_value([p for p, _ in keep], [f for _, f in keep], torch._foreach_div_)
 
 
 def first_nonfinite(tensors: list[Tensor]) -> int | None:
@@ -187,3 +380,7 @@ def first_nonfinite(tensors: list[Tensor]) -> int | None:
     if bool(finite.all()):
         return None
     return int((~finite).nonzero()[0, 0])
+
+
+__all__ = ["ChainOptimizer", "SHELL_DEFAULTS", "apply_step", "compute_dtype",
+           "first_nonfinite", "lookup_spec"]

@@ -1,9 +1,11 @@
 """Published optimizers as short recipes over shared transforms, one module per family.
 
-Importing this package registers every recipe.
+Each module lists its specs in ``SPECS``; the registry collects :data:`ALL_SPECS` (recipes
+never import the registry). Behaviour only: papers, references and notes are in
+:mod:`llmvalley.optim.catalogue`.
 """
 
-from llmvalley.optim.recipes import (  # noqa: F401
+from llmvalley.optim.recipes import (
     adaptive,
     classical,
     factored,
@@ -12,3 +14,8 @@ from llmvalley.optim.recipes import (  # noqa: F401
     rotated,
     sign,
 )
+
+ALL_SPECS = [
+    *classical.SPECS, *adaptive.SPECS, *sign.SPECS, *factored.SPECS, *matrix.SPECS,
+    *normalized.SPECS, *rotated.SPECS,
+]

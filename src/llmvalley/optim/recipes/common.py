@@ -1,16 +1,8 @@
-"""Pieces shared by recipes: optional transforms and reusable checks."""
+"""Checks shared by recipes."""
 
 from __future__ import annotations
 
 from typing import Any
-
-from llmvalley.optim.transforms import Cautious
-from llmvalley.optim.transforms.base import Transform
-
-
-def cautious(group: dict[str, Any]) -> list[Transform]:
-    """``[Cautious()]`` when the group asks for cautious masking, else nothing."""
-    return [Cautious()] if group.get("cautious", False) else []
 
 
 def require_betas(name: str, count: int):

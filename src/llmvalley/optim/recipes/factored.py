@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmvalley.optim.recipes.common import cautious, require_betas
-from llmvalley.optim.registry import OptimizerSpec, Paper, register
-from llmvalley.optim.transforms import (
-    ApplyLR,
-    DecoupledWeightDecay,
-    ScaleByAdafactor,
-    ScaleByCAME,
-)
+from llmvalley.optim.recipes.common import require_betas
+from llmvalley.optim.spec import OptimizerSpec
+from llmvalley.optim.transforms import ScaleByAdafactor, ScaleByCAME
 
 
 def _check_adafactor(group: dict[str, Any]) -> None:
@@ -26,23 +21,6 @@ def _check_adafactor(group: dict[str, Any]) -> None:
         )
 
 
-register(
-    OptimizerSpec(
-        name="adafactor",
-        family="factored",
-        paper=Paper("Adafactor: Adaptive Learning Rates with Sublinear Memory Cost "
-                    "(Shazeer & Stern)", "1804.04235", 2018),
-        reference="torch.optim.Adafactor",
-        defaults=dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0),
-        build=lambda g: [ScaleByAdafactor(), DecoupledWeightDecay(), ApplyLR(use_lr=False)],
-        weight_decay="decoupled (p *= 1 - lr*wd), before the update, as torch",
-        check=_check_adafactor,
-        notes="lr caps the relative step size (rho_t = min(lr, 1/sqrt(t))), as torch. "
-        "No first moment (beta1 = 0), as the paper's recommended setting and torch.",
-    )
-)
-
-
 def _check_came(group: dict[str, Any]) -> None:
     require_betas("came", 3)(group)
     eps = group["eps"]
@@ -50,18 +28,18 @@ def _check_came(group: dict[str, Any]) -> None:
         raise ValueError(f"came: invalid eps={eps!r}: expected (eps1, eps2)")
 
 
-register(
+SPECS = [
+    OptimizerSpec(
+        name="adafactor",
+        defaults=dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0),
+        build=lambda g: [ScaleByAdafactor()],
+        check=_check_adafactor,
+    ),
     OptimizerSpec(
         name="came",
-        family="factored",
-        paper=Paper("CAME: Confidence-guided Adaptive Memory Efficient Optimization "
-                    "(Luo et al., ACL 2023)", "2307.02047", 2023),
-        reference="yangluo7/CAME; came-pytorch 0.1.3 (tested against)",
         defaults=dict(lr=2e-4, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16),
-                      clip_threshold=1.0, weight_decay=0.0, cautious=False),
-        build=lambda g: [DecoupledWeightDecay(), ScaleByCAME(), *cautious(g), ApplyLR()],
-        structural=("cautious",),
+                      clip_threshold=1.0, weight_decay=0.0),
+        build=lambda g: [ScaleByCAME()],
         check=_check_came,
-        notes="The reference has no default lr; 2e-4 is its README's example.",
-    )
-)
+    ),
+]

@@ -10,46 +10,63 @@ Two epsilon conventions exist in the field and are named explicitly:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, scalars
 
-
-def scalars(values: list[float]) -> float | list[float]:
-    """One scalar when every parameter shares it (the common case), else the list."""
-    first = values[0]
-    return first if all(v == first for v in values) else values
+Group = Mapping[str, Any]
 
 
 class ScaleByAdam(Transform):
     """Adam's bias-corrected first moment over the root of the second moment.
 
-    State: ``exp_avg``, ``exp_avg_sq`` and, with ``group["amsgrad"]``, ``max_exp_avg_sq`` (the
-    running maximum of the uncorrected second moment, as torch.optim.Adam).
+    ``first_moment="ema"`` (default): ``m = EMA_beta1(u)``, ``v = EMA_beta2(u^2)`` of the
+    input. ``first_moment="input"``: the input already is the (debiased) first moment, kept
+    elsewhere (Conda keeps it outside its basis, COSMOS sums it with Nesterov); then ``v`` is
+    the EMA of the squared *gradient* (``ctx.grads``, projected when run inside a basis) and
+    no ``bc1`` applies. State: ``exp_avg`` (``ema`` only), ``exp_avg_sq`` and, with
+    ``group["amsgrad"]``, ``max_exp_avg_sq`` (the running maximum of the uncorrected second
+    moment, as torch.optim.Adam).
     """
 
-    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-    def __init__(self, eps_form: str = "torch") -> None:
+    def __init__(self, eps_form: str = "torch", first_moment: str = "ema") -> None:
         if eps_form not in ("torch", "hf"):
             raise ValueError(f"eps_form must be 'torch' or 'hf', got {eps_form!r}")
+        if first_moment not in ("ema", "input"):
+            raise ValueError(f"first_moment must be 'ema' or 'input', got {first_moment!r}")
         self.eps_form = eps_form
+        self.first_moment = first_moment
+        own = ("exp_avg",) if first_moment == "ema" else ()
+        self.slot_names = (*own, "exp_avg_sq", "max_exp_avg_sq")
+
+    def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
+        out = [SlotSpec("exp_avg", shape)] if self.first_moment == "ema" else []
+        out.append(SlotSpec("exp_avg_sq", shape, "unsigned"))
+        if group.get("amsgrad", False):
+            out.append(SlotSpec("max_exp_avg_sq", shape, "unsigned"))
+        return out
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1, beta2 = ctx.hp("betas")[:2]
         eps = ctx.hp("eps")
-        m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
-        torch._foreach_lerp_(m, updates, 1 - beta1)
+        v = ctx.slot("exp_avg_sq")
+        if self.first_moment == "ema":
+            m = ctx.slot("exp_avg")
+            torch._foreach_lerp_(m, updates, 1 - beta1)
+            source = updates
+            bc1 = [1 - beta1**t for t in ctx.steps]
+        else:
+            m, source, bc1 = updates, ctx.grads, [1.0] * len(updates)
         torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
+        torch._foreach_addcmul_(v, source, source, 1 - beta2)
         second = v
         if ctx.group.get("amsgrad", False):
-            second = ctx.buffers("max_exp_avg_sq")
+            second = ctx.slot("max_exp_avg_sq")
             torch._foreach_maximum_(second, v)
-        bc1 = [1 - beta1**t for t in ctx.steps]
         bc2 = [1 - beta2**t for t in ctx.steps]
         denom = torch._foreach_sqrt(second)
         if self.eps_form == "torch":
@@ -63,9 +80,6 @@ class ScaleByAdam(Transform):
             torch._foreach_mul_(out, scalars([math.sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)]))
         return out
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape) * (3 if group.get("amsgrad", False) else 2)
-
 
 class ScaleByNAdam(Transform):
     """NAdam with the momentum-decay schedule of torch.optim.NAdam (Dozat 2016).
@@ -76,19 +90,24 @@ class ScaleByNAdam(Transform):
     ``mu_product`` (a Python float, so it adds no tensor memory).
     """
 
-    state_keys = ("exp_avg", "exp_avg_sq")
+    slot_names = ("exp_avg", "exp_avg_sq", "mu_product")
+
+    def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
+        return [SlotSpec("exp_avg", shape), SlotSpec("exp_avg_sq", shape, "unsigned"),
+                SlotSpec("mu_product", None, init=1.0)]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1, beta2 = ctx.hp("betas")
         eps, decay = ctx.hp("eps"), ctx.hp("momentum_decay")
-        m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
+        m, v = ctx.slot("exp_avg"), ctx.slot("exp_avg_sq")
         grad_coef, mom_coef = [], []
-        for st, t in zip(ctx.states, ctx.steps):
+        for i, t in enumerate(ctx.steps):
             mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * decay))
             mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * decay))
-            st["mu_product"] = st.get("mu_product", 1.0) * mu
-            grad_coef.append((1.0 - mu) / (1.0 - st["mu_product"]))
-            mom_coef.append(mu_next / (1.0 - st["mu_product"] * mu_next))
+            product = ctx.scalar("mu_product", i) * mu
+            ctx.set_scalar("mu_product", i, product)
+            grad_coef.append((1.0 - mu) / (1.0 - product))
+            mom_coef.append(mu_next / (1.0 - product * mu_next))
         torch._foreach_lerp_(m, updates, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
@@ -99,9 +118,6 @@ class ScaleByNAdam(Transform):
         torch._foreach_add_(out, torch._foreach_mul(m, scalars(mom_coef)))
         torch._foreach_div_(out, denom)
         return out
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return 2 * numel(shape)
 
 
 class ScaleByAdaBelief(Transform):
@@ -116,12 +132,18 @@ class ScaleByAdaBelief(Transform):
     State: ``exp_avg``, ``exp_avg_var`` (+ ``max_exp_avg_var``).
     """
 
-    state_keys = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
+    slot_names = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
+
+    def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
+        out = [SlotSpec("exp_avg", shape), SlotSpec("exp_avg_var", shape, "unsigned")]
+        if group["amsgrad"]:
+            out.append(SlotSpec("max_exp_avg_var", shape, "unsigned"))
+        return out
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1, beta2 = ctx.hp("betas")
         eps = ctx.hp("eps")
-        m, s = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_var")
+        m, s = ctx.slot("exp_avg"), ctx.slot("exp_avg_var")
         torch._foreach_lerp_(m, updates, 1 - beta1)
         residual = torch._foreach_sub(updates, m)
         torch._foreach_mul_(s, beta2)
@@ -129,7 +151,7 @@ class ScaleByAdaBelief(Transform):
         torch._foreach_add_(s, eps)
         second = s
         if ctx.hp("amsgrad"):
-            second = ctx.buffers("max_exp_avg_var")
+            second = ctx.slot("max_exp_avg_var")
             torch._foreach_maximum_(second, s)
         out = []
         rectify, to_sgd = ctx.hp("rectify"), ctx.hp("degenerated_to_sgd")
@@ -151,9 +173,6 @@ class ScaleByAdaBelief(Transform):
                 out.append(torch.zeros_like(mi))
         return out
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape) * (3 if group["amsgrad"] else 2)
-
 
 class ScaleByLaProp(Transform):
     """LaProp (Ziyin, Wang, Ueda, arXiv 2002.04839), as the official code.
@@ -165,22 +184,29 @@ class ScaleByLaProp(Transform):
     State: ``exp_avg``, ``exp_avg_sq`` (+ ``max_exp_avg_sq`` with amsgrad).
     """
 
-    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_lr")
+
+    def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
+        out = [SlotSpec("exp_avg", shape), SlotSpec("exp_avg_sq", shape, "unsigned")]
+        if group["amsgrad"]:
+            out.append(SlotSpec("max_exp_avg_sq", shape, "unsigned"))
+        return [*out, SlotSpec("exp_avg_lr", None)]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1, beta2 = ctx.hp("betas")
         eps, lr = ctx.hp("eps"), float(ctx.hp("lr"))
-        m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
+        m, v = ctx.slot("exp_avg"), ctx.slot("exp_avg_sq")
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
         second = v
         if ctx.hp("amsgrad"):
-            second = ctx.buffers("max_exp_avg_sq")
+            second = ctx.slot("max_exp_avg_sq")
             torch._foreach_maximum_(second, v)
         lr_avgs = []
-        for st in ctx.states:
-            st["exp_avg_lr"] = st.get("exp_avg_lr", 0.0) * beta1 + (1 - beta1) * lr
-            lr_avgs.append(st["exp_avg_lr"])
+        for i in range(len(updates)):
+            avg = ctx.scalar("exp_avg_lr", i) * beta1 + (1 - beta1) * lr
+            ctx.set_scalar("exp_avg_lr", i, avg)
+            lr_avgs.append(avg)
         denom = torch._foreach_div(second, scalars([1 - beta2**t for t in ctx.steps]))
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)
@@ -190,9 +216,6 @@ class ScaleByLaProp(Transform):
         if lr == 0:
             return torch._foreach_mul(m, 0.0)
         return torch._foreach_div(m, scalars(lr_avgs))
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape) * (3 if group["amsgrad"] else 2)
 
 
 def _linear_warmup(step: int, end: float, start: float, warmup: int) -> float:
@@ -224,15 +247,19 @@ class ScaleByAdEMAMix(Transform):
     ``exp_avg_slow``, ``exp_avg_sq``.
     """
 
-    state_keys = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
+    slot_names = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
+
+    def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
+        fast = [SlotSpec("exp_avg_fast", shape)] if group["betas"][0] != 0 else []
+        return [*fast, SlotSpec("exp_avg_slow", shape), SlotSpec("exp_avg_sq", shape, "unsigned")]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1, beta2, beta3_final = ctx.hp("betas")
         eps, alpha_final = ctx.hp("eps"), ctx.hp("alpha")
         alpha_warmup, beta3_warmup = ctx.hp("alpha_warmup"), ctx.hp("beta3_warmup")
-        slow, v = ctx.buffers("exp_avg_slow"), ctx.buffers("exp_avg_sq")
+        slow, v = ctx.slot("exp_avg_slow"), ctx.slot("exp_avg_sq")
         if beta1 != 0:
-            fast = ctx.buffers("exp_avg_fast")
+            fast = ctx.slot("exp_avg_fast")
             torch._foreach_lerp_(fast, updates, 1 - beta1)
         else:
             fast = updates
@@ -257,9 +284,6 @@ class ScaleByAdEMAMix(Transform):
         torch._foreach_div_(out, denom)
         return out
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape) * (3 if group["betas"][0] != 0 else 2)
-
 
 class ScaleByAdan(Transform):
     """Adan (Xie et al., arXiv 2208.06677), as sail-sg/Adan with the code's betas.
@@ -271,16 +295,20 @@ class ScaleByAdan(Transform):
     State: ``exp_avg``, ``exp_avg_diff``, ``exp_avg_sq``, ``prev_grad``.
     """
 
-    state_keys = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    slot_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+
+    def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
+        return [SlotSpec("exp_avg", shape), SlotSpec("exp_avg_diff", shape),
+                SlotSpec("exp_avg_sq", shape, "unsigned"), SlotSpec("prev_grad", shape)]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1, beta2, beta3 = ctx.hp("betas")
         eps = ctx.hp("eps")
-        for st, u in zip(ctx.states, updates):
-            if "prev_grad" not in st:
-                st["prev_grad"] = u.detach().clone()
-        prev = [st["prev_grad"] for st in ctx.states]
-        m, d, n = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_diff"), ctx.buffers("exp_avg_sq")
+        prev = ctx.slot("prev_grad")
+        for buf, u, fresh in zip(prev, updates, ctx.fresh("prev_grad")):
+            if fresh:  # the first difference is zero
+                buf.copy_(u)
+        m, d, n = ctx.slot("exp_avg"), ctx.slot("exp_avg_diff"), ctx.slot("exp_avg_sq")
         diff = torch._foreach_sub(updates, prev)
         torch._foreach_lerp_(m, updates, 1 - beta1)
         torch._foreach_lerp_(d, diff, 1 - beta2)
@@ -300,56 +328,3 @@ class ScaleByAdan(Transform):
         torch._foreach_div_(out, denom)
         return out
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return 4 * numel(shape)
-
-
-class ScaleByMARS(Transform):
-    """MARS-AdamW (Yuan et al., arXiv 2411.10438), as AGI-Arena/MARS (``is_approx=True``).
-
-    For 2-D parameters (all parameters with ``optimize_1d``):
-    ``c = g + gamma * beta1 / (1 - beta1) * (g - g_prev)``, rescaled to unit norm when its
-    norm exceeds 1; ``m = EMA_beta1(c)``, ``v = EMA_beta2(c**2)``; direction
-    ``(m / bc1) / (sqrt(v / bc2) + eps) + wd * p``. ``g_prev`` starts at zero, as in the
-    reference, and is a copy (the reference keeps a reference to ``p.grad``, which breaks
-    when gradients are zeroed in place).
-    Other parameters take the reference's AdamW branch: ``betas_1d``, ``weight_decay_1d`` and
-    a learning rate scaled by ``lr_1d / lr_0`` where ``lr_0`` is the group's initial rate
-    (``initial_lr``, as LR schedulers record it; 0 keeps a frozen group frozen).
-    State: ``exp_avg``, ``exp_avg_sq``, ``last_grad`` (the AdamW branch keeps no last_grad).
-    """
-
-    state_keys = ("exp_avg", "exp_avg_sq", "last_grad")
-
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        beta1, beta2 = ctx.hp("betas")
-        eps, gamma, wd = ctx.hp("eps"), ctx.hp("gamma"), ctx.hp("weight_decay")
-        b1_1d, b2_1d = ctx.hp("betas_1d")
-        lr0 = float(ctx.group.setdefault("initial_lr", ctx.hp("lr")))
-        lr_factor = ctx.hp("lr_1d") / lr0 if lr0 > 0 else 0.0
-        optimize_1d = ctx.hp("optimize_1d")
-        m, v = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
-        out = []
-        for i, (u, p, st, t) in enumerate(zip(updates, ctx.params, ctx.states, ctx.steps)):
-            if optimize_1d or u.dim() == 2:
-                last = st.get("last_grad")
-                if last is None:
-                    last = st["last_grad"] = ctx.zeros(i)
-                c = (u - last).mul_(gamma * beta1 / (1 - beta1)).add_(u)
-                norm = torch.linalg.vector_norm(c)
-                c = torch.where(norm > 1, c / norm, c)
-                last.copy_(u)
-                b1, b2, decay, scale = beta1, beta2, wd, 1.0
-            else:
-                c = u
-                b1, b2, decay, scale = b1_1d, b2_1d, ctx.hp("weight_decay_1d"), lr_factor
-            m[i].lerp_(c, 1 - b1)
-            v[i].mul_(b2).addcmul_(c, c, value=1 - b2)
-            denom = (v[i].sqrt() / math.sqrt(1 - b2**t)).add_(eps).mul_(1 - b1**t)
-            step = (m[i] / denom).add_(p, alpha=decay)
-            out.append(step.mul_(scale) if scale != 1.0 else step)
-        return out
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        matrix = group["optimize_1d"] or len(shape) == 2
-        return numel(shape) * (3 if matrix else 2)

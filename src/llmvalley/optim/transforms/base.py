@@ -1,19 +1,29 @@
 """The transform protocol: the unit every optimizer is built from.
 
 A transform turns a list of *updates* (one tensor per parameter, initially the gradients) into
-new updates, optionally reading and writing per-parameter state. Transforms run over whole
-lists of tensors (``torch._foreach_*`` style) so one optimizer step is a handful of vectorised
-calls, not a Python loop of tiny ops.
+new updates: a *direction*. Transforms never write parameters; the shell
+(:class:`~llmvalley.optim.shell.ChainOptimizer`) applies the learning rate, the weight decay
+and the step once, after the chain. A transform may attach per-tensor, per-row or per-column
+step scales to its direction through :attr:`StepContext.plan` (NAMO-D's column rates).
 
-A chain ends with a transform that writes the parameters (usually :class:`~.apply.ApplyLR`).
-Numeric hyperparameters are read from ``ctx.group`` at every step, so editing
-``param_groups`` (or an LR scheduler doing so) takes effect as in ``torch.optim``.
+State is declared, not created ad hoc: :meth:`Transform.slots` lists the slots a transform
+keeps for a tensor of a given shape (the shape it works on, which need not be the
+parameter's: a projected or matrix-viewed one). The shell creates them, gives each transform
+private keys (see :func:`~llmvalley.optim.transforms.combine.assign_keys`) and stores each slot
+through the codec the user chose (``state_precision``). Transforms read and update their slots
+through :meth:`StepContext.slot`, which hands out working tensors in the compute dtype and
+writes them back through the codec when the transform returns.
+
+Transforms run over whole lists of tensors (``torch._foreach_*`` style). Numeric
+hyperparameters are read from ``ctx.group`` at every step, so editing ``param_groups`` (or an
+LR scheduler doing so) takes effect as in ``torch.optim``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,72 +31,238 @@ from torch import Tensor
 
 Shape = tuple[int, ...]
 
+#: how a tensor slot may be stored: ``signed`` and ``unsigned`` values can be quantized with a
+#: signed / unsigned map (first / second moments); ``exact`` slots (bases, frozen statistics)
+#: always keep the compute precision
+ROLES = ("signed", "unsigned", "exact")
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One piece of state a transform keeps for one tensor.
+
+    Attributes:
+        name: the slot's name inside its transform (the checkpoint key unless two transforms
+            of one chain declare the same name; then it is qualified).
+        shape: the tensor's shape; ``None`` for a Python float slot (no tensor memory).
+        role: ``"signed"``, ``"unsigned"`` or ``"exact"`` (see :data:`ROLES`).
+        init: the value a float slot starts at (tensor slots start at zero).
+    """
+
+    name: str
+    shape: Shape | None
+    role: str = "signed"
+    init: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"slot {self.name!r}: role must be one of {ROLES}")
+
+    @property
+    def numel(self) -> int:
+        return 0 if self.shape is None else numel(self.shape)
+
+
+@dataclass
+class StepPlan:
+    """How the shell turns each direction into a parameter change (one entry per tensor).
+
+    ``p -= rate * scale * u`` with ``rate = lr * lr_mult`` (or 1 when ``absolute``: the
+    direction already includes the learning rate, as Adafactor's relative step). Decoupled
+    weight decay shrinks by ``decay_rate * weight_decay`` where ``decay_rate`` defaults to
+    ``lr * lr_mult`` (or 1 for decay forms not scaled by the learning rate). ``scale`` and
+    ``decay_rate`` may be floats, 0-d tensors, or row ``(m, 1)`` / column ``(1, n)`` tensors
+    on the parameter's matrix view.
+    """
+
+    scale: list[Any]
+    lr_mult: list[float]
+    weight_decay: list[float]
+    absolute: list[bool]
+    decay_rate: list[Any]
+
+    @classmethod
+    def default(cls, n: int, weight_decay: float = 0.0) -> StepPlan:
+        return cls([1.0] * n, [1.0] * n, [weight_decay] * n, [False] * n, [None] * n)
+
+    def take(self, idx: list[int]) -> StepPlan:
+        """The entries of ``idx`` (a sub-plan, merged back with :meth:`put`)."""
+        return StepPlan(*([getattr(self, f)[i] for i in idx] for f in PLAN_FIELDS))
+
+    def put(self, idx: list[int], sub: StepPlan) -> None:
+        for f in PLAN_FIELDS:
+            mine, theirs = getattr(self, f), getattr(sub, f)
+            for j, i in enumerate(idx):
+                mine[i] = theirs[j]
+
+
+PLAN_FIELDS = ("scale", "lr_mult", "weight_decay", "absolute", "decay_rate")
+
 
 @dataclass
 class StepContext:
     """Everything a transform may need for one parameter group at one step.
 
     Attributes:
-        params: the tensors being optimised, in the compute dtype (a float32 working copy
-            for low-precision parameters, the parameters themselves otherwise).
-        grads: the gradients in the compute dtype (sign-flipped when ``maximize``).
+        params: the tensors being optimised, in the compute dtype (read them; the shell
+            writes them).
+        grads: the gradients in the compute dtype (sign-flipped when ``maximize``), in the
+            space the transform works in (projected inside a basis).
         states: one state dict per parameter (``optimizer.state[p]``).
         steps: the step number of each parameter, counted from 1 for this step.
-        group: the parameter group (hyperparameters).
+        group: the parameter group (hyperparameters; a view with aliases in a partition).
         names: parameter names for error messages and name-based rules.
+        shapes: the shape each tensor is worked on (the parameter's, or a projected one).
+        plan: the step scales the shell applies (see :class:`StepPlan`).
+        dtypes: the compute dtype of each tensor.
+        codec: stores and loads slots (set by the shell).
+        keys: the calling transform's slot keys (set by the chain runner).
+        transform: the calling transform (set by the chain runner).
     """
 
     params: list[Tensor]
     grads: list[Tensor]
     states: list[dict[str, Any]]
     steps: list[int]
-    group: dict[str, Any]
+    group: Mapping[str, Any]
     names: list[str] = field(default_factory=list)
+    shapes: list[Shape] = field(default_factory=list)
+    plan: StepPlan | None = None
+    dtypes: list[torch.dtype] = field(default_factory=list)
+    codec: Any = None
+    keys: dict[str, str] = field(default_factory=dict)
+    transform: Transform | None = None
+    created: set[tuple[int, str]] = field(default_factory=set)
+    keymap: dict[int, dict[str, str]] = field(default_factory=dict)
+    _loaded: list[tuple[str, list[int], list[Tensor]]] = field(default_factory=list)
 
-    def zeros(self, i: int, shape: Sequence[int] | None = None) -> Tensor:
-        """A zero state tensor for parameter ``i``, in the compute dtype (its shape unless
-        ``shape`` is given)."""
-        p = self.params[i]
-        if shape is None:
-            return torch.zeros_like(p, memory_format=torch.contiguous_format)
-        return torch.zeros(tuple(shape), dtype=p.dtype, device=p.device)
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            self.shapes = [tuple(g.shape) for g in self.grads]
+        if not self.dtypes:
+            self.dtypes = [g.dtype for g in self.grads]
+        if self.plan is None:
+            self.plan = StepPlan.default(len(self.grads))
 
-    def buffers(self, key: str) -> list[Tensor]:
-        """The state tensor ``key`` of every parameter, created as zeros on first use."""
-        out = []
-        for i, st in enumerate(self.states):
-            buf = st.get(key)
-            if buf is None:
-                buf = self.zeros(i)
-                st[key] = buf
-            out.append(buf)
-        return out
+    # ---- views ---------------------------------------------------------------------------
+    def bind(self, transform: Transform, keys: dict[str, str]) -> StepContext:
+        """The context as ``transform`` sees it (its own slot keys)."""
+        return replace(self, keys=keys, transform=transform, _loaded=[])
+
+    def subset(self, idx: list[int], **changes: Any) -> StepContext:
+        """The context of the tensors ``idx`` (a partition branch); its plan is a sub-plan."""
+        fields = dict(
+            params=[self.params[i] for i in idx] if self.params else [],
+            grads=[self.grads[i] for i in idx], states=[self.states[i] for i in idx],
+            steps=[self.steps[i] for i in idx],
+            names=[self.names[i] for i in idx] if self.names else [],
+            shapes=[self.shapes[i] for i in idx], dtypes=[self.dtypes[i] for i in idx],
+            plan=self.plan.take(idx),
+        )
+        fields.update(changes)
+        return replace(self, **fields, _loaded=[])
+
+    # ---- hyperparameters and names --------------------------------------------------------
+    def hp(self, key: str) -> Any:
+        """A hyperparameter of this group."""
+        return self.group[key]
 
     def name(self, i: int) -> str:
         """Parameter ``i``'s name for error messages (``"parameter"`` when unnamed)."""
         return self.names[i] if self.names else "parameter"
 
-    def hp(self, key: str) -> Any:
-        """A hyperparameter of this group."""
-        return self.group[key]
+    # ---- state -----------------------------------------------------------------------------
+    def _spec(self, i: int, name: str) -> SlotSpec:
+        assert self.transform is not None, "slot() outside a chain"
+        for s in self.transform.slots(self.shapes[i], self.group, self.name(i)):
+            if s.name == name:
+                return s
+        raise KeyError(f"{self.transform!r} declares no slot {name!r} for shape "
+                       f"{self.shapes[i]}")
+
+    def key(self, name: str) -> str:
+        """The checkpoint key of the calling transform's slot ``name``."""
+        return self.keys.get(name, name)
+
+    def ensure(self, i: int, name: str) -> str:
+        """Create slot ``name`` of tensor ``i`` if missing (it is then *fresh*); its key."""
+        key = self.key(name)
+        st = self.states[i]
+        if key not in st:
+            self.codec.create(st, key, self._spec(i, name), self.dtypes[i], self.device(i))
+            self.created.add((id(st), key))
+        return key
+
+    def device(self, i: int) -> torch.device:
+        return self.grads[i].device
+
+    def slot(self, name: str, idx: list[int] | None = None) -> list[Tensor]:
+        """The working tensors of slot ``name`` (of tensors ``idx``, default all).
+
+        They are in the compute dtype and may be updated in place: slots stored in another
+        precision are decoded here and encoded back when the transform returns.
+        """
+        idx = list(range(len(self.states))) if idx is None else idx
+        out, decoded = [], []
+        for i in idx:
+            key = self.ensure(i, name)
+            value, copied = self.codec.load(self.states[i], key, self._spec(i, name),
+                                            self.dtypes[i])
+            out.append(value)
+            if copied:
+                decoded.append((i, value))
+        if decoded:
+            self._loaded.append((name, [i for i, _ in decoded], [v for _, v in decoded]))
+        return out
+
+    def fresh(self, name: str) -> list[bool]:
+        """Whether slot ``name`` of each tensor was created during this step (so a transform
+        can initialise it from data: a first gradient, a first basis)."""
+        return [(id(st), self.ensure(i, name)) in self.created
+                for i, st in enumerate(self.states)]
+
+    def scalar(self, name: str, i: int) -> float:
+        """Float slot ``name`` of tensor ``i``."""
+        return self.states[i][self.ensure(i, name)]
+
+    def set_scalar(self, name: str, i: int, value: float) -> None:
+        self.states[i][self.ensure(i, name)] = value
+
+    def flush(self) -> None:
+        """Encode the slots decoded by :meth:`slot` back into their stored form."""
+        for name, idx, values in self._loaded:
+            for i, value in zip(idx, values):
+                self.codec.store(self.states[i], self.key(name), self._spec(i, name), value)
+        self._loaded.clear()
 
 
 class Transform:
     """Base class of all transforms.
 
-    Subclasses implement :meth:`__call__` and, when they keep state, :meth:`state_numel`,
-    which must agree exactly with the tensors they create (tests check it).
+    Subclasses implement :meth:`__call__` (updates in, direction out) and, when they keep
+    state, declare it: :attr:`slot_names` (every name the transform may use, for key
+    assignment) and :meth:`slots` (the slots for one tensor).
     """
 
-    #: names of per-parameter state tensors this transform owns (part of the checkpoint format)
-    state_keys: tuple[str, ...] = ()
+    #: every slot name this transform may declare (part of the checkpoint format)
+    slot_names: tuple[str, ...] = ()
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        """Number of state elements this transform keeps for a parameter of ``shape``."""
-        return 0
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        """The state kept for a tensor of ``shape`` (the shape this transform works on)."""
+        return []
+
+    def paths(self) -> list[list[Transform]]:
+        """The transforms a single tensor can pass through, from this one on (combinators
+        with branches return one list per branch)."""
+        return [[self]]
+
+    @property
+    def label(self) -> str:
+        """Short snake-case name, used to qualify colliding slot keys."""
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).lower()
 
     def __repr__(self) -> str:
         return type(self).__name__
@@ -102,3 +278,22 @@ def numel(shape: Shape) -> int:
 def bias_corrections(beta: float, steps: list[int]) -> list[float]:
     """``1 - beta**t`` for each step ``t``."""
     return [1.0 - beta**t for t in steps]
+
+
+def scalars(values: list[float]) -> float | list[float]:
+    """One scalar when every tensor shares it (the common case), else the list."""
+    first = values[0]
+    return first if all(v == first for v in values) else values
+
+
+class StepScale(Transform):
+    """Multiply the step by the hyperparameter ``group[key]`` (Conda's ``scale``), through the
+    plan: the shell folds it into the step size."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        factor = float(ctx.hp(self.key))
+        ctx.plan.scale = [s * factor for s in ctx.plan.scale]
+        return updates

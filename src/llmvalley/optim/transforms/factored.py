@@ -6,12 +6,13 @@ dimensions are treated as a batch); vectors and scalars keep a full second momen
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
 
 
 def rms(x: Tensor) -> Tensor:
@@ -24,10 +25,13 @@ def clip_by_rms(update: Tensor, threshold: float) -> Tensor:
     return update.div_((rms(update) / threshold).clamp_(min=1.0))
 
 
-def factored_numel(shape: Shape) -> int:
-    """Elements of one row factor plus one column factor."""
-    lead = numel(shape[:-2])
-    return lead * (shape[-2] + shape[-1])
+def row_col_shapes(shape: Shape, keepdim: bool) -> tuple[Shape, Shape]:
+    """Shapes of the row and column factors over the last two dimensions (``keepdim``: as
+    ``(..., m, 1)`` and ``(..., 1, n)``, as torch.optim.Adafactor stores them)."""
+    lead = tuple(shape[:-2])
+    if keepdim:
+        return (*lead, shape[-2], 1), (*lead, 1, shape[-1])
+    return (*lead, shape[-2]), (*lead, shape[-1])
 
 
 class ScaleByAdafactor(Transform):
@@ -36,42 +40,42 @@ class ScaleByAdafactor(Transform):
     ``beta2_t = 1 - t**beta2_decay``; row/column means of ``g**2`` are tracked with that decay
     and combined as ``R C / mean(R)``; ``u = g / sqrt(max(V, eps1**2))`` is clipped to RMS
     ``d``; the step is ``max(eps2, RMS(p)) * min(lr, 1/sqrt(t)) * u`` (``lr`` caps the relative
-    step size, so it is applied here and the chain ends with ``ApplyLR(use_lr=False)``).
+    step size, so it is applied here and the step is marked absolute in the plan).
     ``eps1=None`` means the machine epsilon of the compute dtype. No first moment.
     State: ``row_var`` and ``col_var`` (factored) or ``variance``.
     """
 
-    state_keys = ("row_var", "col_var", "variance")
+    slot_names = ("row_var", "col_var", "variance")
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        if len(shape) > 1:
+            row, col = row_col_shapes(shape, keepdim=True)
+            return [SlotSpec("row_var", row, "unsigned"), SlotSpec("col_var", col, "unsigned")]
+        return [SlotSpec("variance", shape, "unsigned")]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         eps1, eps2 = ctx.hp("eps")
         decay, d, lr = ctx.hp("beta2_decay"), ctx.hp("d"), float(ctx.hp("lr"))
         out = []
-        for i, (g, p, st, t) in enumerate(zip(updates, ctx.params, ctx.states, ctx.steps)):
+        for i, (g, p, t) in enumerate(zip(updates, ctx.params, ctx.steps)):
             e1 = torch.finfo(g.dtype).eps if eps1 is None else eps1
             weight = t**decay
             alpha = rms(p).clamp_(min=eps2) * min(lr, t**-0.5)
             if g.dim() > 1:
-                if "row_var" not in st:
-                    st["row_var"] = ctx.zeros(i, (*g.shape[:-1], 1))
-                    st["col_var"] = ctx.zeros(i, (*g.shape[:-2], 1, g.shape[-1]))
-                row, col = st["row_var"], st["col_var"]
+                row, col = ctx.slot("row_var", [i])[0], ctx.slot("col_var", [i])[0]
                 row.lerp_(torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_()
                           .div_(g.size(-1)), weight)
                 col.lerp_(torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_()
                           .div_(g.size(-2)), weight)
                 var = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=e1))
             else:
-                if "variance" not in st:
-                    st["variance"] = ctx.zeros(i)
-                st["variance"].lerp_(g * g, weight)
-                var = st["variance"].clone()
+                variance = ctx.slot("variance", [i])[0]
+                variance.lerp_(g * g, weight)
+                var = variance.clone()
             u = var.clamp_(min=e1 * e1).rsqrt_().mul_(g)
             out.append(clip_by_rms(u, d).mul_(alpha))
+            ctx.plan.absolute[i] = True
         return out
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return factored_numel(shape) if len(shape) > 1 else numel(shape)
 
 
 class ScaleByCAME(Transform):
@@ -85,10 +89,20 @@ class ScaleByCAME(Transform):
     ``exp_avg`` + ``exp_avg_sq``.
     """
 
-    state_keys = (
+    slot_names = (
         "exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col",
         "exp_avg_res_row", "exp_avg_res_col",
     )
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        if len(shape) >= 2:
+            row, col = row_col_shapes(shape, keepdim=False)
+            return [SlotSpec("exp_avg", shape),
+                    SlotSpec("exp_avg_sq_row", row, "unsigned"),
+                    SlotSpec("exp_avg_sq_col", col, "unsigned"),
+                    SlotSpec("exp_avg_res_row", row, "unsigned"),
+                    SlotSpec("exp_avg_res_col", col, "unsigned")]
+        return [SlotSpec("exp_avg", shape), SlotSpec("exp_avg_sq", shape, "unsigned")]
 
     @staticmethod
     def _approx_rsqrt(row: Tensor, col: Tensor) -> Tensor:
@@ -99,41 +113,28 @@ class ScaleByCAME(Transform):
         beta1, beta2, beta3 = ctx.hp("betas")
         eps1, eps2 = ctx.hp("eps")
         threshold = ctx.hp("clip_threshold")
-        m = ctx.buffers("exp_avg")
+        m = ctx.slot("exp_avg")
         out = []
-        for i, (g, st) in enumerate(zip(updates, ctx.states)):
+        for i, g in enumerate(updates):
             factored = g.dim() >= 2
             sq = g * g + eps1
             if factored:
-                if "exp_avg_sq_row" not in st:
-                    row_shape, col_shape = g.shape[:-1], (*g.shape[:-2], g.shape[-1])
-                    st["exp_avg_sq_row"] = ctx.zeros(i, row_shape)
-                    st["exp_avg_sq_col"] = ctx.zeros(i, col_shape)
-                    st["exp_avg_res_row"] = ctx.zeros(i, row_shape)
-                    st["exp_avg_res_col"] = ctx.zeros(i, col_shape)
-                row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+                row, col, rrow, rcol = (ctx.slot(k, [i])[0] for k in (
+                    "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col"))
                 row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1 - beta2)
                 col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1 - beta2)
                 u = self._approx_rsqrt(row, col).mul_(g)
             else:
-                if "exp_avg_sq" not in st:
-                    st["exp_avg_sq"] = ctx.zeros(i)
-                st["exp_avg_sq"].mul_(beta2).add_(sq, alpha=1 - beta2)
-                u = st["exp_avg_sq"].rsqrt().mul_(g)
+                second = ctx.slot("exp_avg_sq", [i])[0]
+                second.mul_(beta2).add_(sq, alpha=1 - beta2)
+                u = second.rsqrt().mul_(g)
             clip_by_rms(u, threshold)
             m[i].mul_(beta1).add_(u, alpha=1 - beta1)
             if factored:
                 res = (u - m[i]).square_().add_(eps2)
-                rrow, rcol = st["exp_avg_res_row"], st["exp_avg_res_col"]
                 rrow.mul_(beta3).add_(res.mean(dim=-1), alpha=1 - beta3)
                 rcol.mul_(beta3).add_(res.mean(dim=-2), alpha=1 - beta3)
                 out.append(self._approx_rsqrt(rrow, rcol).mul_(m[i]))
             else:
                 out.append(m[i].clone())
         return out
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        if len(shape) >= 2:
-            lead = numel(shape[:-2])
-            return numel(shape) + 2 * (numel(shape[:-1]) + lead * shape[-1])
-        return 2 * numel(shape)

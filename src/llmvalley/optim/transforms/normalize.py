@@ -12,12 +12,13 @@ as ``(out, -1)`` (see :func:`~.orthogonalize.matrix_view`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
 from llmvalley.optim.transforms.orthogonalize import map_by_shape, matrix_view, svd_polar
 
 
@@ -127,99 +128,40 @@ class ScaleBySNR(Transform):
     (plain momentum SGD) for them.
     """
 
-    state_keys = ("momentum_buffer", "gsnr")
+    slot_names = ("momentum_buffer", "gsnr")
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        return [SlotSpec("momentum_buffer", shape), SlotSpec("gsnr", (), "exact")]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         mu, eps = float(ctx.hp("momentum")), float(ctx.hp("eps"))
-        old_b, old_u, bufs, snrs = [], [], [], []
-        for st, u in zip(ctx.states, updates):
-            if "gsnr" not in st:
+        old_b, old_u = [], []
+        bufs, snrs = ctx.slot("momentum_buffer"), ctx.slot("gsnr")
+        fresh = ctx.fresh("gsnr")
+        for buf, snr, u, first in zip(bufs, snrs, updates, fresh):
+            if first:
                 if u.numel() > 1:
-                    st["gsnr"] = u.norm() / (u.std() + eps)
+                    snr.copy_(u.norm() / (u.std() + eps))
                 else:  # std undefined: the reference's |g| / eps (~1e8) diverges; use 1
-                    st["gsnr"] = torch.ones((), dtype=u.dtype, device=u.device)
-            buf = st.get("momentum_buffer")
-            if buf is None:
-                buf = st["momentum_buffer"] = u.detach().clone()
+                    snr.fill_(1.0)
+                buf.copy_(u)
             else:
                 old_b.append(buf)
                 old_u.append(u)
-            bufs.append(buf)
-            snrs.append(st["gsnr"])
         if old_b:
             torch._foreach_mul_(old_b, mu)
             torch._foreach_add_(old_b, old_u, alpha=1 - mu)
         return torch._foreach_mul(bufs, snrs)
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape) + 1
 
+class RMSNormalize(Transform):
+    """Unit RMS along one dimension of the matrix view (SCALE's column normalization):
+    ``u / max(sqrt(mean(u^2, dim)), 1e-8)``; ``dim=1`` normalizes each output row (over the
+    inputs), ``dim=0`` each column."""
 
-HEAD_NAME = "lm_head"
-EMBED_NAME = "embed_tokens"
-
-
-class SCALEStep(Transform):
-    """SCALE (Glentis et al., arXiv 2506.16659): column-normalized SGD, momentum on the head.
-
-    Per parameter, as OptimAI-Lab/Minimalist_LLM_Pretraining's ``SCALE``:
-
-    - >= 2-D ("main"): ``u = g / max(sqrt(mean(g^2, dim)), 1e-8)`` with ``dim = 0`` for a
-      parameter whose name contains ``embed_tokens`` and ``dim = 1`` (per output row)
-      otherwise;
-    - the output layer (``momentum_layer=True``, or by default a name containing ``lm_head``):
-      ``m.lerp_(g, 1 - momentum)`` first (state ``moment1``), then the same normalization;
-    - < 2-D: AdamW in the reference's form ``m / (sqrt(v) + eps_1d)`` with step
-      ``lr * adam_lr_ratio * sqrt(1 - b2^t) / (1 - b1^t)`` (state ``moment1``, ``moment2``).
-
-    Weight decay ``p *= 1 - lr * wd`` (1-D at the Adam rate) before the update; this transform
-    applies the step itself. Names come from ``ctx.names`` (``create_optimizer(model)`` puts
-    them into the groups).
-    """
-
-    state_keys = ("moment1", "moment2")
-
-    @staticmethod
-    def is_head(group: dict[str, Any], name: str) -> bool:
-        flag = group.get("momentum_layer")
-        return HEAD_NAME in name if flag is None else bool(flag)
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        group = ctx.group
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        names = ctx.names or [""] * len(updates)
-        for i, (p, g, st) in enumerate(zip(ctx.params, updates, ctx.states)):
-            if g.ndim >= 2:
-                if self.is_head(group, names[i]):
-                    m = st.get("moment1")
-                    if m is None:
-                        m = st["moment1"] = ctx.zeros(i)
-                    m.lerp_(g, 1 - float(group["momentum"]))
-                    g = m
-                dim = 0 if EMBED_NAME in names[i] else 1
-                u = rms_normalize(matrix_view(g), dim).reshape(g.shape)
-                p.mul_(1 - lr * wd)
-                p.add_(u, alpha=-lr)
-            else:
-                self._adam(ctx, i, p, g, st, lr * float(group["adam_lr_ratio"]), wd)
-        return updates
-
-    @staticmethod
-    def _adam(ctx: StepContext, i: int, p: Tensor, g: Tensor, st: dict, lr: float,
-              wd: float) -> None:
-        b1, b2 = ctx.group["betas_1d"]
-        if "moment1" not in st:
-            st["moment1"], st["moment2"] = ctx.zeros(i), ctx.zeros(i)
-        m, v = st["moment1"], st["moment2"]
-        m.lerp_(g, 1 - b1)
-        v.lerp_(g.square(), 1 - b2)
-        t = ctx.steps[i]
-        u = m / (v.sqrt() + float(ctx.group["eps_1d"]))
-        scale = (1 - b1**t) / math.sqrt(1 - b2**t)
-        p.mul_(1 - lr * wd)
-        p.add_(u, alpha=-lr / scale)
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        if len(shape) < 2:
-            return 2 * numel(shape)
-        return numel(shape) if group.get("momentum_layer") else 0
+        return [rms_normalize(matrix_view(u, ctx.name(i)), self.dim).reshape(u.shape)
+                for i, u in enumerate(updates)]

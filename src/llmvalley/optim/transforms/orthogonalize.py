@@ -29,13 +29,13 @@ and the update's own dtype elsewhere (float32, or float64 in tests); any dtype m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, numel
 
 #: Keller Jordan's quintic Newton-Schulz coefficients (Muon, torch.optim.Muon)
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -265,18 +265,18 @@ class MuonMomentum(Transform):
     name torch.optim.Muon uses). Hyperparameters ``momentum``, ``nesterov``.
     """
 
-    state_keys = ("momentum_buffer",)
+    slot_names = ("momentum_buffer",)
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        return [SlotSpec("momentum_buffer", shape)]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         mu = float(ctx.hp("momentum"))
-        bufs = ctx.buffers("momentum_buffer")
+        bufs = ctx.slot("momentum_buffer")
         torch._foreach_lerp_(bufs, updates, 1 - mu)
         if ctx.hp("nesterov"):
             return torch._foreach_lerp(updates, bufs, mu)
         return bufs
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape)
 
 
 class Orthogonalize(Transform):
@@ -294,30 +294,24 @@ class Orthogonalize(Transform):
         return [o.reshape(u.shape) for o, u in zip(outs, updates)]
 
 
-class ApplyScaledLR(Transform):
-    """``p -= lr * s(shape) * u`` with the convention ``group[key]`` (:data:`SHAPE_SCALES`).
+class ShapeScale(Transform):
+    """The update-scale convention ``group[key]`` (:data:`SHAPE_SCALES`) as a step scale.
 
-    The multiplier folds into the step size (``alpha = -lr * s``), as torch.optim.Muon's
-    ``adjust_lr``, so results match it bit for bit. ``"rms"`` instead rescales each update to
-    RMS ``group["rms_target"]`` (``u * target * sqrt(mn) / ||u||_F``) before the step.
+    The multiplier goes into the plan, so the shell folds it into the step size
+    (``alpha = -lr * s``), as torch.optim.Muon's ``adjust_lr``: results match it bit for bit.
+    ``"rms"`` instead rescales each update to RMS ``group["rms_target"]``
+    (``u * target * sqrt(mn) / ||u||_F``).
     """
 
     def __init__(self, key: str = "shape_scale") -> None:
         self.key = key
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        lr = float(ctx.hp("lr"))
         convention = ctx.hp(self.key)
         if convention == "rms":
-            updates = rms_rescale(updates, float(ctx.hp("rms_target")))
-            torch._foreach_add_(ctx.params, updates, alpha=-lr)
-            return updates
-        by_scale: dict[float, list[int]] = {}
+            return rms_rescale(updates, float(ctx.hp("rms_target")))
         for i, u in enumerate(updates):
-            by_scale.setdefault(shape_scale(convention, tuple(u.shape)), []).append(i)
-        for s, idx in by_scale.items():
-            torch._foreach_add_([ctx.params[i] for i in idx], [updates[i] for i in idx],
-                                alpha=-(lr * s))
+            ctx.plan.scale[i] = ctx.plan.scale[i] * shape_scale(convention, tuple(u.shape))
         return updates
 
 
@@ -348,19 +342,19 @@ class ScaleByOrthoSecondMoment(Transform):
     momentum decay; no bias correction); output ``O / (sqrt(v) + eps)``. State ``exp_avg_sq``.
     """
 
-    state_keys = ("exp_avg_sq",)
+    slot_names = ("exp_avg_sq",)
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        return [SlotSpec("exp_avg_sq", shape, "unsigned")]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta = float(ctx.hp("momentum"))
-        v = ctx.buffers("exp_avg_sq")
+        v = ctx.slot("exp_avg_sq")
         torch._foreach_mul_(v, beta)
         torch._foreach_addcmul_(v, updates, updates, value=1 - beta)
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, float(ctx.hp("eps")))
         return torch._foreach_div(updates, denom)
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape)
 
 
 def dion_rank(shape: Shape, rank_fraction: float) -> int:
@@ -380,19 +374,21 @@ class DionUpdate(Transform):
     One QR per matrix, so this loops over parameters (the QR dominates the cost).
     """
 
-    state_keys = ("momentum", "Q")
+    slot_names = ("momentum", "Q")
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        m, n = matrix_dims(shape)
+        r = dion_rank(shape, float(group["rank_fraction"]))
+        return [SlotSpec("momentum", (m, n)), SlotSpec("Q", (n, r), "exact")]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         mu, eps = float(ctx.hp("momentum")), float(ctx.hp("eps"))
         out = []
-        for i, (g, st) in enumerate(zip(updates, ctx.states)):
+        moms, qs, fresh = ctx.slot("momentum"), ctx.slot("Q"), ctx.fresh("Q")
+        for i, (g, m, q) in enumerate(zip(updates, moms, qs)):
             gm = matrix_view(g, ctx.name(i))
-            if "momentum" not in st:
-                st["momentum"] = ctx.zeros(i, gm.shape)
-                r = dion_rank(tuple(g.shape), float(ctx.hp("rank_fraction")))
-                st["Q"] = torch.randn(gm.shape[1], r, device=g.device,
-                                      dtype=g.dtype)
-            m, q = st["momentum"], st["Q"]
+            if fresh[i]:  # Q starts as randn(n, r) from torch's global generator
+                q.copy_(torch.randn(q.shape, device=g.device, dtype=g.dtype))
             m.add_(gm.to(m.dtype))
             p = m @ q.to(m.dtype)
             qr_dtype = lapack_dtype(p.dtype)
@@ -404,18 +400,16 @@ class DionUpdate(Transform):
             out.append((p @ q.T.to(p.dtype)).to(g.dtype).reshape(g.shape))
         return out
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        m, n = matrix_dims(shape)
-        return m * n + n * dion_rank(shape, float(group["rank_fraction"]))
-
 
 class NAMOUpdate(Transform):
-    """NAMO / NAMO-D (Zhang et al., "Adam Improves Muon", arXiv 2602.17080), as
-    minxin-zhg/namo ``src/namo.py``; this transform applies the step itself.
+    """NAMO / NAMO-D's direction and adaptive step (Zhang et al., "Adam Improves Muon", arXiv
+    2602.17080), as minxin-zhg/namo ``src/namo.py``.
 
     ``M`` is Muon's EMA momentum (``momentum``, Nesterov look-ahead ``M~`` with ``nesterov``),
     ``O = orth(M~)`` (the :class:`Orthogonalize` options), ``bc1 = 1 - momentum^t``,
-    ``bc2 = 1 - mu2^t``, ``s = scale_coeff * sqrt(max(m, n))``.
+    ``bc2 = 1 - mu2^t``, ``s = scale_coeff * sqrt(max(m, n))``. The direction is ``O``; the
+    step size and the weight-decay rate are adaptive, so they go into the plan (absolute: the
+    learning rate is inside them):
 
     - NAMO (scalar): ``v = mu2 v + (1 - mu2) ||G||_F^2`` (raw gradient);
       ``a = lr sqrt(bc2) / (bc1 + 1e-12) * ||M~||_F / (sqrt(v) + eps)``;
@@ -429,40 +423,42 @@ class NAMOUpdate(Transform):
 
     def __init__(self, columnwise: bool) -> None:
         self.columnwise = columnwise
-        self.state_keys = ("momentum_buffer", "V" if columnwise else "v_squared")
+        self.stat = "V" if columnwise else "v_squared"
+        self.slot_names = ("momentum_buffer", self.stat)
         self.orthogonalize = Orthogonalize()
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        stat = (matrix_dims(shape)[1],) if self.columnwise else ()
+        return [SlotSpec("momentum_buffer", shape), SlotSpec(self.stat, stat, "unsigned")]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         group = ctx.group
         mu, mu2, eps = float(group["momentum"]), float(group["mu2"]), float(group["eps"])
         lr, wd, coeff = float(group["lr"]), float(group["weight_decay"]), float(
             group["scale_coeff"])
-        mats = [matrix_view(u, ctx.name(i))
-                for i, u in enumerate(updates)]
         # second-moment statistics of the raw gradient
-        key = "V" if self.columnwise else "v_squared"
-        for i, (g, st) in enumerate(zip(mats, ctx.states)):
-            if key not in st:
-                shape = (g.shape[1],) if self.columnwise else ()
-                st[key] = ctx.zeros(i, shape)
-            stat = g.square().sum(dim=0) if self.columnwise else g.square().sum()
-            st[key].mul_(mu2).add_(stat, alpha=1 - mu2)
-        bufs = ctx.buffers("momentum_buffer")
+        stats = ctx.slot(self.stat)
+        for g, stat in zip(updates, stats):
+            g2 = matrix_view(g)
+            stat.mul_(mu2).add_(g2.square().sum(dim=0) if self.columnwise else g2.square().sum(),
+                                alpha=1 - mu2)
+        bufs = ctx.slot("momentum_buffer")
         torch._foreach_lerp_(bufs, updates, 1 - mu)
         looks = torch._foreach_lerp(updates, bufs, mu) if group["nesterov"] else bufs
         orth = self.orthogonalize(ctx, looks)
-        for i, (p, o, look, st) in enumerate(zip(ctx.params, orth, looks, ctx.states)):
+        for i, (o, look, stat) in enumerate(zip(orth, looks, stats)):
             t = ctx.steps[i]
             base = lr * math.sqrt(1 - mu2**t) / ((1 - mu**t) + 1e-12)
-            m, n = matrix_dims(tuple(p.shape))
+            m, n = matrix_dims(tuple(o.shape))
             shape_factor = coeff * math.sqrt(max(m, n))
-            p2, o2, look2 = matrix_view(p), matrix_view(o), matrix_view(look)
+            look2 = matrix_view(look)
             if not self.columnwise:
-                alpha = base * torch.linalg.vector_norm(look2) / (st[key].sqrt() + eps)
-                p2.mul_(1 - wd * alpha.clamp(max=1.0))
-                p2.sub_(o2 * (alpha * shape_factor).clamp(max=1.0))
+                alpha = base * torch.linalg.vector_norm(look2) / (stat.sqrt() + eps)
+                ctx.plan.decay_rate[i] = alpha.clamp(max=1.0)
+                ctx.plan.scale[i] = (alpha * shape_factor).clamp(max=1.0)
+                ctx.plan.absolute[i] = True
                 continue
-            scale = torch.linalg.vector_norm(look2, dim=0) / (st[key].sqrt() + eps)
+            scale = torch.linalg.vector_norm(look2, dim=0) / (stat.sqrt() + eps)
             c = float(group["col_clamp"])
             if 0.0 < c <= 1.0:
                 mean = scale.nanmean()
@@ -470,13 +466,12 @@ class NAMOUpdate(Transform):
                 lo = torch.where(ok, mean * c, torch.zeros_like(mean))
                 hi = torch.where(ok, mean / c, torch.full_like(mean, math.inf))
                 scale = torch.clamp(scale, min=lo, max=hi)
-            decay = (1 - wd * (scale * base).clamp(max=1.0)).clamp_min(0.0)
-            p2.mul_(decay)
-            p2.sub_(o2 * (scale * base * shape_factor).clamp(max=1.0))
-        return updates
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape) + (matrix_dims(shape)[1] if self.columnwise else 1)
+            # the reference clamps the decay factor at 0: a rate of at most 1 / wd
+            cap = min(1.0, 1.0 / wd) if wd > 0 else 1.0
+            ctx.plan.decay_rate[i] = (scale * base).clamp(max=cap)
+            ctx.plan.scale[i] = (scale * base * shape_factor).clamp(max=1.0)
+            ctx.plan.absolute[i] = True
+        return orth
 
 
 class CoshBrake(Transform):

@@ -11,13 +11,13 @@ reproduced step for step: see :func:`qdwh`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
 from llmvalley.optim.transforms.orthogonalize import (
     lapack_dtype,
     matrix_view,
@@ -160,13 +160,16 @@ class PolarGradUpdate(Transform):
     matrix view. State ``momentum`` (the parameter's shape). The caller applies ``lr``.
     """
 
-    state_keys = ("momentum",)
+    slot_names = ("momentum",)
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        return [SlotSpec("momentum", shape)]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta = float(ctx.hp("momentum"))
         polar_first = bool(ctx.hp("polar_first"))
         mats = [matrix_view(u, ctx.name(i)) for i, u in enumerate(updates)]
-        bufs = ctx.buffers("momentum")
+        bufs = ctx.slot("momentum")
         if polar_first:
             sources = mats
         else:
@@ -182,6 +185,3 @@ class PolarGradUpdate(Transform):
             else:
                 out.append((nuclear * pol).reshape(buf.shape))
         return out
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape)

@@ -1,32 +1,31 @@
-"""Adaptive updates in a rotated basis of each weight matrix: Conda and COSMOS.
+"""Bases that adaptive methods run in: Conda's singular basis and COSMOS's tracked subspace.
 
-Both keep Adam-style element-wise statistics, but in a basis that follows the matrix's own
-geometry instead of the coordinate axes:
+Both are :class:`~.combine.Projector` s for :class:`~.combine.InBasis`, which runs an ordinary
+:class:`~.adaptive.ScaleByAdam` inside them:
 
-- Conda (Wang et al. 2025) rotates the short side of the matrix into the singular basis of the
-  momentum, refreshed by an SVD every ``update_proj_gap`` steps, and runs Adam there.
-- COSMOS (Liu et al., arXiv 2502.17410) tracks the leading rank-``r`` eigenbasis of the
-  gradient covariance ``E[G^T G]`` (one power-iteration/QR step per step), runs Adam in that
-  subspace and an orthogonalized (Newton-Schulz) update on the residual.
+- :class:`SingularBasis` (Conda, Wang et al. 2025): the full square singular basis of the
+  momentum on the matrix's short side, refreshed by an SVD every ``update_proj_gap`` steps.
+- :class:`TrackedSubspace` (COSMOS, Liu et al., arXiv 2502.17410): the leading rank-``r``
+  eigenbasis of the gradient covariance ``E[G^T G]``, tracked by one power-iteration/QR step
+  per step.
 
-Both need whole matrices; >2-D kernels are viewed as ``(out, -1)`` (:func:`matrix_view`).
+Tensors reach them as ``(out, -1)`` matrices (:func:`~.orthogonalize.matrix_view`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, StepContext, Transform
-from llmvalley.optim.transforms.orthogonalize import (
-    lapack_dtype,
-    matrix_dims,
-    matrix_view,
-    orthogonalize_matrices,
-)
+from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
+from llmvalley.optim.transforms.combine import Projector
+from llmvalley.optim.transforms.orthogonalize import lapack_dtype, matrix_dims
+
+Group = Mapping[str, Any]
 
 
 # ---- Conda ---------------------------------------------------------------------------------
@@ -37,60 +36,40 @@ def conda_side(shape: Shape) -> str:
     return "right" if m >= n else "left"
 
 
-class ScaleByConda(Transform):
-    """Conda's direction: Adam in the singular basis of the momentum (jie040109/Conda).
+class SingularBasis(Projector):
+    """The full square singular basis of the update on the short side (jie040109/Conda,
+    ``proj_type="std"``).
 
-    Per step ``t`` (counted from 1), for an ``m x n`` matrix:
-
-    1. ``M = beta1 M + (1 - beta1) G`` in the original space;
-    2. when ``(t - 1) % update_proj_gap == 0``: ``Q`` = the full square singular basis of
-       ``M`` on the short side (``V`` of ``M = U S V^T`` when ``m >= n``, else ``U``);
-    3. ``g' = G Q^T`` and ``m' = M Q^T`` (or ``Q^T G``, ``Q^T M`` for wide matrices);
-    4. ``V = beta2 V + (1 - beta2) g'^2`` (element-wise, in the rotated basis; not rotated
-       when ``Q`` changes, as the reference);
-    5. output ``scale * sqrt(bc2) / bc1 * back(m' / (sqrt(V) + eps))`` (Hugging Face's bias
-       correction; ``back`` undoes the rotation).
-
-    The caller applies ``lr`` and, after the step, the weight decay. State ``exp_avg``
-    (m x n), ``exp_avg_sq`` (m x n, rotated), ``ortho`` (min(m, n) squared).
+    At steps ``t`` with ``(t - 1) % update_proj_gap == 0`` (the reference's pre-increment
+    count) ``Q`` becomes ``V^T`` of ``X = U S V^T`` when ``m >= n`` (projection ``X Q^T``, back
+    ``Y Q``), else ``U`` (projection ``Q^T X``, back ``Q Y``). The SVD runs in at least
+    float32. State ``ortho`` (``min(m, n)`` squared).
     """
 
-    state_keys = ("exp_avg", "exp_avg_sq", "ortho")
+    slot_names = ("ortho",)
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        beta1, beta2 = ctx.hp("betas")
-        eps, scale = float(ctx.hp("eps")), float(ctx.hp("scale"))
-        gap = int(ctx.hp("update_proj_gap"))
-        out = []
-        for i, (g, st, t) in enumerate(zip(updates, ctx.states, ctx.steps)):
-            gm = matrix_view(g, ctx.name(i))
-            right = conda_side(tuple(g.shape)) == "right"
-            if "exp_avg" not in st:
-                st["exp_avg"] = ctx.zeros(i, gm.shape)
-                st["exp_avg_sq"] = ctx.zeros(i, gm.shape)
-            m, v = st["exp_avg"], st["exp_avg_sq"]
-            m.lerp_(gm, 1 - beta1)
-            if "ortho" not in st or (t - 1) % gap == 0:
-                st["ortho"] = self._basis(m, right)
-            q = st["ortho"]
-            g_rot = gm @ q.T if right else q.T @ gm
-            m_rot = m @ q.T if right else q.T @ m
-            v.mul_(beta2).addcmul_(g_rot, g_rot, value=1 - beta2)
-            direction = m_rot / (v.sqrt() + eps)
-            back = direction @ q if right else q @ direction
-            factor = scale * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-            out.append((back * factor).reshape(g.shape))
-        return out
+    def slots(self, shape: Shape, group: Group) -> list[SlotSpec]:
+        side = min(matrix_dims(shape))
+        return [SlotSpec("ortho", (side, side), "exact")]
 
-    @staticmethod
-    def _basis(m: Tensor, right: bool) -> Tensor:
-        """``V^T``-rows (right) or ``U``-columns (left) of the thin SVD of ``m``."""
-        u, _, vh = torch.linalg.svd(m.to(lapack_dtype(m.dtype)), full_matrices=False)
-        return (vh if right else u).to(m.dtype)
+    def projected_shape(self, shape: Shape, group: Group) -> Shape:
+        return tuple(shape)
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        m, n = matrix_dims(shape)
-        return 2 * m * n + min(m, n) ** 2
+    def refresh(self, ctx: StepContext, i: int, source: Tensor) -> None:
+        q = ctx.slot("ortho", [i])[0]
+        due = (ctx.steps[i] - 1) % int(ctx.hp("update_proj_gap")) == 0
+        if not (due or ctx.fresh("ortho")[i]):
+            return
+        u, _, vh = torch.linalg.svd(source.to(lapack_dtype(source.dtype)), full_matrices=False)
+        q.copy_(vh if conda_side(tuple(source.shape)) == "right" else u)
+
+    def project(self, ctx: StepContext, i: int, x: Tensor) -> Tensor:
+        q = ctx.slot("ortho", [i])[0]
+        return x @ q.T if conda_side(tuple(x.shape)) == "right" else q.T @ x
+
+    def back(self, ctx: StepContext, i: int, y: Tensor) -> Tensor:
+        q = ctx.slot("ortho", [i])[0]
+        return y @ q if conda_side(tuple(y.shape)) == "right" else q @ y
 
 
 # ---- COSMOS --------------------------------------------------------------------------------
@@ -99,86 +78,67 @@ def cosmos_rank(shape: Shape, rank: int) -> int:
     return min(int(rank), matrix_dims(shape)[1])
 
 
-class COSMOSUpdate(Transform):
-    """COSMOS (Liu et al., arXiv 2502.17410), as lliu606/COSMOS ``COSMOS_optim.py``; this
-    transform applies the step itself.
+class TrackedSubspace(Projector):
+    """COSMOS's basis ``P`` (n x r) of the gradient covariance, as lliu606/COSMOS.
 
-    For an ``m x n`` matrix (``n`` the input dimension), rank ``r``, step ``t``:
-
-    1. ``M = beta1 M + G``; ``bc1 = (1 - beta1^t) / (1 - beta1)``, ``bc2 = 1 - beta2^t``;
-    2. the basis ``P`` (n x r) and projected covariance ``C`` (r x r): at ``t = 1``, ``P`` =
-       the top ``r`` left singular vectors of ``G^T G`` and ``C = (1 - beta2) (GP)^T (GP)``;
-       afterwards ``P' = QR(beta2 P C + (1 - beta2) G^T (G P))``, ``T = P^T P'``,
-       ``C = beta2 T^T C T + (1 - beta2) (G P')^T (G P')``;
-    3. ``V = beta2 V + (1 - beta2) (G P)^2`` (m x r);
-    4. Nesterov: ``H = (G + beta1 M) / (1 + beta1 bc1)``;
-    5. ``A = [(H P) / (sqrt(V / bc2) + eps)] P^T``; ``B = NS(H - H P P^T)`` rescaled to
-       Frobenius norm ``sqrt(mn)``; ``U = A + gamma B``;
-    6. ``W *= 1 - lr wd``; ``W -= lr lr_ratio sqrt(mn) U / (||U||_F + eps)``.
-
-    ``B`` uses the :class:`~.orthogonalize.Orthogonalize` options (``ns_*``). When ``r = n``
-    the residual is zero in exact arithmetic and ``B`` is taken as 0 (orthogonalizing the
-    rounding noise would inject a full-size random direction). State ``exp_avg`` (m x n),
-    ``exp_avg_sq`` (m x r), ``exp_avg_GG`` (r x r), ``exp_avg_P`` (n x r): the reference's
-    names.
+    At the first step ``P`` = the top ``r`` left singular vectors of ``G^T G`` and
+    ``C = (1 - beta2) (GP)^T (GP)``; afterwards ``P' = QR(beta2 P C + (1 - beta2) G^T (G P))``,
+    ``T = P^T P'``, ``C = beta2 T^T C T + (1 - beta2) (G P')^T (G P')`` (``beta2 = betas[1]``,
+    ``r = min(rank, n)``). Projection ``X P``, back ``Y P^T``. State ``exp_avg_GG`` (r x r)
+    and ``exp_avg_P`` (n x r): the reference's names.
     """
 
-    state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_GG", "exp_avg_P")
+    slot_names = ("exp_avg_GG", "exp_avg_P")
+    source = "grad"
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        group = ctx.group
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-        ratio, gamma = float(group["lr_ratio"]), float(group["gamma"])
-        for i, (p, g, st, t) in enumerate(zip(ctx.params, updates, ctx.states, ctx.steps)):
-            gm = matrix_view(g, ctx.name(i))
-            pm = matrix_view(p)
-            m_rows, n_cols = gm.shape
-            r = cosmos_rank(tuple(g.shape), group["rank"])
-            if "exp_avg" not in st:
-                st["exp_avg"] = ctx.zeros(i, gm.shape)
-                st["exp_avg_sq"] = ctx.zeros(i, (m_rows, r))
-                st["exp_avg_GG"] = ctx.zeros(i, (r, r))
-                st["exp_avg_P"] = ctx.zeros(i, (n_cols, r))
-            mom, v, cov, basis = (st[k] for k in self.state_keys)
-            mom.mul_(beta1).add_(gm)
-            bc1 = (1 - beta1**t) / (1 - beta1)
-            bc2 = 1 - beta2**t
-            low = self._track_subspace(gm, basis, cov, beta2, r, first=t == 1)
-            v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-            look = (gm + beta1 * mom) / (1 + beta1 * bc1)
-            look_low = look @ basis
-            adam = (look_low / ((v.sqrt() / math.sqrt(bc2)).add_(eps))) @ basis.T
-            scale = math.sqrt(m_rows * n_cols)
-            if r < n_cols:
-                ortho = orthogonalize_matrices([look - look_low @ basis.T], group)[0]
-                adam.add_(ortho * (scale / (ortho.norm() + eps)), alpha=gamma)
-            if wd > 0:
-                pm.mul_(1 - lr * wd)
-            pm.add_(adam / (adam.norm() + eps), alpha=-scale * ratio * lr)
-        return updates
+    def slots(self, shape: Shape, group: Group) -> list[SlotSpec]:
+        r = cosmos_rank(shape, group["rank"])
+        return [SlotSpec("exp_avg_GG", (r, r), "exact"),
+                SlotSpec("exp_avg_P", (matrix_dims(shape)[1], r), "exact")]
 
-    @staticmethod
-    def _track_subspace(g: Tensor, basis: Tensor, cov: Tensor, beta2: float, r: int,
-                        first: bool) -> Tensor:
-        """Update ``P`` and ``C`` in place (step 2 of the class docstring); return ``G P``
-        with the new ``P``."""
+    def projected_shape(self, shape: Shape, group: Group) -> Shape:
+        return (matrix_dims(shape)[0], cosmos_rank(shape, group["rank"]))
+
+    def complete(self, shape: Shape, group: Group) -> bool:
+        return cosmos_rank(shape, group["rank"]) >= matrix_dims(shape)[1]
+
+    def refresh(self, ctx: StepContext, i: int, g: Tensor) -> None:
+        cov, basis = ctx.slot("exp_avg_GG", [i])[0], ctx.slot("exp_avg_P", [i])[0]
+        beta2 = ctx.hp("betas")[1]
         qr_dtype = lapack_dtype(g.dtype)
-        if first:
+        if ctx.fresh("exp_avg_P")[i]:
             u, _, _ = torch.linalg.svd((g.T @ g).to(qr_dtype), full_matrices=False)
-            basis.copy_(u[:, :r])
+            basis.copy_(u[:, :basis.shape[1]])
             low = g @ basis
             cov.copy_(low.T @ low * (1 - beta2))
-            return low
+            return
         old = basis.clone()
         target = beta2 * (basis @ cov) + (1 - beta2) * (g.T @ (g @ basis))
         basis.copy_(torch.linalg.qr(target.to(qr_dtype), mode="reduced").Q)
         rot = old.T @ basis
         low = g @ basis
         cov.copy_(beta2 * (rot.T @ (cov @ rot)) + (1 - beta2) * (low.T @ low))
-        return low
 
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        m, n = matrix_dims(shape)
-        r = cosmos_rank(shape, group["rank"])
-        return m * n + m * r + r * r + n * r
+    def project(self, ctx: StepContext, i: int, x: Tensor) -> Tensor:
+        return x @ ctx.slot("exp_avg_P", [i])[0]
+
+    def back(self, ctx: StepContext, i: int, y: Tensor) -> Tensor:
+        return y @ ctx.slot("exp_avg_P", [i])[0].T
+
+
+class FrobeniusNormalize(Transform):
+    """``u * gain * sqrt(numel) / (||u||_F + eps)`` with ``gain = group[gain_key]`` (1 when
+    None) and ``eps = group["eps"]``: COSMOS's normalisation of its residual and its update."""
+
+    def __init__(self, gain_key: str | None = None) -> None:
+        self.gain_key = gain_key
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        gain = float(ctx.hp(self.gain_key)) if self.gain_key else 1.0
+        eps = float(ctx.hp("eps"))
+        out = []
+        for u in updates:
+            scale = math.sqrt(u.numel())
+            out.append(u * (scale / (u.norm() + eps)) * gain if gain != 1.0
+                       else u * (scale / (u.norm() + eps)))
+        return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
 
 
 class Sign(Transform):
@@ -25,19 +26,19 @@ class LionDirection(Transform):
     State: ``exp_avg``.
     """
 
-    state_keys = ("exp_avg",)
+    slot_names = ("exp_avg",)
+
+    def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
+        return [SlotSpec("exp_avg", shape)]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1, beta2 = ctx.hp("betas")
-        m = ctx.buffers("exp_avg")
+        m = ctx.slot("exp_avg")
         c = torch._foreach_mul(m, beta1)
         torch._foreach_add_(c, updates, alpha=1 - beta1)
         torch._foreach_sign_(c)
         torch._foreach_lerp_(m, updates, 1 - beta2)
         return c
-
-    def state_numel(self, shape: Shape, group: dict[str, Any]) -> int:
-        return numel(shape)
 
 
 class GradSignTimesMagnitude(Transform):

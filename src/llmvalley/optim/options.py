@@ -1,0 +1,60 @@
+"""Shell options that change a recipe's chain, for every recipe that can take them.
+
+The full chain of a group is ``[MARS correction?, coupled L2?] + recipe + [cautious mask?]``:
+
+- ``mars=True``: MARS's variance-reduced gradient (Yuan et al., arXiv 2411.10438, the
+  approximate form) replaces the gradient before the recipe, so ``adamw`` + ``mars=True`` is
+  MARS-AdamW and ``lion`` + ``mars=True`` is MARS-Lion. It uses the recipe's first momentum
+  coefficient (``betas[0]``, else ``momentum``) and ``mars_gamma``.
+- coupled weight decay (``Decay("coupled")``) adds ``wd * p`` to the (corrected) gradient.
+- ``cautious=True``: the cautious mask (Liang et al., arXiv 2411.16085) on the recipe's
+  direction, for every recipe, matrix methods included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from llmvalley.optim.transforms.base import Transform
+from llmvalley.optim.transforms.combine import KeyMap, assign_keys
+from llmvalley.optim.transforms.decay import CoupledWeightDecay
+from llmvalley.optim.transforms.mask import Cautious
+from llmvalley.optim.transforms.momentum import MARSCorrection
+
+_CACHE: dict[tuple, tuple[list[Transform], KeyMap]] = {}
+
+
+def _options_key(spec: Any, group: Mapping[str, Any]) -> tuple:
+    from llmvalley.optim.spec import _hashable
+
+    decay = spec.decay_for(group)
+    return (id(spec), tuple(_hashable(group.get(k)) for k in spec.structural),
+            bool(group.get("mars")), bool(group.get("cautious")), decay.form, decay.key)
+
+
+def chain_and_keys(spec: Any, group: Mapping[str, Any]) -> tuple[list[Transform], KeyMap]:
+    """The group's full chain (shell options included) and its slot keys, cached."""
+    key = _options_key(spec, group)
+    if key not in _CACHE:
+        pre: list[Transform] = []
+        if group.get("mars"):
+            pre.append(MARSCorrection(gamma_key="mars_gamma"))
+        decay = spec.decay_for(group)
+        if decay.form == "coupled":
+            pre.append(CoupledWeightDecay(decay.key))
+        post: list[Transform] = [Cautious()] if group.get("cautious") else []
+        chain = [*pre, *spec.chain(group), *post]
+        _CACHE[key] = (chain, assign_keys(chain))
+    return _CACHE[key]
+
+
+def full_chain(spec: Any, group: Mapping[str, Any]) -> list[Transform]:
+    return chain_and_keys(spec, group)[0]
+
+
+def is_plain(group: Mapping[str, Any]) -> bool:
+    """No shell option changes the recipe's chain or its storage (fused paths allowed)."""
+    return not (group.get("mars") or group.get("cautious") or group.get("state_precision")
+                or group.get("state_dtype") is not None
+                or group.get("master_weights") is not None)

@@ -1,5 +1,12 @@
-"""Write tests/data/checkpoint-0.1.pt with llmvalley 0.1 (run at commit 21fd91f)."""
-import torch, llmvalley
+"""Write tests/data/checkpoint-0.1.pt with llmvalley 0.1 (run at commit 21fd91f).
+
+    PYTHONPATH=<0.1 checkout>/src:. python tests/data/make_checkpoint_0_1.py
+"""
+import copy
+
+import torch
+
+import llmvalley
 from tests.helpers import make_model, make_optimizer, train, convergence_lr
 out = {"version": "0.1.0", "optimizers": {}}
 for spec in llmvalley.list_optimizers():
@@ -8,7 +15,7 @@ for spec in llmvalley.list_optimizers():
     opt = make_optimizer(name, model, lr=convergence_lr(name))
     train(model, opt, 0, 5)
     entry = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-             "optimizer": opt.state_dict(), "lr": convergence_lr(name)}
+             "optimizer": copy.deepcopy(opt.state_dict()), "lr": convergence_lr(name)}
     train(model, opt, 5, 5)
     entry["after_5_more"] = {k: v.clone() for k, v in model.state_dict().items()}
     out["optimizers"][name] = entry

@@ -1,0 +1,372 @@
+"""Low-precision storage codecs for optimizer state.
+
+Pure tensor functions (no optimizer logic) for keeping optimizer buffers in fewer bits:
+
+* :func:`bf16_stochastic_round` -- fp32 -> bf16 with unbiased stochastic rounding, for bf16
+  master weights or bf16 state that must not stall when updates are below half a bf16 ulp.
+* 8-bit block-wise dynamic quantization (Dettmers et al., 2022, "8-bit Optimizers via
+  Block-wise Quantization", arXiv:2110.02861): :func:`dynamic_map`,
+  :func:`quantize_blockwise`, :func:`dequantize_blockwise`.
+* 4-bit block-wise quantization (Li et al., 2023, "Memory Efficient Optimizers with 4-bit
+  States", arXiv:2309.01507) in the variant implemented by torchao's ``AdamW4bit``:
+  :func:`map_4bit`, :func:`quantize_4bit`, :func:`dequantize_4bit`.
+
+Conventions and where they come from
+------------------------------------
+Block size, 8-bit. The paper chunks state tensors into blocks of B = 2048. The code that people
+actually run uses 256: bitsandbytes 0.50.2 allocates ``absmax`` for its block-wise 8-bit
+optimizers with ``blocksize = 256`` (``bitsandbytes/optim/optimizer.py``) and torchao's
+``AdamW8bit`` defaults to ``block_size=256``, noting that it matches bitsandbytes. We default to
+256 (:data:`BLOCK_SIZE_8BIT`).
+
+Maps, 8-bit. The 256-entry "dynamic tree" map of bitsandbytes' ``create_dynamic_map``: a
+decimal exponent 10^-6 .. 10^0 chosen by a run of zero bits, the remaining bits a linear
+fraction in [0.1, 1], plus the entries 0 and 1. The signed map (first moments) spends one bit on
+the sign, so it covers [-0.993, 1] (no -1); the unsigned map (second moments) gives that bit to
+the fraction. Our maps are bit-identical to bitsandbytes' and torchao's (tested).
+
+Block size and maps, 4-bit. torchao's ``AdamW4bit``: blocks of 128; first moment with the
+signed dynamic tree map shrunk to 4 bits (3 exponent bits); second moment with the linear map
+{1/16, 2/16, ..., 1}, which deliberately excludes zero (the paper's "zero-point problem":
+a second moment rounded to 0 blows up m / sqrt(v)). The paper's preferred second-moment scheme
+is rank-1 normalisation with that linear map; torchao (and we) use plain 128-blocks instead,
+following the ``2nd_moment_group_128`` config of the authors' ``lpmm`` code. Two codes are
+packed per byte, the element with the even flat index in the high nibble (torchao's layout).
+
+Rounding to the map. Each value is divided by its block's absmax and mapped to the nearest
+map entry; an exact tie goes to the larger entry. The comparison is the one torchao uses, so
+codes are bit-identical to torchao's whenever the block absmax is >= 1e-12 (see below).
+bitsandbytes' CPU kernel sends ties to the smaller entry instead (exact ties essentially never
+occur for real data), and its table-driven search sometimes returns a neighbour of the nearest
+entry; our codes are never farther from the value than bitsandbytes' (tested).
+
+Zero blocks. We store the true absmax (0 for an all-zero block) and only divide by a
+substitute 1 when it is 0, so an all-zero block dequantizes to exact zeros, even with the
+zero-free 4-bit unsigned map. torchao instead clips the absmax to >= 1e-12 and stores the clipped
+value (so its zero blocks come back as 1e-12 * map[code], e.g. 6.25e-14 for the 4-bit second
+moment); bitsandbytes stores 0 like we do. Apart from that stored scale, we differ from
+torchao only for blocks with 0 < absmax < 1e-12, whose codes it flattens towards zero.
+
+Partial blocks and odd sizes. Tensors are flattened; the last block may be shorter than
+``block_size`` and has its own absmax over the real elements only. For 4-bit with an odd
+element count the final low nibble is padding (code 0) and is ignored on dequantization.
+
+Nearest-entry search. ``torch.searchsorted`` on the sorted map gives the entry just below each
+value, then one comparison against the half-gap to the next entry picks the nearer of the two.
+This is O(n log 256) with two small int32/float temporaries per element, instead of the
+O(n * 256) memory an ``argmin`` over |x - map| would need for large state tensors.
+
+Non-finite state values are not representable: a block containing inf or nan quantizes to
+garbage. Keep optimizer state finite (or check it) before quantizing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "BLOCK_SIZE_4BIT",
+    "BLOCK_SIZE_8BIT",
+    "MIN_QUANTIZED_NUMEL",
+    "bf16_stochastic_round",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "map_4bit",
+    "quantize_4bit",
+    "quantize_blockwise",
+]
+
+# Tensors with fewer elements than this stay in full precision: the saving is negligible and
+# small tensors (biases, norms) are sensitive. Same threshold as bitsandbytes' `min_8bit_size`
+# default; torchao's low-bit AdamW also keeps tensors below 4096 elements unquantized.
+MIN_QUANTIZED_NUMEL = 4096
+
+# Block sizes of the reference implementations (see the module docstring).
+BLOCK_SIZE_8BIT = 256
+BLOCK_SIZE_4BIT = 128
+
+# Low 16 bits cleared: 0xFFFF0000 as a two's-complement int32.
+_BF16_HIGH_MASK = -(1 << 16)
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 stochastic rounding
+# --------------------------------------------------------------------------------------------
+
+
+def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Round ``x`` to bfloat16 stochastically, so that the result is unbiased.
+
+    bf16 keeps the upper 16 bits of an fp32 number. Adding a uniform random integer in
+    [0, 2^16) to the fp32 bit pattern and then clearing the low 16 bits rounds the magnitude up
+    to the next bf16 value with probability (dropped bits) / 2^16 and down otherwise, so
+    E[result] == x. Used when accumulating small updates into bf16 tensors, where
+    round-to-nearest would silently drop every update smaller than half an ulp.
+
+    Args:
+        x: floating-point tensor; non-fp32 inputs are cast to fp32 first (exact for fp16/bf16;
+            fp64 is rounded to nearest fp32 before the stochastic step).
+        generator: optional ``torch.Generator`` on ``x``'s device, for reproducible draws.
+
+    Returns:
+        A new bfloat16 tensor of ``x``'s shape. Each element is one of the two bf16 values
+        bracketing the fp32 value (the value itself if it is exactly representable). inf and
+        nan pass through unchanged. A finite value above the largest bf16 (~3.39e38) may round
+        up to inf, its upper neighbour.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"bf16_stochastic_round expects a floating-point tensor, got {x.dtype}")
+    x = x.float()
+    noise = torch.randint(
+        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
+    )
+    finite = torch.isfinite(x)
+    # NaN bit patterns are zeroed first so that the int32 addition cannot overflow.
+    bits = torch.where(finite, x.view(torch.int32), 0)
+    rounded = ((bits + noise) & _BF16_HIGH_MASK).view(torch.float32)
+    # The low 16 bits are now zero, so the cast to bf16 is exact.
+    return torch.where(finite, rounded, x).to(torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization maps
+# --------------------------------------------------------------------------------------------
+
+
+@cache
+def _dynamic_tree_values(signed: bool, total_bits: int) -> tuple[float, ...]:
+    """Sorted entries of the dynamic tree map with ``total_bits - 1`` exponent bits.
+
+    Exponent e = 0 .. total_bits - 2 scales a linear fraction by 10^(e - (total_bits - 2)).
+    Fraction level counts double with each exponent step; the signed map has half as many per
+    sign. Each level is the centre of an equal-width bin of [0.1, 1]. Arithmetic is float32 in
+    the same order as bitsandbytes' ``create_dynamic_map`` so the entries agree bit for bit.
+    """
+    exponent_bits = total_bits - 1
+    parts = [torch.tensor([0.0, 1.0], dtype=torch.float32)]
+    for e in range(exponent_bits):
+        levels = 2 ** (e + total_bits - exponent_bits - (1 if signed else 0))
+        edges = torch.linspace(0.1, 1, levels + 1, dtype=torch.float32)
+        centres = (edges[:-1] + edges[1:]) / 2.0
+        magnitudes = (10.0 ** (e - (exponent_bits - 1))) * centres
+        parts.append(magnitudes)
+        if signed:
+            parts.append(-magnitudes)
+    values = torch.cat(parts).sort().values
+    assert values.numel() == 2**total_bits and bool((values.diff() > 0).all())
+    return tuple(values.tolist())
+
+
+def dynamic_map(signed: bool, *, device: torch.types.Device = None) -> Tensor:
+    """The 256-entry dynamic tree quantization map of bitsandbytes / Dettmers et al. (2022).
+
+    Use ``signed=True`` for first moments (range [-0.993, 1]) and ``signed=False`` for second
+    moments (range [0, 1], finer resolution). Returns a sorted float32 tensor of shape (256,).
+    Keep the map on the state's device to avoid a copy on every (de)quantization.
+    """
+    return torch.tensor(_dynamic_tree_values(signed, 8), dtype=torch.float32, device=device)
+
+
+def map_4bit(signed: bool, *, device: torch.types.Device = None) -> Tensor:
+    """The 16-entry maps of torchao's ``AdamW4bit`` (Li et al., 2023).
+
+    ``signed=True`` (first moments): the dynamic tree map with 3 exponent bits,
+    {-0.8875 .. -0.0055, 0, 0.0055 .. 0.8875, 1}. ``signed=False`` (second moments): the linear
+    map {1/16, 2/16, ..., 1} without zero. Returns a sorted float32 tensor of shape (16,).
+    """
+    if signed:
+        return torch.tensor(_dynamic_tree_values(True, 4), dtype=torch.float32, device=device)
+    return torch.linspace(0, 1, 17, dtype=torch.float32, device=device)[1:]
+
+
+# --------------------------------------------------------------------------------------------
+# Block-wise helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def _check_map(qmap: Tensor, entries: int) -> None:
+    if qmap.ndim != 1 or qmap.numel() != entries:
+        raise ValueError(f"expected a 1-D map of {entries} entries, got shape {tuple(qmap.shape)}")
+
+
+def _scale_blocks(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Flatten ``x`` to fp32, divide each block by its absmax; return (scaled, absmax).
+
+    ``scaled`` is padded with zeros to a whole number of blocks, shape (blocks, block_size);
+    padding cannot change an absmax. All-zero blocks keep absmax 0 and are divided by 1.
+    """
+    flat = x.detach().reshape(-1).float()
+    pad = -flat.numel() % block_size
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    blocks = flat.view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return blocks / divisor[:, None], absmax
+
+
+def _nearest_codes(scaled: Tensor, qmap: Tensor) -> Tensor:
+    """Index of the nearest entry of the sorted ``qmap`` for each value (ties go up).
+
+    Values outside [qmap[0], qmap[-1]] map to the end entries.
+    """
+    qmap = qmap.to(device=scaled.device, dtype=torch.float32).contiguous()
+    last = qmap.numel() - 1
+    # Entry at or below each value, kept in [0, last - 1] so that `lower + 1` is valid.
+    lower = torch.searchsorted(qmap, scaled.contiguous(), right=True, out_int32=True)
+    lower = (lower - 1).clamp_(0, last - 1)
+    below = qmap[lower]
+    gap = qmap[lower + 1] - below
+    # Residual form of `x >= midpoint`, the same float expression torchao evaluates.
+    return lower + ((scaled - below) >= gap * 0.5).to(torch.int32)
+
+
+def _dequantize_codes(
+    codes: Tensor,
+    absmax: Tensor,
+    qmap: Tensor,
+    block_size: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Map flat integer ``codes`` (length numel(shape)) back to values of ``shape``."""
+    n = codes.numel()
+    blocks = absmax.numel()
+    if blocks != math.ceil(n / block_size):
+        raise ValueError(
+            f"absmax has {blocks} entries, expected ceil({n} / {block_size}) for block_size "
+            f"{block_size}"
+        )
+    qmap = qmap.to(device=codes.device, dtype=torch.float32)
+    values = qmap[codes.long()]
+    pad = blocks * block_size - n
+    if pad:
+        values = F.pad(values, (0, pad))
+    values = values.view(blocks, block_size) * absmax.to(codes.device, torch.float32)[:, None]
+    return values.reshape(-1)[:n].reshape(shape).to(dtype)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+# --------------------------------------------------------------------------------------------
+# 8-bit
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_blockwise(
+    x: Tensor, qmap: Tensor, block_size: int = BLOCK_SIZE_8BIT
+) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` to 8-bit codes with per-block absmax scaling.
+
+    Args:
+        x: floating-point tensor of any shape (cast to fp32, flattened in C order).
+        qmap: sorted 256-entry map, e.g. ``dynamic_map(signed)``; ideally on ``x``'s device.
+        block_size: elements per absmax block; the last block may be partial.
+
+    Returns:
+        ``(codes, absmax)``: uint8 codes of shape (x.numel(),) and float32 absmax of shape
+        (ceil(x.numel() / block_size),). Reconstruct with :func:`dequantize_blockwise`.
+    """
+    _check_block_size(block_size)
+    _check_map(qmap, 256)
+    scaled, absmax = _scale_blocks(x, block_size)
+    codes = _nearest_codes(scaled, qmap).reshape(-1)[: x.numel()]
+    return codes.to(torch.uint8), absmax
+
+
+def dequantize_blockwise(
+    codes: Tensor,
+    absmax: Tensor,
+    qmap: Tensor,
+    block_size: int,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``qmap[code] * absmax[block]``, reshaped.
+
+    Args:
+        codes: uint8 codes, numel(shape) of them (any layout; read flat).
+        absmax: float32 per-block scales from :func:`quantize_blockwise`.
+        qmap: the map used for quantization.
+        block_size: the block size used for quantization.
+        shape: shape of the returned tensor.
+        dtype: dtype of the returned tensor (computed in fp32, then cast).
+    """
+    _check_block_size(block_size)
+    _check_map(qmap, 256)
+    codes = codes.reshape(-1)
+    if codes.numel() != _numel(shape):
+        raise ValueError(f"{codes.numel()} codes do not fill shape {tuple(shape)}")
+    return _dequantize_codes(codes, absmax, qmap, block_size, shape, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# 4-bit
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_4bit(
+    x: Tensor, qmap: Tensor, block_size: int = BLOCK_SIZE_4BIT
+) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` to 4-bit codes with per-block absmax scaling, two codes per byte.
+
+    Args:
+        x: floating-point tensor of any shape (cast to fp32, flattened in C order).
+        qmap: sorted 16-entry map, e.g. ``map_4bit(signed)``; ideally on ``x``'s device.
+        block_size: elements per absmax block; the last block may be partial.
+
+    Returns:
+        ``(packed, absmax)``: uint8 of shape (ceil(x.numel() / 2),) holding element 2i in the
+        high nibble and element 2i + 1 in the low nibble (0 padding when numel is odd), and
+        float32 absmax of shape (ceil(x.numel() / block_size),).
+    """
+    _check_block_size(block_size)
+    _check_map(qmap, 16)
+    n = x.numel()
+    scaled, absmax = _scale_blocks(x, block_size)
+    codes = _nearest_codes(scaled, qmap).reshape(-1)[:n].to(torch.uint8)
+    if n % 2:
+        codes = F.pad(codes, (0, 1))
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+def dequantize_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    qmap: Tensor,
+    block_size: int,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Inverse of :func:`quantize_4bit`: unpack nibbles, then ``qmap[code] * absmax[block]``.
+
+    Args:
+        packed: uint8 tensor of ceil(numel(shape) / 2) bytes from :func:`quantize_4bit`.
+        absmax: float32 per-block scales from :func:`quantize_4bit`.
+        qmap: the 16-entry map used for quantization.
+        block_size: the block size used for quantization.
+        shape: shape of the returned tensor.
+        dtype: dtype of the returned tensor (computed in fp32, then cast).
+    """
+    _check_block_size(block_size)
+    _check_map(qmap, 16)
+    n = _numel(shape)
+    packed = packed.reshape(-1)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"{packed.numel()} bytes do not hold the 4-bit codes of {tuple(shape)}")
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
+    return _dequantize_codes(codes, absmax, qmap, block_size, shape, dtype)

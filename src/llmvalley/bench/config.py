@@ -152,8 +152,10 @@ def parse_key_values(key: str, items: Any) -> dict[str, Any]:
     """``["betas=0.9,0.95", ...]`` (or a dict from a config file) as a dict of typed values."""
     if items is None:
         return {}
-    if isinstance(items, dict):
-        return {str(k): tuple(v) if isinstance(v, list) else v for k, v in items.items()}
+    if isinstance(items, dict):  # YAML reads 1e-8 (no dot) as a string: type it as the CLI does
+        return {str(k): tuple(v) if isinstance(v, list)
+                else parse_value(v.strip()) if isinstance(v, str) else v
+                for k, v in items.items()}
     result: dict[str, Any] = {}
     for item in items:
         name, sep, value = str(item).partition("=")

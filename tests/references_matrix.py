@@ -33,14 +33,24 @@ def as_matrix(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+#: the Newton-Schulz normalisation guard of the reference code
+NS_EPS = 1e-7
+
+
 def ns5(g: Tensor, steps: int = 5) -> Tensor:
-    """Keller Jordan's quintic Newton-Schulz, written as in his post (same dtype as g)."""
+    """Keller Jordan's quintic Newton-Schulz, written as in his post (same dtype as g).
+
+    The input is divided by ``||X||_F + 1e-7`` (added, not ``max(||X||_F, eps)`` as
+    torch.optim.Muon): the form of Keller's original code and of the AdaMuon, NAMO / NAMO-D,
+    Hybrid-AuON and COSMOS reference code, so every reference here that orthogonalizes with
+    ``ns5`` follows its official convention (llmvalley's ``ns_eps_form="add"``).
+    """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.clone()
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
-    x = x / (x.norm() + 1e-7)
+    x = x / (x.norm() + NS_EPS)
     for _ in range(steps):
         s = x @ x.T
         x = a * x + (b * s + c * s @ s) @ x
@@ -71,7 +81,9 @@ def nesterov_ema(g: Tensor, st: dict, mu: float) -> Tensor:
 
 class AdaMuonRef(Reference):
     """Si et al. Algorithm 1 (GPT-2 code): O = NS(sign(nesterov m)); v = b v + (1-b) O^2;
-    O / (sqrt(v) + eps) rescaled to 0.2 sqrt(mn) / ||.||_F; p(1 - lr wd) - lr update."""
+    O / (sqrt(v) + eps) rescaled to 0.2 sqrt(mn) / ||.||_F; p(1 - lr wd) - lr update.
+    NS normalises by ||X||_F + 1e-7 (:func:`ns5`). A >2-D kernel is taken as its (out, -1)
+    matrix, llmvalley's convention, not the reference code's handling."""
 
     def update(self, p, g, st, name):
         lr, mu, wd, eps = (self.hp[k] for k in ("lr", "momentum", "weight_decay", "eps"))
@@ -139,7 +151,9 @@ class SinkGDRef(Reference):
 
 class SCALERef(Reference):
     """Glentis et al. (official code's rules): row-RMS normalization (column for
-    embed_tokens), EMA momentum 0.9 first for lm_head, HF-style AdamW for 1-D tensors."""
+    embed_tokens), EMA momentum 0.9 first for lm_head, HF-style AdamW for 1-D tensors at
+    ``lr * adam_lr_ratio`` (the code's adam_lr / max_lr; its LLaMA 60M-350M scripts use
+    2e-2 / 1e-3 = 20; the ratio is 1 unless given)."""
 
     def update(self, p, g, st, name):
         lr, wd = self.hp["lr"], self.hp.get("weight_decay", 0.0)
@@ -153,6 +167,7 @@ class SCALERef(Reference):
             u = g / torch.clamp(rms, min=1e-8)
             p.mul_(1 - lr * wd).sub_(lr * u)
             return
+        lr = lr * self.hp.get("adam_lr_ratio", 1.0)
         b1, b2, eps, t = 0.9, 0.999, 1e-8, st["t"]
         m = st.setdefault("m", torch.zeros_like(g))
         v = st.setdefault("v", torch.zeros_like(g))
@@ -163,7 +178,9 @@ class SCALERef(Reference):
 
 
 class NAMORef(Reference):
-    """Zhang et al. NAMO (scalar) and NAMO-D (``columnwise=True``), from the equations."""
+    """Zhang et al. NAMO (scalar) and NAMO-D (``columnwise=True``), from the equations.
+    NS normalises by ||X||_F + 1e-7 (:func:`ns5`), as src/namo.py. A >2-D kernel is taken as
+    its (out, -1) matrix, llmvalley's convention, not the reference code's handling."""
 
     def update(self, p, g, st, name):
         hp = self.hp
@@ -202,7 +219,7 @@ class AuONRef(Reference):
 
 class HybridAuONRef(Reference):
     """Maity's Hybrid-AuON: AuON's cosh brake applied to ns5(Nesterov momentum), as
-    ryyzn9/AuON HybridAuON (2-D parameters)."""
+    ryyzn9/AuON HybridAuON (2-D parameters; NS normalised by ||X||_F + 1e-7)."""
 
     def update(self, p, g, st, name):
         lr, mu, wd, gamma = (self.hp[k] for k in ("lr", "momentum", "weight_decay", "gamma"))

@@ -10,10 +10,13 @@ Orthogonalization options shared by the Muon family (see
 :mod:`llmvalley.optim.transforms.orthogonalize`): ``orthogonalizer`` (``"newton_schulz"``,
 ``"polar_express"``, ``"svd"``), ``ns_steps``, ``ns_coefficients``, ``ns_eps`` (the Frobenius
 normalisation guard, torch.optim.Muon's ``eps``), ``ns_dtype`` (None: bf16 on CUDA, the
-update's dtype elsewhere). ``shape_scale`` picks the update-scale convention: ``"keller"``
-``sqrt(max(1, m/n))``, ``"moonlight"`` ``0.2 sqrt(max(m, n))``, ``"dion"`` ``sqrt(m/n)``,
-``"none"``, or ``"rms"`` (rescale to RMS ``rms_target``); torch's ``"original"`` and
-``"match_rms_adamw"`` are accepted as aliases.
+update's dtype elsewhere) and, except for ``muon`` (always ``"clamp"``), ``ns_eps_form``:
+``"clamp"`` divides by ``max(||X||_F, ns_eps)`` as torch.optim.Muon (PolarGrad's default),
+``"add"`` by ``||X||_F + ns_eps`` as Keller's original NS5 and the AdaMuon, NAMO / NAMO-D,
+Hybrid-AuON and COSMOS reference code (those methods' default). ``shape_scale`` picks the
+update-scale convention: ``"keller"`` ``sqrt(max(1, m/n))``, ``"moonlight"``
+``0.2 sqrt(max(m, n))``, ``"dion"`` ``sqrt(m/n)``, ``"none"``, or ``"rms"`` (rescale to RMS
+``rms_target``); torch's ``"original"`` and ``"match_rms_adamw"`` are accepted as aliases.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ ORTHO_DEFAULTS: dict[str, Any] = dict(
     ns_dtype=None,
 )
 
+#: the same, normalising the NS input by ``||X||_F + ns_eps`` as the reference code of AdaMuon,
+#: NAMO / NAMO-D and Hybrid-AuON does (``max(||X||_F, ns_eps)`` is torch.optim.Muon's form)
+ORTHO_DEFAULTS_ADD: dict[str, Any] = dict(ORTHO_DEFAULTS, ns_eps_form="add")
+
 
 def check_matrix_group(name: str, group: dict[str, Any]) -> None:
     """Validate the orthogonalization / momentum / scale options shared by these recipes."""
@@ -77,7 +84,7 @@ def _check(name: str):
 
 NAMO_DEFAULTS: dict[str, Any] = dict(
     lr=1e-2, momentum=0.95, mu2=0.99, eps=1e-8, nesterov=True, weight_decay=0.1,
-    scale_coeff=0.2, **ORTHO_DEFAULTS)
+    scale_coeff=0.2, **ORTHO_DEFAULTS_ADD)
 
 
 
@@ -127,12 +134,13 @@ SPECS = [
     OptimizerSpec(
         name="adamuon",
         defaults=dict(lr=6e-4, momentum=0.95, nesterov=True, weight_decay=0.1, eps=1e-8,
-                      rms_target=0.2, **ORTHO_DEFAULTS),
+                      rms_target=0.2, **ORTHO_DEFAULTS_ADD),
         build=lambda g: [MuonMomentum(), Sign(), Orthogonalize(), ScaleByOrthoSecondMoment(),
                          RMSRescale()],
         applies_to="matrix",
         check=_check("adamuon"),
         fallback_hparams=dict(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1),
+        legacy_defaults=dict(ns_eps_form="clamp"),  # 0.1 had no ns_eps_form
     ),
     OptimizerSpec(
         name="namo",
@@ -141,6 +149,7 @@ SPECS = [
         applies_to="matrix",
         check=_check("namo"),
         fallback_hparams=dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+        legacy_defaults=dict(ns_eps_form="clamp"),  # 0.1 had no ns_eps_form
     ),
     OptimizerSpec(
         name="namo_d",
@@ -149,6 +158,7 @@ SPECS = [
         applies_to="matrix",
         check=_check("namo_d"),
         fallback_hparams=dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+        legacy_defaults=dict(ns_eps_form="clamp"),  # 0.1 had no ns_eps_form
     ),
     OptimizerSpec(
         name="auon",
@@ -160,7 +170,7 @@ SPECS = [
     OptimizerSpec(
         name="auon_hybrid",
         defaults=dict(lr=0.24, momentum=0.95, nesterov=True, weight_decay=0.0, gamma=1.5,
-                      **dict(ORTHO_DEFAULTS, ns_steps=1, ns_eps_form="add")),
+                      **dict(ORTHO_DEFAULTS_ADD, ns_steps=1)),
         build=lambda g: [MuonMomentum(), Orthogonalize(), CoshBrake()],
         applies_to="matrix",
         check=_check("auon_hybrid"),

@@ -9,21 +9,27 @@ Quickstart::
 
 from llmvalley.optim import (
     ChainOptimizer,
+    Decay,
     OptimizerSpec,
     create_optimizer,
     get_spec,
     list_optimizers,
+    register,
+    spec_from_chain,
     state_bytes,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ChainOptimizer",
+    "Decay",
     "OptimizerSpec",
     "__version__",
     "create_optimizer",
     "get_spec",
     "list_optimizers",
+    "register",
+    "spec_from_chain",
     "state_bytes",
 ]

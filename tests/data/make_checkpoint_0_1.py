@@ -7,7 +7,8 @@ import copy
 import torch
 
 import llmvalley
-from tests.helpers import make_model, make_optimizer, train, convergence_lr
+from tests.helpers import convergence_lr, make_model, make_optimizer, train
+
 out = {"version": "0.1.0", "optimizers": {}}
 for spec in llmvalley.list_optimizers():
     name = spec.name

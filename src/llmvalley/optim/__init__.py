@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from llmvalley.optim.memory import state_bytes
 from llmvalley.optim.catalogue import Paper
+from llmvalley.optim.memory import state_bytes
 from llmvalley.optim.registry import get_spec, list_optimizers, register
 from llmvalley.optim.routing import Matcher, Rule, route
 from llmvalley.optim.shell import ChainOptimizer

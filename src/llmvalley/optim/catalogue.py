@@ -167,7 +167,13 @@ CATALOGUE: dict[str, Entry] = {
                "sqrt(mn) / ||.||_F). The repository's top-level adamuon.py is a different "
                'variant (no sign, separate beta2=0.999 with bias correction, sqrt(min)/||.|| '
                "times 0.2 sqrt(max)); this recipe follows the GPT-2 code and the paper's "
-               'Algorithm 1.'),
+               "Algorithm 1. NS5 normalizes its input by ||X||_F + 1e-7 (ns_eps_form='add', "
+               "the default), as the reference; ns_eps_form='clamp' is torch.optim.Muon's "
+               'max(||X||_F, ns_eps). The NS input is sign(.), of norm sqrt(mn) whatever the '
+               'gradient scale, so the two forms differ only by about 1e-7 / sqrt(mn) '
+               "relative. The reference's treatment of >2-D weights differs; here a kernel "
+               '(out, in, kh, kw) is orthogonalized as its (out, in*kh*kw) matrix view '
+               "(Keller's rule), the other steps being element-wise or over the whole tensor."),
     ),
     "auon": Entry(
         family="matrix",
@@ -195,7 +201,10 @@ CATALOGUE: dict[str, Entry] = {
                'class defaults to ns_steps=5 (pass ns_steps=5 to match it). The reference '
                "normalizes by ||X||_F + 1e-7 (ns_eps_form='add') and runs NS in the parameter"
                ' dtype; ns_dtype=None here means bf16 on CUDA as for every Muon-family method'
-               " (pass ns_dtype='float32' for the reference's precision)."),
+               " (pass ns_dtype='float32' for the reference's precision). The repository's "
+               "HybridAuON treats >2-D weights differently; here a kernel (out, in, kh, kw) is "
+               "orthogonalized as its (out, in*kh*kw) matrix view (Keller's rule), the cosh "
+               'brake being over the whole tensor.'),
     ),
     "conda": Entry(
         family="matrix",
@@ -275,9 +284,22 @@ CATALOGUE: dict[str, Entry] = {
                       'update'),
         notes=("mu2 is the paper's mu_2 (EMA of the squared raw-gradient norm), eps its "
                'adamnorm_eps; scale_coeff the 0.2 of 0.2 sqrt(max(m, n)). Defaults are '
-               "src/namo.py's (lr 1e-2; the paper's GPT-2 configs tune lr, e.g. 0.012 / "
-               '0.009). Weight decay is scaled by the clamped adaptive rate, not by lr. The '
-               'AdamW backup (betas (0.9, 0.95), eps 1e-8, wd as the method) is the fallback.'),
+               "src/namo.py's (lr 1e-2; the paper's GPT-2 configs tune lr, e.g. 0.012 / 0.009). "
+               'Weight decay is scaled by the clamped adaptive rate, not by lr. The AdamW backup '
+               '(betas (0.9, 0.95), eps 1e-8, wd as the method) is the fallback. NS5 normalizes '
+               "its input by ||X||_F + 1e-7 (ns_eps_form='add', the default) as the reference "
+               "does; ns_eps_form='clamp' (torch.optim.Muon's max(||X||_F, ns_eps)) differs "
+               'materially only when ||M~||_F comes near 1e-7 (tiny gradients: a few percent of '
+               "the step or more at gradient scale 1e-6). The reference's AdamW backup places "
+               'eps as Hugging Face does, (sqrt(bc2)/bc1) m / (sqrt(v) + eps), the adamw '
+               'fallback as torch, (m/bc1) / (sqrt(v/bc2) + eps): the two differ only through '
+               "eps, HF's being torch's form with eps / sqrt(bc2) in place of eps (bc2 = 1 - "
+               '0.95^t: 4.5x at step 1, within 1% from step 77), so only in early steps and '
+               "where sqrt(v/bc2) is not far above eps. A >2-D kernel (out, in, kh, kw) is used "
+               "as its (out, in*kh*kw) matrix view for NS and the norms, as the reference, but "
+               "the reference takes the shape factor from the first two dimensions, "
+               "sqrt(max(out, in)), where this uses the matrix view's sqrt(max(out, "
+               "in*kh*kw))."),
     ),
     "namo_d": Entry(
         family="matrix",
@@ -289,11 +311,23 @@ CATALOGUE: dict[str, Entry] = {
         weight_decay=('per column: W_:,j *= max(1 - wd * min(c_j b, 1), 0), before the update'),
         notes=("mu2 is the paper's mu_2 (EMA of the squared raw-gradient norm), eps its "
                'adamnorm_eps; scale_coeff the 0.2 of 0.2 sqrt(max(m, n)). Defaults are '
-               "src/namo.py's (lr 1e-2; the paper's GPT-2 configs tune lr, e.g. 0.012 / "
-               '0.009). Weight decay is scaled by the clamped adaptive rate, not by lr. The '
-               'AdamW backup (betas (0.9, 0.95), eps 1e-8, wd as the method) is the fallback.'
-               " col_clamp is the code's col_state_clamp_c (0.75; the paper's configs use "
-               '0.01); values outside (0, 1] disable the clamp.'),
+               "src/namo.py's (lr 1e-2; the paper's GPT-2 configs tune lr, e.g. 0.012 / 0.009). "
+               'Weight decay is scaled by the clamped adaptive rate, not by lr. The AdamW backup '
+               '(betas (0.9, 0.95), eps 1e-8, wd as the method) is the fallback. col_clamp is '
+               "the code's col_state_clamp_c (0.75; the paper's configs use 0.01); values "
+               'outside (0, 1] disable the clamp. NS5 normalizes its input by ||X||_F + 1e-7 '
+               "(ns_eps_form='add', the default) as the reference does; ns_eps_form='clamp' "
+               "(torch.optim.Muon's max(||X||_F, ns_eps)) differs materially only when ||M~||_F "
+               'comes near 1e-7 (tiny gradients: a few percent of the step or more at gradient '
+               "scale 1e-6). The reference's AdamW backup places eps as Hugging Face does, "
+               '(sqrt(bc2)/bc1) m / (sqrt(v) + eps), the adamw fallback as torch, (m/bc1) / '
+               "(sqrt(v/bc2) + eps): the two differ only through eps, HF's being torch's form "
+               'with eps / sqrt(bc2) in place of eps (bc2 = 1 - 0.95^t: 4.5x at step 1, within '
+               '1% from step 77), so only in early steps and where sqrt(v/bc2) is not far above '
+               "eps. A >2-D kernel (out, in, kh, kw) is used as its (out, in*kh*kw) matrix view "
+               "for NS, the norms and the columns (n = in*kh*kw), as the reference, but the "
+               "reference takes the shape factor from the first two dimensions, "
+               "sqrt(max(out, in)), where this uses sqrt(max(out, in*kh*kw))."),
     ),
     "polargrad": Entry(
         family="matrix",
@@ -344,7 +378,9 @@ CATALOGUE: dict[str, Entry] = {
                'create_optimizer puts it in its own group) normalizes an EMA momentum (beta '
                "0.9); < 2-D parameters take the reference's HF-style AdamW at lr * "
                'adam_lr_ratio (adam_lr / max_lr in the reference, so it follows the '
-               'schedule). Memory: the head momentum plus Adam moments of the 1-D parameters.'),
+               "schedule). adam_lr_ratio defaults to 20, the reference's LLaMA 60M-350M "
+               'scripts (adam_lr 2e-2 with lr 1e-3); pass 1.0 for one rate for all. Memory: '
+               'the head momentum plus Adam moments of the 1-D parameters.'),
     ),
     "sgd_sai": Entry(
         family="normalized",
@@ -409,5 +445,39 @@ CATALOGUE: dict[str, Entry] = {
                "Defaults lr=0.01, momentum=0.9 as MXNet's Signum. MXNet's coupled `wd` (added"
                ' to the gradient before the momentum) is not offered: weight_decay is the '
                'decoupled wd_lh.'),
+    ),
+    "adamw8bit": Entry(
+        family="adaptive",
+        paper=Paper("8-bit Optimizers via Block-wise Quantization (Dettmers, Lewis, Shleifer, "
+                    "Zettlemoyer, ICLR 2022)", "2110.02861", 2021),
+        reference=("bitsandbytes AdamW8bit; torchao.optim.AdamW8bit (tested against)"),
+        notes=("adamw with state_precision='int8': exp_avg and exp_avg_sq stored as blockwise "
+               "dynamic 8-bit codes (signed / unsigned map, block 256 as bitsandbytes' and "
+               "torchao's code; the paper's block is 2048) plus one float32 absmax per block; "
+               "tensors under 4096 elements stay float32. The step uses the float32 moments "
+               "before they are re-quantized, as both references. torchao leaves a tensor "
+               "unquantized when its size is not a multiple of the block size; here the last "
+               "block is partial."),
+    ),
+    "adamw4bit": Entry(
+        family="adaptive",
+        paper=Paper("Memory Efficient Optimizers with 4-bit States (Li, Chen, Zhu, NeurIPS "
+                    "2023)", "2309.01507", 2023),
+        reference=("thu-ml/low-bit-optimizers (lpmm); torchao.optim.AdamW4bit (the "
+                   "implementation followed)"),
+        notes=("adamw with state_precision='int4', as torchao's AdamW4bit: block 128, the "
+               "signed 4-bit dynamic map for exp_avg and the zero-free linear map for "
+               "exp_avg_sq, two codes a byte. The paper's best setting normalizes the second "
+               "moment rank-1 (row and column maxima); torchao and this recipe use 128-element "
+               "blocks for both moments. Tensors under 4096 elements stay float32."),
+    ),
+    "lion8bit": Entry(
+        family="sign",
+        paper=Paper("Symbolic Discovery of Optimization Algorithms (Chen et al.); 8-bit states "
+                    "as Dettmers et al. 2022", "2302.06675", 2023),
+        reference="bitsandbytes Lion8bit",
+        notes=("lion with state_precision='int8': the momentum stored as blockwise dynamic "
+               "8-bit codes (signed map, block 256) plus float32 block scales; tensors under "
+               "4096 elements stay float32."),
     ),
 }

@@ -22,21 +22,21 @@ from llmvalley.optim.transforms.decay import CoupledWeightDecay
 from llmvalley.optim.transforms.mask import Cautious
 from llmvalley.optim.transforms.momentum import MARSCorrection
 
-_CACHE: dict[tuple, tuple[list[Transform], KeyMap]] = {}
-
 
 def _options_key(spec: Any, group: Mapping[str, Any]) -> tuple:
     from llmvalley.optim.spec import _hashable
 
     decay = spec.decay_for(group)
-    return (id(spec), tuple(_hashable(group.get(k)) for k in spec.structural),
+    return (tuple(_hashable(group.get(k)) for k in spec.structural),
             bool(group.get("mars")), bool(group.get("cautious")), decay.form, decay.key)
 
 
 def chain_and_keys(spec: Any, group: Mapping[str, Any]) -> tuple[list[Transform], KeyMap]:
-    """The group's full chain (shell options included) and its slot keys, cached."""
+    """The group's full chain (shell options included) and its slot keys, cached on the
+    spec."""
     key = _options_key(spec, group)
-    if key not in _CACHE:
+    cache = spec._full_chains
+    if key not in cache:
         pre: list[Transform] = []
         if group.get("mars"):
             pre.append(MARSCorrection(gamma_key="mars_gamma"))
@@ -45,8 +45,8 @@ def chain_and_keys(spec: Any, group: Mapping[str, Any]) -> tuple[list[Transform]
             pre.append(CoupledWeightDecay(decay.key))
         post: list[Transform] = [Cautious()] if group.get("cautious") else []
         chain = [*pre, *spec.chain(group), *post]
-        _CACHE[key] = (chain, assign_keys(chain))
-    return _CACHE[key]
+        cache[key] = (chain, assign_keys(chain))
+    return cache[key]
 
 
 def full_chain(spec: Any, group: Mapping[str, Any]) -> list[Transform]:

@@ -26,7 +26,7 @@ def _add(spec: OptimizerSpec) -> OptimizerSpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"optimizer {spec.name!r} is already registered")
     if spec.about is None and spec.name in CATALOGUE:
-        spec = replace(spec, about=CATALOGUE[spec.name])
+        spec = replace(spec, about=CATALOGUE[spec.name], _chains={}, _full_chains={})
     _REGISTRY[spec.name] = spec
     return spec
 

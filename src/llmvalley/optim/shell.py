@@ -31,6 +31,7 @@ exist yet, so it is right before training starts.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -78,7 +79,11 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], optimizer: str | OptimizerSpec | list[Transform],
                  **hparams: Any) -> None:
-        spec = lookup_spec(optimizer)
+        if isinstance(optimizer, (list, tuple)):  # a chain: its hyperparameters are given here
+            spec = spec_from_chain(list(optimizer), {k: v for k, v in hparams.items()
+                                                     if k not in SHELL_KEYS})
+        else:
+            spec = lookup_spec(optimizer)
         self._specs: dict[str, OptimizerSpec] = {spec.name: spec}
         defaults = spec.resolve(hparams)
         defaults["optimizer"] = spec.name
@@ -96,6 +101,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         wanted = param_group.get("optimizer", self.defaults["optimizer"])
         spec = self._specs.get(wanted) if isinstance(wanted, str) else None
         spec = spec or lookup_spec(wanted)
+        held = self._specs.get(spec.name)
+        if held is not None and held is not spec:
+            if spec.about is not None:
+                raise ValueError(f"two different optimizers named {spec.name!r} in one "
+                                 "ChainOptimizer: give them distinct names")
+            k = 2  # an unregistered spec or chain under a name in use: number it
+            while f"{spec.name}-{k}" in self._specs:
+                k += 1
+            spec = replace(spec, name=f"{spec.name}-{k}", _chains={}, _full_chains={})
         self._specs.setdefault(spec.name, spec)
         if spec.name == self.defaults["optimizer"]:
             base = dict(self.defaults)
@@ -206,8 +220,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         for group, before in zip(self.param_groups, current):
+            legacy = self.spec(group).legacy_defaults
             for k, v in before.items():
-                group.setdefault(k, v)
+                group.setdefault(k, legacy.get(k, v))
         saved_ids = [i for g in saved_groups for i in g["params"]]
         owners = [(p, g) for g in self.param_groups for p in g["params"]]
         id_to_param = dict(zip(saved_ids, owners))
@@ -220,6 +235,12 @@ class ChainOptimizer(torch.optim.Optimizer):
             for old, new in self.spec(group).legacy_keys.items():
                 if old in state and new not in state:
                     state[new] = state.pop(old)
+            for key, slot in self._declared(group, p):  # 0.1 kept some in the matrix view
+                value = state.get(key)
+                if isinstance(value, Tensor) and slot.shape is not None \
+                        and key + ".absmax" not in state and value.shape != slot.shape \
+                        and value.numel() == slot.numel:
+                    state[key] = value.reshape(slot.shape)
             self.state[p] = state
 
     # ---- step -----------------------------------------------------------------------------

@@ -81,6 +81,8 @@ class OptimizerSpec:
         rules: default routing rules, applied after the user's by ``create_optimizer``.
         fallback_hparams: hyperparameters of the ``adamw`` fallback (matrix methods).
         legacy_keys: state keys written by llmvalley 0.1 and the keys they load into.
+        legacy_defaults: values of group keys that a loaded 0.1 group lacks, where the current
+            default differs from what 0.1 did (so a resumed run keeps its behaviour).
         about: the catalogue entry (paper, reference, notes); None for a user's own spec.
     """
 
@@ -96,8 +98,10 @@ class OptimizerSpec:
     rules: tuple = ()
     fallback_hparams: dict[str, Any] | None = None
     legacy_keys: dict[str, str] = field(default_factory=dict)
+    legacy_defaults: dict[str, Any] = field(default_factory=dict)
     about: Entry | None = None
     _chains: dict[tuple, list[Transform]] = field(default_factory=dict, repr=False)
+    _full_chains: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
     # ---- catalogue ------------------------------------------------------------------------
     @property
@@ -176,7 +180,7 @@ def validate_shell(name: str, group: Mapping[str, Any]) -> None:
     for key in ("maximize", "cautious", "mars"):
         if key in group and not isinstance(group[key], bool):
             raise ValueError(f"{name}: invalid {key}={group[key]!r}: must be True or False")
-    if group.get("master_weights") not in (None, True, False):
+    if not any(group.get("master_weights") is v for v in (None, True, False)):
         raise ValueError(f"{name}: invalid master_weights={group['master_weights']!r}: "
                          "None, True or False")
     check_precision(name, group)

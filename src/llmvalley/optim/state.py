@@ -49,10 +49,11 @@ def precision_name(value: Any) -> str | None:
     (``"bfloat16"``, as configs write it); ``ValueError`` otherwise."""
     if value is None or value in PRECISIONS:
         return value
+    dtype = value
     if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-        value = getattr(torch, value)
-    if isinstance(value, torch.dtype) and value in DTYPE_NAMES:
-        return DTYPE_NAMES[value]
+        dtype = getattr(torch, value)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
     raise ValueError(f"invalid state precision {value!r}: one of {PRECISIONS}, a float dtype, "
                      "or None")
 

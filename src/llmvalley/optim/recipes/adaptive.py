@@ -115,6 +115,20 @@ SPECS = [
         check=require_betas("adamw", 2),
     ),
     OptimizerSpec(
+        name="adamw8bit",
+        defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, weight_decay=1e-2,
+                      state_precision="int8"),
+        build=lambda g: [ScaleByAdam()],
+        check=require_betas("adamw8bit", 2),
+    ),
+    OptimizerSpec(
+        name="adamw4bit",
+        defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, weight_decay=1e-2,
+                      state_precision="int4"),
+        build=lambda g: [ScaleByAdam()],
+        check=require_betas("adamw4bit", 2),
+    ),
+    OptimizerSpec(
         name="nadam",
         defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                       momentum_decay=4e-3, decoupled_weight_decay=False),

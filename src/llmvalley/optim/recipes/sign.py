@@ -14,6 +14,12 @@ SPECS = [
         check=require_betas("lion", 2),
     ),
     OptimizerSpec(
+        name="lion8bit",
+        defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, state_precision="int8"),
+        build=lambda g: [LionDirection()],
+        check=require_betas("lion8bit", 2),
+    ),
+    OptimizerSpec(
         name="signum",
         defaults=dict(lr=1e-2, momentum=0.9, weight_decay=0.0),
         build=lambda g: [EMA("momentum_buffer", beta_key="momentum"), Sign()],

@@ -1,6 +1,6 @@
 """Second-moment (adaptive) transforms: Adam and its published relatives.
 
-Each returns the *direction* (to be multiplied by the learning rate by :class:`ApplyLR`).
+Each returns the *direction*; the shell multiplies it by the learning rate.
 Two epsilon conventions exist in the field and are named explicitly:
 
 - ``"torch"``: ``(m / bc1) / (sqrt(v / bc2) + eps)`` (torch.optim.Adam/AdamW),

@@ -21,6 +21,7 @@ LR scheduler doing so) takes effect as in ``torch.optim``.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -147,7 +148,9 @@ class StepContext:
     # ---- views ---------------------------------------------------------------------------
     def bind(self, transform: Transform, keys: dict[str, str]) -> StepContext:
         """The context as ``transform`` sees it (its own slot keys)."""
-        return replace(self, keys=keys, transform=transform, _loaded=[])
+        bound = copy.copy(self)
+        bound.keys, bound.transform, bound._loaded = keys, transform, []
+        return bound
 
     def subset(self, idx: list[int], **changes: Any) -> StepContext:
         """The context of the tensors ``idx`` (a partition branch); its plan is a sub-plan."""
@@ -202,15 +205,22 @@ class StepContext:
         They are in the compute dtype and may be updated in place: slots stored in another
         precision are decoded here and encoded back when the transform returns.
         """
-        idx = list(range(len(self.states))) if idx is None else idx
+        idx = range(len(self.states)) if idx is None else idx
+        key = self.keys.get(name, name)
         out, decoded = [], []
         for i in idx:
-            key = self.ensure(i, name)
-            value, copied = self.codec.load(self.states[i], key, self._spec(i, name),
-                                            self.dtypes[i])
+            st = self.states[i]
+            value = st.get(key)
+            if value is None:
+                self.ensure(i, name)
+                value = st[key]
+            if isinstance(value, Tensor) and value.dtype == self.dtypes[i] \
+                    and key + ".absmax" not in st:
+                out.append(value)  # stored as computed: updated in place
+                continue
+            value, _ = self.codec.load(st, key, self._spec(i, name), self.dtypes[i])
             out.append(value)
-            if copied:
-                decoded.append((i, value))
+            decoded.append((i, value))
         if decoded:
             self._loaded.append((name, [i for i, _ in decoded], [v for _, v in decoded]))
         return out
@@ -262,7 +272,8 @@ class Transform:
     @property
     def label(self) -> str:
         """Short snake-case name, used to qualify colliding slot keys."""
-        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).lower()
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_",
+                      type(self).__name__).lower()
 
     def __repr__(self) -> str:
         return type(self).__name__

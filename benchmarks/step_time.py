@@ -83,6 +83,34 @@ def machine(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+PRECISIONS = (None, "bf16", "int8", "int4")
+BYTES_METHODS = ("adamw", "lion", "adafactor", "muon", "ademamix")
+
+
+def precision_table(model: nn.Module, n_params: int, markdown: bool) -> None:
+    """State bytes per parameter of a few methods at each ``state_precision`` (declared
+    state, counted before the first step: no timing needed)."""
+    rows = []
+    for name in BYTES_METHODS:
+        cells = []
+        for precision in PRECISIONS:
+            opt = llmvalley.create_optimizer(name, model, state_precision=precision)
+            cells.append(llmvalley.state_bytes(opt) / n_params)
+        rows.append((name, cells))
+    heads = ["default (fp32)" if p is None else p for p in PRECISIONS]
+    print("\nstate bytes per parameter by state_precision")
+    if markdown:
+        print("\n| optimizer | " + " | ".join(heads) + " |")
+        print("|---|" + "---:|" * len(heads))
+        for name, cells in rows:
+            print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    else:
+        print(f"{'optimizer':12}" + "".join(f"{h:>16}" for h in heads))
+        for name, cells in rows:
+            print(f"{name:12}" + "".join(f"{c:16.3f}" for c in cells))
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=512)
@@ -94,6 +122,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--only", help="comma-separated optimizer names")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--bytes-only", action="store_true",
+                        help="print only the state bytes per parameter by precision")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -103,6 +133,9 @@ def main() -> None:
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
 
+    precision_table(model, n_params, args.markdown)
+    if args.bytes_only:
+        return
     fused_opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     foreach_opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     fused_all, foreach_all = [], []

@@ -14,6 +14,7 @@ from torch import nn
 
 import llmvalley
 from llmvalley.optim import ChainOptimizer
+from llmvalley.optim.state import Codec
 from llmvalley.optim.transforms import EMA, ScaleByAdam
 from llmvalley.optim.transforms.orthogonalize import orthogonalize, shape_scale
 from tests.helpers import loss_fn, make_model, make_optimizer, roundtrip, train
@@ -344,3 +345,33 @@ def test_bf16_parameter_updates_below_half_an_ulp(master_weights):
 def test_bad_hyperparameters_are_named(name, key, value):
     with pytest.raises(ValueError, match=key):
         llmvalley.create_optimizer(name, [nn.Parameter(torch.zeros(3, 2))], **{key: value})
+
+
+@pytest.mark.parametrize("saved,loaded", [("int8", "fp32"), (None, "int4"), ("bf16", "int8"),
+                                          ("int4", "bf16"), ("int8", None)])
+def test_resuming_with_another_state_precision_converts_the_state(saved, loaded):
+    """A precision given to the new optimizer wins over the checkpoint's (the state is
+    converted); without one, the checkpoint's stays, as any hyperparameter."""
+    w = nn.Parameter(torch.randn(64, 128))
+    opt = llmvalley.create_optimizer("adamw", [w], state_precision=saved)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    kw = {} if loaded is None else {"state_precision": loaded}
+    other = llmvalley.create_optimizer("adamw", [w], **kw)
+    other.load_state_dict(roundtrip(opt.state_dict()))
+    expected = saved if loaded is None else loaded
+    assert other.param_groups[0]["state_precision"] == expected
+    assert llmvalley.state_bytes(other) == llmvalley.create_optimizer(
+        "adamw", [nn.Parameter(torch.randn(64, 128))],
+        state_precision=expected).planned_state_bytes()
+    loaded = expected
+    ref = Codec(saved)
+    new = Codec(loaded)
+    for key, slot in other._declared(other.param_groups[0], w):
+        before, _ = ref.load(opt.state[w], key, slot, torch.float32)
+        after, _ = new.load(other.state[w], key, slot, torch.float32)
+        scale = before.abs().max()
+        assert (after - before).abs().max() <= 0.2 * scale, key  # one rounding, not garbage
+    w.grad = torch.randn_like(w)
+    other.step()

@@ -217,6 +217,46 @@ def _scale_blocks(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     return blocks / divisor[:, None], absmax
 
 
+@cache
+def _bucket_table(values: tuple[float, ...], device: str) -> tuple[Tensor, Tensor] | None:
+    """``searchsorted(qmap, x, right=True)`` for every float32 ``x``, by its top 16 bits.
+
+    All floats sharing their top 16 bits (sign, exponent, 7 mantissa bits) form an interval;
+    the count of map entries at or below ``x`` is constant on it, or steps once at the one map
+    entry inside it. Returns the count at the interval's low end and the padded map (so that
+    ``start + (map[start] <= x)`` is the exact count), or None when some interval holds more
+    than one entry (then the caller searches). Buckets of NaN/inf patterns count as NaN does
+    (past the end), which is what ``searchsorted`` gives for the NaN a non-finite block
+    scales to.
+    """
+    qmap = torch.tensor(values, dtype=torch.float32)
+    top = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32) << 16
+    ends = torch.stack([top, top | 0xFFFF]).view(torch.float32)
+    counts = torch.searchsorted(qmap, ends.contiguous(), right=True)
+    low, high = counts.min(dim=0).values, counts.max(dim=0).values
+    special = (top & 0x7F800000) == 0x7F800000  # exponent all ones: inf and NaN
+    low = torch.where(special, torch.full_like(low, qmap.numel()), low)
+    high = torch.where(special, low, high)
+    if bool(((high - low) > 1).any()):
+        return None
+    padded = torch.cat([qmap, torch.full((1,), math.inf)])
+    # the entry inside an interval is map[low] (the first above its low end); an interval
+    # without one points at the +inf pad, which never counts
+    inside = torch.where(high > low, low, torch.full_like(low, qmap.numel()))
+    return torch.stack([low, inside]).to(device=device, dtype=torch.int32), padded.to(device)
+
+
+def _count_at_or_below(scaled: Tensor, qmap: Tensor) -> Tensor:
+    """``searchsorted(qmap, scaled, right=True)`` (int32) through a 65536-entry table of the
+    float32 bit patterns (:func:`_bucket_table`), a gather instead of a binary search."""
+    table = _bucket_table(tuple(qmap.tolist()), str(scaled.device))
+    if table is None:
+        return torch.searchsorted(qmap, scaled.contiguous(), right=True, out_int32=True)
+    (low, inside), padded = table
+    bucket = ((scaled.contiguous().view(torch.int32) >> 16) + (1 << 15)).long()
+    return low[bucket] + (padded[inside[bucket]] <= scaled).to(torch.int32)
+
+
 def _nearest_codes(scaled: Tensor, qmap: Tensor) -> Tensor:
     """Index of the nearest entry of the sorted ``qmap`` for each value (ties go up).
 
@@ -225,8 +265,7 @@ def _nearest_codes(scaled: Tensor, qmap: Tensor) -> Tensor:
     qmap = qmap.to(device=scaled.device, dtype=torch.float32).contiguous()
     last = qmap.numel() - 1
     # Entry at or below each value, kept in [0, last - 1] so that `lower + 1` is valid.
-    lower = torch.searchsorted(qmap, scaled.contiguous(), right=True, out_int32=True)
-    lower = (lower - 1).clamp_(0, last - 1)
+    lower = (_count_at_or_below(scaled, qmap) - 1).clamp_(0, last - 1)
     below = qmap[lower]
     gap = qmap[lower + 1] - below
     # Residual form of `x >= midpoint`, the same float expression torchao evaluates.

@@ -39,11 +39,14 @@ from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys, is_plain
 from llmvalley.optim.spec import SHELL_DEFAULTS, SHELL_KEYS, OptimizerSpec, spec_from_chain
-from llmvalley.optim.state import Codec, stochastic_round
+from llmvalley.optim.state import ABSMAX, QUANTIZED, Codec, stochastic_round
 from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform
 from llmvalley.optim.transforms.combine import chain_slots, run_chain
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: options that say how state is stored: when given to the constructor they win over a loaded
+#: checkpoint's (whose state is converted); every other hyperparameter comes from the checkpoint
+STORAGE_KEYS = ("state_precision", "state_dtype", "master_weights")
 MASTER = "master_weight"
 
 
@@ -139,7 +142,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                     )
 
     def param_name(self, p: Tensor) -> str:
-        return self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
+        name = self._names.get(id(p))
+        return name if name is not None else f"parameter of shape {tuple(p.shape)}"
 
     # ---- state ----------------------------------------------------------------------------
     def _declared(self, group: Mapping[str, Any], p: Tensor):
@@ -204,7 +208,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         round the float32 state of bf16 parameters to bf16 and break bit-exact resume.
         Tensors are moved to their parameter's device. A state_dict of another method raises,
         naming both; one written by llmvalley 0.1 is migrated (its state keys renamed as each
-        spec's ``legacy_keys`` says, new group options filled with their defaults).
+        spec's ``legacy_keys`` says, new group options filled with their defaults). Storage
+        options given to this optimizer's constructor (:data:`STORAGE_KEYS`) win over the
+        checkpoint's, and the loaded state is converted to them.
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
@@ -223,6 +229,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             legacy = self.spec(group).legacy_defaults
             for k, v in before.items():
                 group.setdefault(k, legacy.get(k, v))
+            for k in STORAGE_KEYS:  # how to store state: this optimizer's choice, if it made one
+                if k in self._shell:
+                    group[k] = before[k]
         saved_ids = [i for g in saved_groups for i in g["params"]]
         owners = [(p, g) for g in self.param_groups for p in g["params"]]
         id_to_param = dict(zip(saved_ids, owners))
@@ -235,12 +244,15 @@ class ChainOptimizer(torch.optim.Optimizer):
             for old, new in self.spec(group).legacy_keys.items():
                 if old in state and new not in state:
                     state[new] = state.pop(old)
-            for key, slot in self._declared(group, p):  # 0.1 kept some in the matrix view
+            codec = _codec(group, 0)
+            for key, slot in self._declared(group, p):
                 value = state.get(key)
-                if isinstance(value, Tensor) and slot.shape is not None \
-                        and key + ".absmax" not in state and value.shape != slot.shape \
-                        and value.numel() == slot.numel:
+                if not isinstance(value, Tensor) or slot.shape is None:
+                    continue
+                if key + ABSMAX not in state and value.shape != slot.shape \
+                        and value.numel() == slot.numel:  # 0.1 kept some in the matrix view
                     state[key] = value.reshape(slot.shape)
+                recode(state, key, slot, codec, compute_dtype(p))
             self.state[p] = state
 
     # ---- step -----------------------------------------------------------------------------
@@ -321,6 +333,25 @@ class ChainOptimizer(torch.optim.Optimizer):
                 p.copy_(w)
 
 
+def recode(st: dict[str, Any], key: str, slot: Any, codec: Codec, compute: torch.dtype) -> None:
+    """Store slot ``key`` as ``codec`` wants it when a checkpoint stored it otherwise (a run
+    resumed with another ``state_precision``)."""
+    quantized = key + ABSMAX in st
+    want = codec.precision(key, slot)
+    if quantized:
+        from llmvalley.optim.state import _stored_kind
+
+        if want == _stored_kind(st[key], slot):
+            return
+    elif want not in QUANTIZED and st[key].dtype == codec.stored_dtype(key, slot, compute):
+        return
+    value, _ = codec.load(st, key, slot, compute)
+    value = value.clone()
+    st.pop(key + ABSMAX, None)
+    codec.create(st, key, slot, compute, value.device)
+    codec.store(st, key, slot, value)
+
+
 def _codec(group: Mapping[str, Any], step: int) -> Codec:
     return Codec(group.get("state_precision"), group.get("state_dtype"), step)
 
@@ -359,6 +390,17 @@ def _decoupled(params: list[Tensor], plan: StepPlan, lr: float, scaled: bool) ->
 def apply_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, lr: float,
                form: str, scaled: bool) -> None:
     """The parameter write: weight decay in ``form`` and ``p -= rate * scale * u``."""
+    wd = plan.weight_decay[0]
+    if _is_plain(plan, wd):  # the common case: one call for the decay, one for the step
+        decays = wd != 0 and form in ("decoupled", "decoupled_after")
+        if decays and form == "decoupled":
+            torch._foreach_mul_(params, 1.0 - (lr if scaled else 1.0) * wd)
+        torch._foreach_add_(params, directions, alpha=-lr)
+        if decays and form == "decoupled_after":
+            torch._foreach_mul_(params, 1.0 - (lr if scaled else 1.0) * wd)
+        elif wd != 0 and form == "proximal":
+            torch._foreach_div_(params, 1.0 + lr * wd)
+        return
     if form == "decoupled":
         _decoupled(params, plan, lr, scaled)
     plain_p: list[Tensor] = []
@@ -390,6 +432,14 @@ def apply_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, l
                    for wd, m in zip(plan.weight_decay, plan.lr_mult)]
         keep = [(p, f) for p, f, wd in zip(params, factors, plan.weight_decay) if wd != 0]
         _foreach_by_value([p for p, _ in keep], [f for _, f in keep], torch._foreach_div_)
+
+
+def _is_plain(plan: StepPlan, wd: float) -> bool:
+    """No per-tensor scale, rate, decay or multiplier: one step size for the whole group."""
+    return (all(type(s) is float and s == 1.0 for s in plan.scale)
+            and plan.lr_mult.count(1.0) == len(plan.lr_mult)
+            and not any(plan.absolute) and plan.decay_rate.count(None) == len(plan.decay_rate)
+            and plan.weight_decay.count(wd) == len(plan.weight_decay))
 
 
 def first_nonfinite(tensors: list[Tensor]) -> int | None:

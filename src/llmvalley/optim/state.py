@@ -137,9 +137,8 @@ class Codec:
              compute: torch.dtype) -> tuple[Tensor, bool]:
         """The slot as a compute-dtype tensor, and whether it is a decoded copy."""
         value = st[key]
-        if key + ABSMAX in st:
-            q = _quantizer(self.precision(key, spec) or _stored_kind(value, spec),
-                           spec.role == "signed", value.device)
+        if key + ABSMAX in st:  # the stored form says how to decode it
+            q = _quantizer(_stored_kind(value, spec), spec.role == "signed", value.device)
             return q.decode(value, st[key + ABSMAX], spec.shape, compute), True
         if value.dtype == compute:
             return value, False
@@ -148,8 +147,7 @@ class Codec:
     def store(self, st: dict[str, Any], key: str, spec: SlotSpec, value: Tensor) -> None:
         old = st[key]
         if key + ABSMAX in st:
-            q = _quantizer(self.precision(key, spec) or _stored_kind(old, spec),
-                           spec.role == "signed", value.device)
+            q = _quantizer(_stored_kind(old, spec), spec.role == "signed", value.device)
             st[key], st[key + ABSMAX] = q.encode(value)
             return
         if old.dtype in (torch.bfloat16, torch.float16) and value.dtype == torch.float32:

@@ -98,6 +98,17 @@ def _check_mars(group: dict[str, Any]) -> None:
         raise ValueError(f"mars: invalid betas_1d={group['betas_1d']!r}: expected 2 values")
 
 
+def _low_bit_adamw(name: str, precision: str) -> OptimizerSpec:
+    """AdamW (torch's defaults, as bitsandbytes' and torchao's) with quantized moments."""
+    return OptimizerSpec(
+        name=name,
+        defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, weight_decay=1e-2,
+                      state_precision=precision),
+        build=lambda g: [ScaleByAdam()],
+        check=require_betas(name, 2),
+    )
+
+
 SPECS = [
     OptimizerSpec(
         name="adam",
@@ -114,20 +125,8 @@ SPECS = [
         fused=_fused_adam(decoupled=True),
         check=require_betas("adamw", 2),
     ),
-    OptimizerSpec(
-        name="adamw8bit",
-        defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, weight_decay=1e-2,
-                      state_precision="int8"),
-        build=lambda g: [ScaleByAdam()],
-        check=require_betas("adamw8bit", 2),
-    ),
-    OptimizerSpec(
-        name="adamw4bit",
-        defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, weight_decay=1e-2,
-                      state_precision="int4"),
-        build=lambda g: [ScaleByAdam()],
-        check=require_betas("adamw4bit", 2),
-    ),
+    _low_bit_adamw("adamw8bit", "int8"),
+    _low_bit_adamw("adamw4bit", "int4"),
     OptimizerSpec(
         name="nadam",
         defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,

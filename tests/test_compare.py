@@ -46,8 +46,10 @@ def test_matrix_methods_use_the_tuned_adamw_settings_for_the_rest(tmp_path: Path
     muon_calls = [c for c in fake.calls if c["optimizer"] == "muon"]
     assert len(muon_calls) == 4 + 2
     assert all(c["fallback_args"]["lr"] == adamw["best"]["lr"] for c in muon_calls)
-    assert muon_calls[0]["fallback_args"]["weight_decay"] == 0.01  # AdamW's registry default
-    assert muon_calls[0]["fallback_args"]["betas"] == (0.9, 0.999)
+    # the baseline's LLM settings (benchmark-protocol.md), not AdamW's library defaults
+    assert muon_calls[0]["fallback_args"]["weight_decay"] == 0.1
+    assert muon_calls[0]["fallback_args"]["betas"] == (0.9, 0.95)
+    assert muon_calls[0]["fallback_args"]["eps"] == 1e-8
     assert all("fallback_args" not in c for c in fake.calls if c["optimizer"] != "muon")
 
 

@@ -20,6 +20,10 @@ Everything here is a pure function of the numbers written by ``valley compare``:
   flagged as a lower bound when the interval reaches the edge of the grid.
 - **significance**: a difference to AdamW is called real when it exceeds 3 standard errors of
   the difference of the two seed means.
+- **bounds**: a best learning rate at the edge of its grid is not a tuned value, so a speedup
+  that involves one is a bound (``speedup_bound``): a lower bound when this optimizer's best is
+  at an edge (tuned, it could only do better), an upper bound when AdamW's is (a tuned
+  baseline sets a lower target), neither when both are.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 from llmvalley.bench.compare import BASELINE, load_compare
 from llmvalley.bench.records import LOG_FILE
-from llmvalley.bench.sweep import SWEEP_FILE
+from llmvalley.bench.sweep import SWEEP_FILE, at_edge, merged_config
 
 SENSITIVITY_MARGIN = 0.02  # nats
 SIGNIFICANCE_SE = 3.0
@@ -185,6 +189,9 @@ class CellMetrics:
     seconds_to_target: float | None = None
     token_speedup: float | None = None
     wall_speedup: float | None = None
+    # "lower" (this optimizer's best lr at an edge), "upper" (AdamW's), "unknown" (both), or
+    # None: the speedups are measured between two tuned optima (AdamW's own row: None)
+    speedup_bound: str | None = None
     state_bytes: int | None = None
     state_bytes_per_param: float | None = None
     peak_memory_bytes: float | None = None
@@ -220,7 +227,8 @@ def cell_metrics(model: str, optimizer: str, sweep: dict[str, Any], folder: Path
     best = sweep.get("best")
     if best:
         m.best_lr, m.best_params = best["lr"], best["params"]
-        m.best_at_edge = bool(sweep.get("best_at_edge"))
+        ks = [t["k"] for t in trials if t.get("k") is not None]
+        m.best_at_edge = bool(sweep.get("best_at_edge")) or at_edge(best.get("k"), ks)
     seeds = sweep.get("seeds", [])
     done = [s for s in seeds if s.get("status") == "completed" and s.get("final_val_loss")]
     m.seeds = len(seeds)
@@ -272,11 +280,45 @@ def add_baseline_metrics(cells: list[CellMetrics]) -> None:
             c.wall_speedup = wall_clock_speedup(c.token_speedup, base.optimizer_share,
                                                 c.optimizer_share,
                                                 speedup(base_seconds, c.seconds_to_target))
+        if c is not base:
+            c.speedup_bound = speedup_bound(c.best_at_edge, base.best_at_edge)
         if c.final_loss_mean is not None:
             c.delta_vs_baseline = c.final_loss_mean - target
             if c is not base and c.final_loss_se is not None and base.final_loss_se is not None:
                 se = math.hypot(c.final_loss_se, base.final_loss_se)
                 c.significant = abs(c.delta_vs_baseline) > SIGNIFICANCE_SE * se
+
+
+def speedup_bound(at_edge: bool, baseline_at_edge: bool) -> str | None:
+    """What a measured speedup is when best learning rates sit at grid edges (see the module
+    docstring): ``"lower"``, ``"upper"``, ``"unknown"`` (both at an edge) or None."""
+    if at_edge and baseline_at_edge:
+        return "unknown"
+    if at_edge:
+        return "lower"
+    return "upper" if baseline_at_edge else None
+
+
+def baseline_settings(sweep: dict[str, Any]) -> dict[str, Any]:
+    """The AdamW hyperparameters (besides lr) the baseline's best configuration ran with."""
+    import llmvalley
+
+    best = sweep.get("best") or {}
+    params = {k: v for k, v in (best.get("params") or {}).items() if k != "lr"}
+    config = merged_config(sweep.get("workload") or {}, sweep.get("fixed") or {}, params)
+    settings = {**llmvalley.get_spec(BASELINE).defaults, **config["opt_args"]}
+    if config.get("weight_decay") is not None:
+        settings["weight_decay"] = config["weight_decay"]
+    settings.pop("lr", None)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+
+
+def weak_baseline(settings: dict[str, Any]) -> bool:
+    """Library defaults (betas (0.9, 0.999) and weight decay 0.01): the protocol's weak
+    baseline, never to be reported as "AdamW"."""
+    betas = settings.get("betas")
+    return (betas is not None and tuple(betas) == (0.9, 0.999)
+            and settings.get("weight_decay") == 0.01)
 
 
 @dataclass
@@ -289,6 +331,7 @@ class Results:
     optimizers: list[str]
     cells: dict[str, list[CellMetrics]]  # model -> one entry per optimizer with a sweep
     margin: float
+    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> AdamW settings
 
     def target(self, model: str) -> float | None:
         base = next((c for c in self.cells[model] if c.optimizer == BASELINE), None)
@@ -304,6 +347,7 @@ def analyse(folder: str | Path, margin: float = SENSITIVITY_MARGIN) -> Results:
     manifest = load_compare(folder)
     spec = manifest["spec"]
     cells: dict[str, list[CellMetrics]] = {}
+    baseline: dict[str, dict[str, Any]] = {}
     for model in spec["models"]:
         cells[model] = []
         for optimizer in spec["optimizers"]:
@@ -313,6 +357,8 @@ def analyse(folder: str | Path, margin: float = SENSITIVITY_MARGIN) -> Results:
                 continue
             sweep = json.loads(path.read_text())
             cells[model].append(cell_metrics(model, optimizer, sweep, sweep_folder, margin))
+            if optimizer == BASELINE:
+                baseline[model] = baseline_settings(sweep)
         add_baseline_metrics(cells[model])
     return Results(folder, manifest, list(spec["models"]), list(spec["optimizers"]), cells,
-                   margin)
+                   margin, baseline)

@@ -2,11 +2,14 @@
 
 Every (model, optimizer) cell is a :class:`~llmvalley.bench.sweep.Sweep` with the same workload
 (data, batch size, token budget, schedule, warmup, evaluation) and the same search budget.
-Matrix-only methods (registry ``applies_to == "matrix"``) train embeddings, head and norms with
-AdamW at the AdamW baseline's tuned settings, so their sweeps start once AdamW's trials at that
-scale are done. Trials run in ``workers`` worker processes (a fresh process per run, so the peak
-memory of a run is its own); cells are scheduled concurrently so the workers stay busy, the
-baseline's trials first, seed runs last.
+The AdamW baseline follows LLM practice (betas (0.9, 0.95), eps 1e-8, weight decay 0.1) unless
+the workload says otherwise. A shared ``--opt-arg`` goes to every optimizer that accepts it;
+matrix-only methods (registry ``applies_to == "matrix"``) train embeddings, head and norms with
+AdamW at the AdamW baseline's tuned settings (workload AdamW settings included; a user's
+``--fallback-arg`` wins), so their sweeps start once AdamW's trials at that scale are done.
+Trials run in ``workers`` worker processes (a fresh process per run, so the peak memory of a
+run is its own); cells are scheduled concurrently so the workers stay busy, the baseline's
+trials first, seed runs last.
 
 The results folder::
 
@@ -32,13 +35,32 @@ from typing import Any
 
 from llmvalley.bench.pool import BASELINE_TRIALS, PriorityPool
 from llmvalley.bench.records import write_json
-from llmvalley.bench.sweep import Sweep, SweepSpec, TrialFn, TuneSpec, run_training
+from llmvalley.bench.sweep import (
+    Sweep,
+    SweepSpec,
+    TrialFn,
+    TuneSpec,
+    merged_config,
+    run_training,
+)
 from llmvalley.cli import UsageError
 
 COMPARE_FILE = "compare.json"
 BASELINE = "adamw"
-# AdamW settings a matrix method's fallback takes from the tuned baseline (plus its lr).
+# AdamW settings a matrix method's fallback takes from the tuned baseline (plus its lr and any
+# other AdamW hyperparameter the baseline ran with).
 FALLBACK_KEYS = ("betas", "eps", "weight_decay")
+#: The AdamW baseline of LLM pretraining (GPT-3, LLaMA, Wen et al. 2025; benchmark-protocol.md):
+#: the settings of every AdamW cell unless the workload gives its own. Library defaults
+#: (betas (0.9, 0.999), weight decay 0.01) make a weak baseline.
+BASELINE_OPT_ARGS: dict[str, Any] = {"betas": (0.9, 0.95), "eps": 1e-8}
+BASELINE_WEIGHT_DECAY = 0.1
+#: Drop-in AdamW implementations: they take the baseline's settings, so that a comparison with
+#: them measures the implementation (or state precision), not different hyperparameters.
+ADAMW_LIKE = ("adamw", "torch-adamw", "adamw8bit", "adamw4bit")
+#: Keyword arguments of ``torch.optim.AdamW`` (the peer baseline ``torch-adamw``).
+TORCH_ADAMW_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+                              "foreach", "capturable", "differentiable", "fused"})
 
 
 @dataclass
@@ -60,9 +82,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "cpu-quick": Preset(
         description="nano (0.9M parameters), byte-level stdlib sources, 100 steps of 16 x 128 "
-                    "tokens, cosine with 10 warmup steps; 5 learning rates (3-point grid + 2 "
-                    "extensions) + 3 seeds per optimizer; two single-thread workers (about 25 "
-                    "minutes on 2 CPU cores)",
+                    "tokens, cosine with 10 warmup steps; AdamW baseline betas (0.9, 0.95), "
+                    "weight decay 0.1; 5 learning rates (3-point grid + 2 extensions) + 3 seeds "
+                    "per optimizer; two single-thread workers (about 25 minutes on 2 CPU "
+                    "cores)",
         optimizers=("adamw", "muon", "lion", "adafactor"),
         models=("nano",),
         workload={"data": "stdlib", "steps": 100, "batch_size": 16, "warmup_steps": 10,
@@ -76,8 +99,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "gpu-ladder": Preset(
         description="llama-60m, llama-130m, llama-350m at 20 tokens per parameter (Chinchilla), "
-                    "batch 64 x 256 tokens, cosine with 10% warmup, bf16 on one GPU; 6 learning "
-                    "rates + 3 seeds per optimizer",
+                    "batch 64 x 256 tokens, cosine with 10% warmup, bf16 on one GPU; AdamW "
+                    "baseline betas (0.9, 0.95), weight decay 0.1; 6 learning rates + 3 seeds per "
+                    "optimizer",
         optimizers=("adamw", "muon", "lion", "adafactor"),
         models=("llama-60m", "llama-130m", "llama-350m"),
         workload={"data": "stdlib", "batch_size": 64, "schedule": "cosine", "eval_every": 200,
@@ -150,6 +174,67 @@ def check_optimizers(names: list[str], *, skip_missing: bool, need_baseline: boo
     return available, missing
 
 
+def accepted_keys(optimizer: str) -> frozenset[str]:
+    """Hyperparameter names ``optimizer`` accepts (registry defaults and shell options)."""
+    if optimizer == "torch-adamw":
+        return TORCH_ADAMW_KEYS
+    import llmvalley
+    from llmvalley.optim.spec import SHELL_DEFAULTS
+
+    return frozenset(llmvalley.get_spec(optimizer).defaults) | frozenset(SHELL_DEFAULTS)
+
+
+def key_targets(optimizers: list[str], key: str) -> tuple[list[str], list[str]]:
+    """Where a shared hyperparameter goes: (the optimizers that take it themselves, the matrix
+    methods whose AdamW fallback takes it)."""
+    methods = [o for o in optimizers if key in accepted_keys(o)]
+    fallbacks = [o for o in optimizers if is_matrix(o) and key in accepted_keys(BASELINE)]
+    return methods, fallbacks
+
+
+def check_shared_settings(optimizers: list[str], workload: dict[str, Any],
+                          tune: tuple[TuneSpec, ...] = ()) -> None:
+    """UsageError for a shared setting that would be dropped everywhere or break every run:
+    an ``--opt-arg`` or ``--tune`` name no optimizer of the comparison (nor the AdamW fallback)
+    accepts, a ``--fallback-arg`` AdamW does not accept or with no matrix method to take it."""
+    accepted = ", ".join(sorted(set().union(*(accepted_keys(o) for o in optimizers))
+                                - {"lr"}))
+    for flag, names in (("--opt-arg", list(workload.get("opt_args") or {})),
+                        ("--tune", [t.name for t in tune])):
+        for key in names:
+            methods, fallbacks = key_targets(optimizers, key)
+            if not methods and not fallbacks:
+                raise UsageError(f"{flag} {key}: no optimizer of the comparison "
+                                 f"({', '.join(optimizers)}) nor the AdamW fallback accepts it; "
+                                 f"accepted: {accepted}")
+    fallback_args = workload.get("fallback_args") or {}
+    if fallback_args:
+        if not any(is_matrix(o) for o in optimizers):
+            raise UsageError("--fallback-arg: no matrix-only method in the comparison has an "
+                             "AdamW fallback (--opt-arg sets AdamW's own hyperparameters)")
+        unknown = sorted(set(fallback_args) - accepted_keys(BASELINE))
+        if unknown:
+            raise UsageError(f"--fallback-arg {', '.join(unknown)}: not an AdamW "
+                             f"hyperparameter; accepted: "
+                             f"{', '.join(sorted(accepted_keys(BASELINE)))}")
+
+
+def routing_summary(optimizers: list[str], workload: dict[str, Any],
+                    tune: tuple[TuneSpec, ...] = ()) -> list[str]:
+    """One line per shared ``--opt-arg`` and ``--tune`` name: which optimizers take it."""
+    lines = []
+    for flag, names in (("--opt-arg", list(workload.get("opt_args") or {})),
+                        ("--tune", [t.name for t in tune])):
+        for key in names:
+            methods, fallbacks = key_targets(optimizers, key)
+            targets = methods + [f"{o}'s AdamW fallback" for o in fallbacks]
+            skipped = [o for o in optimizers if o not in methods and o not in fallbacks]
+            lines.append(f"{flag} {key}: {', '.join(targets)}"
+                         + (f" (not {', '.join(skipped)}: no such hyperparameter)"
+                            if skipped else ""))
+    return lines
+
+
 def check_models(names: list[str]) -> None:
     from llmvalley.models.presets import PRESETS as MODEL_PRESETS
 
@@ -176,17 +261,50 @@ def scale_workload(spec: CompareSpec, model: str) -> dict[str, Any]:
     return workload
 
 
+def cell_workload(spec: CompareSpec, model: str, optimizer: str) -> dict[str, Any]:
+    """The workload of one cell: the scale's, with the shared ``opt_args`` an optimizer does
+    not accept left out (they reach a matrix method's fallback through the baseline, see
+    :func:`fallback_from`) and the user's ``fallback_args`` kept for matrix methods only."""
+    workload = scale_workload(spec, model)
+    if workload.get("opt_args"):
+        accepted = accepted_keys(optimizer)
+        workload["opt_args"] = {k: v for k, v in workload["opt_args"].items() if k in accepted}
+    if not is_matrix(optimizer):
+        workload.pop("fallback_args", None)
+    return workload
+
+
+def cell_fixed(optimizer: str, fallback: dict[str, Any] | None) -> dict[str, Any]:
+    """The compare's own settings of one cell (the workload's win over them): the protocol's
+    AdamW baseline for AdamW cells, the baseline-derived fallback for matrix methods."""
+    fixed: dict[str, Any] = {}
+    if optimizer in ADAMW_LIKE:
+        fixed = {"opt_args": dict(BASELINE_OPT_ARGS), "weight_decay": BASELINE_WEIGHT_DECAY}
+    if fallback:
+        fixed["fallback_args"] = dict(fallback)
+    return fixed
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def fallback_from(baseline: dict[str, Any]) -> dict[str, Any]:
-    """The AdamW fallback of matrix methods: the tuned baseline's lr and settings."""
+    """The AdamW fallback of matrix methods from the baseline's ``sweep.json`` contents: the
+    exact AdamW settings its best trial ran with (registry defaults < the compare's baseline
+    settings < the workload's AdamW settings < tuned values) and its learning rate."""
     import llmvalley
 
     best = baseline.get("best")
     if best is None:
         raise RuntimeError("the AdamW baseline has no completed trial to take settings from")
-    settings = dict(llmvalley.get_spec(BASELINE).defaults)
-    settings.update(baseline.get("fixed", {}).get("opt_args") or {})
-    settings.update({k: v for k, v in best["params"].items()})
-    fallback = {k: settings[k] for k in FALLBACK_KEYS if k in settings}
+    config = merged_config(baseline.get("workload") or {}, baseline.get("fixed") or {},
+                           {k: v for k, v in best["params"].items() if k != "lr"})
+    opt_args = {k: _tuples(v) for k, v in config["opt_args"].items()}
+    settings = {**llmvalley.get_spec(BASELINE).defaults, **opt_args}
+    if config.get("weight_decay") is not None:
+        settings["weight_decay"] = config["weight_decay"]
+    fallback = {**opt_args, **{k: settings[k] for k in FALLBACK_KEYS if k in settings}}
     fallback["lr"] = best["lr"]
     return fallback
 
@@ -205,6 +323,7 @@ class Comparison:
                                                            for m in spec.models}
         self._baseline: dict[str, dict[str, Any]] = {}
         self.errors: list[str] = []
+        check_shared_settings(spec.optimizers, spec.workload, spec.tune)
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -213,13 +332,18 @@ class Comparison:
 
     def sweep_spec(self, model: str, optimizer: str,
                    fallback: dict[str, Any] | None) -> SweepSpec:
+        """One cell's sweep: the cell's workload and settings, the shared search. Every cell
+        searches the same way (TPE when the comparison tunes anything, over the ``--tune``
+        names the optimizer has; else the learning-rate grid)."""
         storage = self.spec.storage or f"sqlite:///{(self.out / 'optuna.db').resolve()}"
+        accepted = accepted_keys(optimizer)
         return SweepSpec(
-            optimizer=optimizer, workload=scale_workload(self.spec, model),
+            optimizer=optimizer, workload=cell_workload(self.spec, model, optimizer),
             out=self.out / model / optimizer, lr_center=self.spec.lr_centers.get(optimizer),
             factor=self.spec.factor, grid_points=self.spec.grid_points, trials=self.spec.trials,
-            tune=self.spec.tune, seeds=self.spec.seeds,
-            fixed={"fallback_args": fallback} if fallback else {},
+            tune=tuple(t for t in self.spec.tune if t.name in accepted), seeds=self.spec.seeds,
+            fixed=cell_fixed(optimizer, fallback),
+            search="tpe" if self.spec.tune else "grid",
             storage=storage, study_name=f"{model}/{optimizer}")
 
     def run_cell(self, model: str, optimizer: str, executor: Executor | None) -> None:
@@ -232,7 +356,12 @@ class Comparison:
                 if model not in self._baseline:
                     raise RuntimeError(f"{model}/{BASELINE} failed, no fallback settings")
                 fallback = fallback_from(self._baseline[model])
-            sweep = Sweep(self.sweep_spec(model, optimizer, fallback), self.trial_fn)
+            sweep_spec = self.sweep_spec(model, optimizer, fallback)
+            settings = merged_config(sweep_spec.workload, sweep_spec.fixed)
+            self.cells[cell] = {"status": "running", **cell_settings(settings, sweep_spec)}
+            self.log(f"{cell}: " + ", ".join(f"{k} {v}" for k, v in self.cells[cell].items()
+                                            if k != "status" and v))
+            sweep = Sweep(sweep_spec, self.trial_fn)
             sweep.log = lambda message: self.log(f"{model}: {message}")
             if optimizer == BASELINE:  # matrix methods wait for these trials
                 sweep.trial_priority = BASELINE_TRIALS
@@ -244,10 +373,11 @@ class Comparison:
             best = result["best"]
             self.log(f"{cell}: done; best lr {best['lr']:.3g}, final val loss "
                      f"{best['final_val_loss']:.4f}" if best else f"{cell}: no trial completed")
-            self.cells[cell] = {"status": "done", "fallback_args": fallback}
+            self.cells[cell]["status"] = "done"
         except Exception as exc:  # one failed cell must not stop the others
             self.errors.append(f"{cell}: {type(exc).__name__}: {exc}")
-            self.cells[cell] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            self.cells[cell] = {**self.cells.get(cell, {}), "status": "failed",
+                                "error": f"{type(exc).__name__}: {exc}"}
             self.log(f"{cell}: FAILED: {exc}")
         finally:
             if optimizer == BASELINE:
@@ -297,6 +427,14 @@ class Comparison:
         manifest = self.manifest(started, time.time())
         write_json(self.out / COMPARE_FILE, manifest)
         return manifest
+
+
+def cell_settings(config: dict[str, Any], sweep_spec: SweepSpec) -> dict[str, Any]:
+    """What ``compare.json`` records of a cell's optimizer settings (before tuned values)."""
+    return {"opt_args": config.get("opt_args") or {},
+            "weight_decay": config.get("weight_decay"),
+            "fallback_args": config.get("fallback_args") or None,
+            "tuned": ["lr", *(t.name for t in sweep_spec.tune)]}
 
 
 def cpu_name() -> str:

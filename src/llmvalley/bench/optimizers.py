@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from llmvalley.cli import UsageError
-from llmvalley.optim import create_optimizer
+from llmvalley.optim import create_optimizer, get_spec
 
 PEER_BASELINE = "torch-adamw"
 
@@ -32,7 +32,12 @@ def torch_adamw(model: nn.Module, lr: float, weight_decay: float | None = None,
 def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float | None,
                     opt_args: dict[str, Any], fallback_args: dict[str, Any]
                     ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` for ``model``; user errors become one-line UsageErrors."""
+    """The optimizer ``name`` for ``model``; user errors become one-line UsageErrors.
+
+    ``fallback_args`` (``--fallback-arg``) merge with the method's documented fallback
+    settings (the spec's ``fallback_hparams``, e.g. Muon's betas (0.9, 0.95), eps 1e-10,
+    weight decay 0): the keys given replace those, the others stay.
+    """
     hparams: dict[str, Any] = {"lr": lr, **opt_args}
     if weight_decay is not None:
         hparams["weight_decay"] = weight_decay
@@ -43,10 +48,16 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: flo
             return torch_adamw(model, **hparams)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"bad hyperparameters for torch-adamw: {exc}") from None
-    if fallback_args:
-        hparams["fallback_hparams"] = fallback_args
     try:
+        if fallback_args:
+            hparams["fallback_hparams"] = fallback_hparams(name, fallback_args)
         return create_optimizer(name, model, **hparams)
     except (KeyError, ValueError, TypeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise UsageError(f"cannot build optimizer {name!r}: {message}") from None
+
+
+def fallback_hparams(name: str, fallback_args: dict[str, Any]) -> dict[str, Any]:
+    """The AdamW fallback settings of ``name``: its spec's documented ``fallback_hparams``
+    overlaid with the user's ``fallback_args`` (AdamW's registry defaults fill the rest)."""
+    return {**(get_spec(name).fallback_hparams or {}), **fallback_args}

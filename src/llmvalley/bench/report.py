@@ -15,8 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmvalley.bench.analysis import SIGNIFICANCE_SE, CellMetrics, Results, analyse
-from llmvalley.bench.compare import BASELINE
+from llmvalley.bench.analysis import (
+    SIGNIFICANCE_SE,
+    CellMetrics,
+    Results,
+    analyse,
+    weak_baseline,
+)
+from llmvalley.bench.compare import BASELINE, FALLBACK_KEYS
 from llmvalley.bench.records import json_safe
 
 MB = 1024**2
@@ -27,8 +33,30 @@ COLUMNS = (
 )
 
 
+#: How a speedup that is a bound is marked (see analysis.speedup_bound and BOUND_NOTE).
+BOUND_MARKS = {"lower": "≥", "upper": "≤", "unknown": "~"}
+BOUND_NOTE = (
+    "≥, ≤, ~ on a speedup: a bound, not a measurement, because a best learning rate sits at "
+    "the edge of its grid (best lr \"(edge)\"), so it is not a tuned value. ≥: this "
+    "optimizer's best is at an edge (tuned, it could only do better: a lower bound); ≤: "
+    "AdamW's is (a tuned baseline sets a lower target: an upper bound); ~: both are (neither "
+    "bound holds). \"did not reach (edge)\": this optimizer might reach the target once tuned. "
+    "Give the sweep more trials or move its grid center.")
+
+
 def _num(value: float | None, fmt: str, missing: str = "–") -> str:
     return missing if value is None else format(value, fmt)
+
+
+def speedup_text(value: float | None, reached_curve: bool, bound: str | None) -> str:
+    """A speedup cell: ``1.80x``, marked ``≥``/``≤``/``~`` when it is a bound."""
+    if value:
+        return f"{BOUND_MARKS.get(bound or '', '')}{value:.2f}x"
+    if not reached_curve:
+        return "–"
+    # an under-tuned optimizer might reach the target once tuned; an under-tuned baseline
+    # only lowers the target, so "did not reach" stays true
+    return "did not reach (edge)" if bound in ("lower", "unknown") else "did not reach"
 
 
 def leaderboard_rows(results: Results, model: str) -> list[dict[str, str]]:
@@ -50,10 +78,8 @@ def row(c: CellMetrics) -> dict[str, str]:
     if c.significant:
         delta += " *"
     reached = c.mean is not None
-    token = _num(c.token_speedup, ".2f") + "x" if c.token_speedup else (
-        "did not reach" if reached else "–")
-    wall = _num(c.wall_speedup, ".2f") + "x" if c.wall_speedup else (
-        "did not reach" if reached else "–")
+    token = speedup_text(c.token_speedup, reached, c.speedup_bound)
+    wall = speedup_text(c.wall_speedup, reached, c.speedup_bound)
     sens = c.sensitivity
     width = "–"
     if sens and sens.width_log2 is not None:
@@ -103,6 +129,13 @@ def header_facts(results: Results) -> list[tuple[str, str]]:
          + (f" (skipped, not registered: {', '.join(spec['skipped'])})"
             if spec.get("skipped") else "")),
     ]
+    for model, settings in results.baseline.items():
+        text = ", ".join(f"{k}={settings[k]}" for k in FALLBACK_KEYS if k in settings)
+        if weak_baseline(settings):
+            text += (" (library defaults: a weak baseline by benchmark-protocol.md, which asks "
+                     "for betas (0.9, 0.95) and weight decay 0.1; speedups against it overstate "
+                     "the gains)")
+        facts.append((f"AdamW baseline ({model})", text))
     fallbacks = {cell: v["fallback_args"] for cell, v in m.get("cells", {}).items()
                  if v.get("fallback_args")}
     if fallbacks:
@@ -135,6 +168,12 @@ NOTES = [
 ]
 
 
+def notes(results: Results) -> list[str]:
+    """The notes under the leaderboards (the bound note when a speedup is a bound)."""
+    bounded = any(c.speedup_bound for cells in results.cells.values() for c in cells)
+    return NOTES + ([BOUND_NOTE] if bounded else [])
+
+
 def markdown(results: Results, figures: list[tuple[str, str]]) -> str:
     """The Markdown summary (figures linked from ``plots/``)."""
     lines = ["# Optimizer comparison", ""]
@@ -151,7 +190,7 @@ def markdown(results: Results, figures: list[tuple[str, str]]) -> str:
         for r in leaderboard_rows(results, model):
             lines.append("| " + " | ".join(r[c] for c in COLUMNS) + " |")
         lines.append("")
-    lines += ["Notes:", ""] + [f"- {n}" for n in NOTES] + [""]
+    lines += ["Notes:", ""] + [f"- {n}" for n in notes(results)] + [""]
     lines += ["## Figures", ""]
     for stem, title in figures:
         lines += [f"### {title}", "", f"![{title}](plots/{stem}.png)", ""]
@@ -190,7 +229,8 @@ def html_page(results: Results, figures: list[tuple[str, str, bytes]]) -> str:
             parts.append(f"<tr data-optimizer='{e(r['optimizer'])}'>"
                          + "".join(f"<td>{e(r[c])}</td>" for c in COLUMNS) + "</tr>")
         parts.append("</tbody></table>")
-    parts.append("<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in NOTES) + "</ul>")
+    parts.append("<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in notes(results))
+                 + "</ul>")
     for stem, title, png in figures:
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<figure><img id='fig-{stem}' alt='{e(title)}' "

@@ -4,7 +4,8 @@ The learning rate is searched on a log grid ``center * factor**k`` (factor 2 by 
 first round evaluates ``grid_points`` consecutive exponents around the center; every later trial
 widens the grid by one point: beyond the edge when the best value sits there, otherwise on the
 side whose edge loss is lower. A sweep therefore always spends exactly its budget, the same for
-every optimizer, and a best value left at an edge is flagged (``best_at_edge``).
+every optimizer, and a best value left at an edge is flagged (``best_at_edge``; a grid of one
+point is at both edges): it is not a tuned value.
 
 With ``tune`` (other named hyperparameters) the grid gives way to Optuna's TPE sampler over the
 learning-rate range of the initial grid and the given ranges, with the same budget.
@@ -115,11 +116,15 @@ class SweepSpec:
     tune: tuple[TuneSpec, ...] = ()
     seeds: int = 3
     seed: int = 0  # seed of the tuning trials; seed runs use seed + 1 ... seed + seeds
-    fixed: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields (opt_args...)
+    # settings the caller adds to every run (TrainConfig fields; valley compare: the AdamW
+    # baseline's settings, a matrix method's fallback); the workload's own values win, and the
+    # dict fields (opt_args, fallback_args) merge key by key (see merged_config)
+    fixed: dict[str, Any] = field(default_factory=dict)
     storage: str | None = None  # default: sqlite file optuna.db in ``out``
     study_name: str | None = None
     heartbeat_s: int = 30
     grace_s: int = 90
+    search: str | None = None  # "grid" or "tpe"; default: tpe when ``tune`` is given
 
     def __post_init__(self) -> None:
         if self.factor <= 1:
@@ -133,6 +138,11 @@ class SweepSpec:
             raise UsageError(f"--seeds: expected 0 or more, got {self.seeds}")
         if self.lr_center is not None and not self.lr_center > 0:
             raise UsageError(f"--lr-center: expected a positive number, got {self.lr_center}")
+        if self.search is None:
+            self.search = "tpe" if self.tune else "grid"
+        if self.search not in ("grid", "tpe") or (self.tune and self.search == "grid"):
+            raise UsageError(f"search: expected grid (without --tune) or tpe, got "
+                             f"{self.search!r}")
         self.out = Path(self.out)
 
     def center(self) -> float:
@@ -148,6 +158,41 @@ class SweepSpec:
         """Exponents of the first round, e.g. -2, -1, 0, 1 for four points."""
         start = -(self.grid_points // 2)
         return list(range(start, start + self.grid_points))
+
+
+#: TrainConfig fields holding key=value dicts: merged key by key rather than replaced
+DICT_FIELDS = ("opt_args", "fallback_args")
+
+
+def merged_config(workload: dict[str, Any], fixed: dict[str, Any],
+                  params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TrainConfig fields of a run: ``fixed`` (the caller's settings), then the
+    ``workload`` (the user's: its values win; a value of None leaves ``fixed``'s), then the
+    trial's searched ``params`` (``lr``, ``weight_decay``, others go to ``opt_args``).
+
+    ``opt_args`` and ``fallback_args`` merge key by key, so a user's ``--fallback-arg`` or
+    ``--opt-arg`` is never overwritten by the caller's settings (only by a searched value).
+    """
+    config = {k: dict(v) if k in DICT_FIELDS and v else v for k, v in fixed.items()}
+    for key, value in workload.items():
+        if key in DICT_FIELDS:
+            config[key] = {**(fixed.get(key) or {}), **(value or {})}
+        elif value is not None or key not in fixed:
+            config[key] = value
+    opt_args = dict(config.get("opt_args") or {})
+    for key, value in (params or {}).items():
+        if key in (LR_PARAM, "weight_decay"):
+            config[key] = value
+        else:
+            opt_args[key] = value
+    config["opt_args"] = opt_args
+    return config
+
+
+def at_edge(k: int | None, ks: list[int]) -> bool:
+    """Whether grid exponent ``k`` is the lowest or the highest of ``ks`` (a single point is
+    at both edges: nothing brackets it)."""
+    return k is not None and bool(ks) and k in (min(ks), max(ks))
 
 
 def default_lr(optimizer: str) -> float:
@@ -314,18 +359,12 @@ class Sweep:
     # ------------------------------------------------------------------ configs
     def trial_config(self, params: dict[str, Any], *, seed: int, out: Path,
                      name: str) -> dict[str, Any]:
-        """The full train config of one run with the sweep's fixed settings and ``params``."""
-        config = {**self.spec.workload, **self.spec.fixed, "optimizer": self.spec.optimizer,
-                  "seed": seed, "out": str(out), "name": name, "quiet": True, "progress": False}
-        opt_args = dict(config.get("opt_args") or {})
-        for key, value in params.items():
-            if key == LR_PARAM:
-                config["lr"] = value
-            elif key == "weight_decay":
-                config["weight_decay"] = value
-            else:
-                opt_args[key] = value
-        config["opt_args"] = opt_args
+        """The full train config of one run: :func:`merged_config` of the workload, the
+        fixed settings and ``params``, with the run's seed, folder and name."""
+        config = merged_config(self.spec.workload, self.spec.fixed, params)
+        # a sweep resumes by trial: its runs write no checkpoints (and take signals as before)
+        config.update(optimizer=self.spec.optimizer, seed=seed, out=str(out), name=name,
+                      quiet=True, progress=False, checkpoint_every=0)
         return config
 
     # ------------------------------------------------------------------ trials
@@ -344,7 +383,7 @@ class Sweep:
         if self.budget_left(records) <= 0:
             return None
         lr_dist = optuna.distributions.FloatDistribution(LR_LOW, LR_HIGH, log=True)
-        if self.spec.tune:
+        if self.spec.search == "tpe":
             trial = self.study.ask()
             lo = self.spec.lr_at(self.spec.initial_exponents()[0])
             hi = self.spec.lr_at(self.spec.initial_exponents()[-1])
@@ -517,7 +556,7 @@ class Sweep:
             "workload": self.spec.workload,
             "fixed": self.spec.fixed,
             "search": {
-                "mode": "tpe" if self.spec.tune else "grid",
+                "mode": self.spec.search,
                 "lr_center": self.spec.center(), "factor": self.spec.factor,
                 "grid_points": self.spec.grid_points, "trials": self.spec.trials,
                 "tune": [vars(t) for t in self.spec.tune], "seed": self.spec.seed,
@@ -527,8 +566,7 @@ class Sweep:
             "interrupted": sum(1 for r in records if r.state == "FAIL" and not r.counts),
             "trials_counted": len(counted),
             "best": best.to_dict() if best else None,
-            "best_at_edge": bool(best and best.k is not None and ks
-                                 and best.k in (min(ks), max(ks)) and len(set(ks)) > 1),
+            "best_at_edge": bool(best and at_edge(best.k, ks)),
             "seeds": self.seed_summaries(),
         }
         write_json(Path(self.spec.out) / SWEEP_FILE, data)

@@ -40,7 +40,13 @@ def lr_centers(items: list[str] | None) -> dict[str, float]:
 
 def build_spec(args: argparse.Namespace):
     """The :class:`CompareSpec` from a preset (if any) and the options that override it."""
-    from llmvalley.bench.compare import PRESETS, CompareSpec, check_models, check_optimizers
+    from llmvalley.bench.compare import (
+        PRESETS,
+        CompareSpec,
+        check_models,
+        check_optimizers,
+        check_shared_settings,
+    )
     from llmvalley.bench.sweep import TuneSpec
 
     preset = None
@@ -83,6 +89,8 @@ def build_spec(args: argparse.Namespace):
 
     seeds = pick(args.seeds, "--seeds", preset.seeds if preset else 0, 3)
     centers = {**(preset.lr_centers if preset else {}), **lr_centers(args.lr_center)}
+    tune = tuple(TuneSpec.parse(t) for t in args.tune or ())
+    check_shared_settings(available, workload, tune)
     return CompareSpec(
         optimizers=available, models=models, workload=workload, out=args.out,
         trials=pick(args.trials, "--trials", preset.trials if preset else 0, 5),
@@ -90,17 +98,19 @@ def build_spec(args: argparse.Namespace):
                          preset.grid_points if preset else 0, 4),
         factor=positive_float("--factor", args.factor), seeds=seeds,
         workers=pick(args.workers, "--workers", preset.workers if preset else 0, 1),
-        tune=tuple(TuneSpec.parse(t) for t in args.tune or ()), lr_centers=centers,
+        tune=tune, lr_centers=centers,
         tokens_per_param=tokens_per_param, storage=args.storage, skipped=skipped,
         preset=args.preset, command=shlex.join(["valley", "compare", *sys.argv[2:]]))
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmvalley.bench.compare import Comparison
+    from llmvalley.bench.compare import Comparison, routing_summary
 
     spec = build_spec(args)
     if spec.skipped:
         print(f"skipped (not registered): {', '.join(spec.skipped)}")
+    for line in routing_summary(spec.optimizers, spec.workload, spec.tune):
+        print(line)
     print(f"comparing {', '.join(spec.optimizers)} on {', '.join(spec.models)}: "
           f"{spec.trials} trials + {spec.seeds} seeds each, {spec.workers} worker(s); "
           f"results in {spec.out}", flush=True)
@@ -125,8 +135,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a sweep for every optimizer and model size with one shared workload "
                     "(data, batch, token budget, schedule, warmup) and one trial budget, re-run "
                     "each best configuration with several seeds, and write one results folder "
-                    "with a report. Matrix methods train embeddings, head and norms with AdamW "
-                    "at the tuned AdamW baseline's settings.")
+                    "with a report. The AdamW baseline uses betas (0.9, 0.95), weight decay 0.1 "
+                    "unless the workload says otherwise. A shared --opt-arg goes to every "
+                    "optimizer that accepts it; matrix methods train embeddings, head and norms "
+                    "with AdamW at the tuned AdamW baseline's settings (--fallback-arg wins).")
     parser.add_argument("--preset", help="cpu-quick or gpu-ladder (options below override it)")
     parser.add_argument("--optimizers", help="comma-separated, adamw included, e.g. "
                                              "adamw,muon,lion,adafactor")

@@ -73,8 +73,18 @@ def test_config_file_with_command_line_override(corpus: Path, tmp_path: Path, ca
 def test_resume_from_the_command_line(corpus: Path, tmp_path: Path, capsys) -> None:
     assert main([*small_args(corpus), "--name", "r", "--checkpoint-every", "3", "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["train", "--resume", str(tmp_path / "runs" / "r"), "--quiet"]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "runs" / "r")
+    run = tmp_path / "runs" / "r"
+    # a finished run is not resumed: one line, exit 2, and its summary stays as it was
+    summary = (run / "summary.json").read_bytes()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already finished (completed at step 6)" in err
+    assert (run / "summary.json").read_bytes() == summary
+    # a run stopped after its last checkpoint but before its summary is finished by --resume
+    (run / "summary.json").unlink()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(run)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
 @pytest.mark.parametrize("args, message", [

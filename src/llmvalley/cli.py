@@ -1,13 +1,15 @@
 """The ``valley`` command: one entry point whose sub-commands live in their own modules.
 
 Each sub-command module exposes ``register(subparsers)`` which adds its parser and sets
-``func`` (called with the parsed namespace, returning an exit status).
+``func`` (called with the parsed namespace, returning an exit status). Building the parser must
+not import torch (``valley --help`` stays fast): sub-commands import it in ``func``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # Sub-command modules, in the order they are listed by ``valley --help``.
@@ -51,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"valley {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("valley: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # RunInterrupted (a KeyboardInterrupt) carries the signal
+        print(f"valley {args.command}: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

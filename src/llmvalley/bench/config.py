@@ -20,7 +20,10 @@ from llmvalley.cli import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-DEFAULT_STEPS = 600
+#: default budget: 400 steps of 32 x 128 tokens of the nano preset, about 2 minutes on an idle
+#: 2-core CPU (docs/train.md)
+DEFAULT_STEPS = 400
+DEFAULT_CHECKPOINT_EVERY = 100
 
 
 @dataclass
@@ -60,7 +63,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 16
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: no checkpoints
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0: none (not even on SIGINT/SIGTERM)
     seed: int = 0
     # hardware
     device: str = "auto"

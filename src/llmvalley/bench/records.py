@@ -1,4 +1,4 @@
-"""The run folder: resolved config, JSONL log, summary, command line and checkpoint.
+"""The run folder: resolved config, JSONL log, summary, command line and checkpoints.
 
 A run folder holds:
 
@@ -7,7 +7,10 @@ A run folder holds:
 - ``command.txt``: the exact command that produced the run (when started from the CLI);
 - ``log.jsonl``: one JSON object per log/eval step;
 - ``summary.json``: the final record, written when the run ends (diverged runs included);
-- ``checkpoint.pt``: the latest checkpoint, when checkpoints are enabled.
+- ``checkpoint.pt``: the latest checkpoint, and ``checkpoint-previous.pt`` the one before it,
+  when checkpoints are enabled (the default).
+
+torch is imported only to save and load checkpoints, so the other helpers stay cheap to import.
 """
 
 from __future__ import annotations
@@ -15,17 +18,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from llmvalley.cli import UsageError
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
 COMMAND_FILE = "command.txt"
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint-previous.pt"
+#: what every checkpoint written by the trainer holds
+CHECKPOINT_KEYS = ("model", "optimizer", "progress", "spikes", "torch_rng")
 
 
 def json_safe(value: Any) -> Any:
@@ -52,8 +59,6 @@ def new_run_dir(out: str | Path, name: str | None, default_name: str) -> Path:
     if name is not None:
         path = out / name
         if path.exists() and any(path.iterdir()):
-            from llmvalley.cli import UsageError
-
             raise UsageError(f"run folder {path} already exists; continue it with --resume "
                              f"{path} or choose another --name")
     else:
@@ -104,14 +109,88 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Write ``checkpoint.pt`` atomically."""
+def _first_existing(path: Path) -> Path:
+    """``path`` or its deepest ancestor that exists."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """Raise a one-line UsageError unless files can be created in ``path`` (or, when it does not
+    exist yet, in its deepest existing ancestor, where it would be made)."""
+    existing = _first_existing(path)
+    if not existing.is_dir():
+        if existing == path:
+            raise UsageError(f"{what}: {path} is a file, not a folder")
+        raise UsageError(f"{what}: {existing} is a file, so no folder can be made in it")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".valley-write-test-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"{what}: cannot write in {existing} ({reason}); choose a writable "
+                         "folder") from None
+
+
+def check_output_folder(out: str | Path, name: str | None) -> None:
+    """Fail now, before any data is read, when the run folder ``out/name`` cannot be made."""
+    out_path = Path(out).expanduser()
+    check_writable_folder(out_path, f"--out {out}")
+    if name is not None:
+        path = out_path / name
+        if os.path.lexists(path) and not path.is_dir():
+            raise UsageError(f"--name {name}: {path} is a file, not a folder")
+        if path.is_dir() and any(path.iterdir()):
+            raise UsageError(f"run folder {path} already exists; continue it with --resume "
+                             f"{path} or choose another --name")
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def first_sentence(exc: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's message (its type when it has none)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    return (text[:limit] + "...") if len(text) > limit else text or type(exc).__name__
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+def save_checkpoint(run_dir: Path, state: dict, *, keep_previous: bool = True) -> None:
+    """Write ``checkpoint.pt`` atomically; the one it replaces becomes ``checkpoint-previous.pt``
+    (unless ``keep_previous`` is false: then the previous file is left as it is)."""
+    import torch
+
     path = run_dir / CHECKPOINT_FILE
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    if keep_previous and path.is_file():
+        os.replace(path, run_dir / PREVIOUS_CHECKPOINT_FILE)
     os.replace(tmp, path)
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU; a :class:`CheckpointError` says why it cannot be."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # zip, pickle and torch errors of a truncated or corrupt file
+        raise CheckpointError(f"{path} is truncated or corrupt ({first_sentence(exc)})") from None
+    if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= set(state):
+        raise CheckpointError(f"{path} is not a valley train checkpoint (it lacks "
+                              f"{', '.join(CHECKPOINT_KEYS)})")
+    return state
+
+
+def checkpoint_step(state: dict[str, Any]) -> int:
+    """The number of steps a checkpoint has taken."""
+    return int(state["progress"].step)
+
+
 def load_checkpoint(run_dir: Path) -> dict:
-    """Read ``checkpoint.pt`` onto the CPU."""
-    return torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    """Read a run folder's ``checkpoint.pt`` onto the CPU."""
+    return read_checkpoint(Path(run_dir) / CHECKPOINT_FILE)

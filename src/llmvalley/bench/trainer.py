@@ -4,6 +4,11 @@ One update = ``grad_accum`` micro-batches (forward + backward), gradient clippin
 optimizer step. Each update is timed in three parts: data (batch gathering), forward/backward
 (clipping included) and the optimizer step; on CUDA the device is synchronised around them so
 the split is real. Evaluation and checkpoint time is kept out of tokens/s.
+
+Checkpoints are written every ``checkpoint_every`` steps, at the end, and when SIGINT or SIGTERM
+arrives: the signal is noted, the step under way finishes, the checkpoint is written and
+:class:`RunInterrupted` (a ``KeyboardInterrupt``) is raised, so ``--resume`` continues the run
+exactly; a second signal acts at once.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import contextlib
 import json
 import math
 import platform
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +45,16 @@ from llmvalley.bench.records import (
     CHECKPOINT_FILE,
     COMMAND_FILE,
     CONFIG_FILE,
+    PREVIOUS_CHECKPOINT_FILE,
     SUMMARY_FILE,
+    CheckpointError,
     RunLog,
-    load_checkpoint,
+    check_output_folder,
+    check_writable_folder,
+    checkpoint_step,
+    first_sentence,
     new_run_dir,
+    read_checkpoint,
     save_checkpoint,
     write_json,
 )
@@ -49,6 +63,23 @@ from llmvalley.bench.setup import Budget, Workload, load_workload, plan_budget, 
 from llmvalley.cli import UsageError
 from llmvalley.data import train_batch
 from llmvalley.models import Llama, build_model
+
+#: signals that stop a run at the end of the step under way, after writing a checkpoint
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after its checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, steps: int, run_dir: Path) -> None:
+        self.signum, self.step, self.steps, self.run_dir = signum, step, steps, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at step {step} of {steps}; checkpoint saved; "
+                         f"continue with: valley train --resume {run_dir}")
+
+    def __reduce__(self) -> tuple:  # picklable: worker processes send it to their parent
+        return type(self), (self.signum, self.step, self.steps, self.run_dir)
+
 
 SPIKE_RULE = (f"train loss above median + {SPIKE_K:g} * MAD of the previous {SPIKE_WINDOW} "
               "losses (MAD floored at 0.1% of the median); consecutive spiking steps count once")
@@ -86,17 +117,34 @@ class Progress:
     optimizer_s: float = 0.0
     elapsed_s: float = 0.0  # wall-clock of earlier segments of a resumed run
     interval: Interval = field(default_factory=Interval)
+    # the highest peak memory of earlier segments (a class default, so checkpoints written
+    # before this field existed still load)
+    peak_memory_bytes: int = 0
 
 
 class Trainer:
     """One run: model, optimizer, data, records; :meth:`run` trains and returns the summary."""
 
     def __init__(self, config: TrainConfig, *, run_dir: Path | None = None,
-                 resume: bool = False, command: str | None = None) -> None:
+                 resume: bool = False, command: str | None = None,
+                 checkpoint: dict[str, Any] | None = None, checkpoint_path: Path | None = None,
+                 on_start: Callable[[Trainer], None] | None = None,
+                 handle_signals: bool = True) -> None:
+        """``resume``: continue ``run_dir`` from ``checkpoint`` (already read from
+        ``checkpoint_path``; default: the folder's ``checkpoint.pt``). ``on_start`` is called
+        with the trainer when training starts (the run folder exists then). ``handle_signals``:
+        turn SIGINT and SIGTERM into a checkpoint and :class:`RunInterrupted` while
+        :meth:`run` trains (main thread only, when checkpoints are on and the signals have
+        their default handlers)."""
         self.config = config
+        self.on_start = on_start
+        self.handle_signals = handle_signals
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device, self.precision = resolve_device(config)
+        if not resume and run_dir is None:  # before the corpus is read, which can take minutes
+            check_output_folder(config.out, config.name)
+        check_optimizer_name(config.optimizer)
         self.work: Workload = load_workload(config)
         self.budget: Budget = plan_budget(config, self.work.seq_len)
         torch.manual_seed(config.seed)  # same initial weights for every optimizer
@@ -108,10 +156,23 @@ class Trainer:
             group.setdefault("initial_lr", float(group["lr"]))
         self.progress = Progress()
         self.spikes = SpikeCounter()
+        # whether checkpoint.pt is known to be good: then a new checkpoint keeps it as
+        # checkpoint-previous.pt (a corrupt one is overwritten, and the previous one kept)
+        self._checkpoint_good = True
+        self._saved_step: int | None = None
+        self._stop_signal: int | None = None
         if resume:
             assert run_dir is not None
             self.run_dir = run_dir
-            self._load(load_checkpoint(run_dir))
+            path = checkpoint_path or run_dir / CHECKPOINT_FILE
+            if checkpoint is None:
+                try:
+                    checkpoint = read_checkpoint(path)
+                except CheckpointError as exc:
+                    raise UsageError(f"--resume: {exc}") from None
+            self._load(checkpoint, path)
+            self._checkpoint_good = path.name == CHECKPOINT_FILE
+            self._saved_step = self.progress.step
         else:
             default_name = f"{config.model}-{config.optimizer}-lr{config.lr:g}-s{config.seed}"
             self.run_dir = run_dir or new_run_dir(config.out, config.name, default_name)
@@ -149,6 +210,21 @@ class Trainer:
         }
 
     # ----------------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        """Write the checkpoint of the current step (the one it replaces is kept as
+        ``checkpoint-previous.pt`` when it was good)."""
+        p = self.progress
+        p.elapsed_s += time.perf_counter() - self._segment_start
+        self._segment_start = time.perf_counter()
+        p.peak_memory_bytes = self.peak_memory()
+        save_checkpoint(self.run_dir, self._state(), keep_previous=self._checkpoint_good)
+        self._checkpoint_good = True
+        self._saved_step = p.step
+
+    def peak_memory(self) -> int:
+        """Peak memory of the whole run: this process's and earlier segments' of a resume."""
+        return max(peak_memory_bytes(self.device), self.progress.peak_memory_bytes)
+
     def _state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
@@ -158,9 +234,13 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
 
-    def _load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _load(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UsageError(f"--resume: {path} does not match the run's {CONFIG_FILE} "
+                             f"({first_sentence(exc)})") from None
         self.progress = state["progress"]
         self.spikes.load_state_dict(state["spikes"])
         torch.set_rng_state(state["torch_rng"])
@@ -252,7 +332,7 @@ class Trainer:
             "optimizer_share": iv.optimizer_s / iv.step_s if iv.step_s > 0 else None,
             "tokens_per_s": iv.steps * self.budget.tokens_per_step / iv.step_s
             if iv.step_s > 0 else None,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": self.peak_memory(),
             "state_bytes": self.state_bytes(),
             "elapsed_s": self.progress.elapsed_s + time.perf_counter() - self._segment_start,
         }
@@ -298,7 +378,7 @@ class Trainer:
             "tokens_per_s": p.step * self.budget.tokens_per_step / p.train_time_s
             if p.train_time_s > 0 else None,
             "optimizer_share": p.optimizer_s / p.train_time_s if p.train_time_s > 0 else None,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": self.peak_memory(),
             "state_bytes": state_bytes,
             "state_bytes_per_param": state_bytes / n_params,
             "loss_spikes": self.spikes.count,
@@ -319,10 +399,13 @@ class Trainer:
 
         cfg, p = self.config, self.progress
         self._segment_start = time.perf_counter()
+        if self.on_start is not None:
+            self.on_start(self)
         self.model.train()
         bar = tqdm(total=self.budget.steps, initial=p.step, unit="step", dynamic_ncols=True,
                    desc=f"{cfg.model} {cfg.optimizer}", disable=cfg.quiet or not cfg.progress,
                    file=sys.stderr)
+        restore = self._catch_signals()
         status, diverged_step, reason = "completed", None, None
         try:
             while p.step < self.budget.steps:
@@ -345,7 +428,13 @@ class Trainer:
                 self._account(loss, grad_norm, data_s, fwd_bwd_s, optimizer_s)
                 bar.update(1)
                 self._after_step(step, lr, grad_norm, bar)
+                if self._stop_signal is not None and p.step < self.budget.steps:
+                    if self._saved_step != p.step:
+                        self.save()
+                    raise RunInterrupted(self._stop_signal, p.step, self.budget.steps,
+                                         self.run_dir)
         finally:
+            restore()
             bar.close()
             self.log.close()
         final_val = p.last_val if status == "completed" else None
@@ -386,28 +475,143 @@ class Trainer:
             bar.set_postfix(postfix, refresh=False)
             p.interval = Interval()
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
-            p.elapsed_s += time.perf_counter() - self._segment_start
-            self._segment_start = time.perf_counter()
-            save_checkpoint(self.run_dir, self._state())
+            self.save()
+
+    def _catch_signals(self) -> Callable[[], None]:
+        """Note SIGINT/SIGTERM instead of dying mid-step; returns the function that restores
+        the previous handlers. Nothing is changed off the main thread, without checkpoints,
+        or for a signal whose handler someone else has set (or set to ignore)."""
+        if (not self.handle_signals or not self.config.checkpoint_every
+                or threading.current_thread() is not threading.main_thread()):
+            return lambda: None
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        previous = {}
+        for signum in STOP_SIGNALS:
+            current = signal.getsignal(signum)
+            if current is defaults[signum]:
+                previous[signum] = current
+
+        def note(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+            signal.signal(signum, previous[signum])  # a second one acts at once
+
+        for signum in previous:
+            signal.signal(signum, note)
+
+        def restore() -> None:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+        return restore
+
+
+def check_optimizer_name(name: str) -> None:
+    """An unknown ``--optimizer`` fails before the corpus is read."""
+    if name == PEER_BASELINE:
+        return
+    from llmvalley.optim import get_spec
+
+    try:
+        get_spec(name)
+    except ValueError as exc:
+        raise UsageError(f"--optimizer: {exc}; or {PEER_BASELINE} (the peer baseline)") from None
+
+
+def _finished(run_dir: Path) -> str | None:
+    """How a finished run ended (its summary.json exists), or None."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        return f"{summary['status']} at step {summary['steps']}"
+    except (ValueError, KeyError, TypeError):
+        return "its summary.json exists"
+
+
+def _last_good_checkpoint(run_dir: Path, bad: Path) -> tuple[Path, int] | None:
+    """The checkpoint of ``run_dir`` other than ``bad`` that loads, with its step."""
+    good = []
+    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+        path = run_dir / name
+        if path.is_file() and path.resolve() != bad.resolve():
+            try:
+                good.append((path, checkpoint_step(read_checkpoint(path))))
+            except (CheckpointError, AttributeError, TypeError, ValueError):
+                continue
+    return max(good, key=lambda item: item[1]) if good else None
+
+
+def open_resume(resume: str | Path) -> tuple[Path, Path, dict[str, Any], dict[str, Any]]:
+    """Check ``--resume RUN_DIR`` (or a checkpoint file in a run folder) before anything slow:
+    the run folder, its config, that it has not finished, and that the checkpoint loads.
+
+    Returns the run folder, the checkpoint's path, the checkpoint and the saved config; every
+    problem is a one-line UsageError that names the file (and the last good checkpoint, if any).
+    """
+    given = Path(resume).expanduser()
+    if given.is_file():
+        run_dir, path = given.parent, given
+    else:
+        run_dir, path = given, given / CHECKPOINT_FILE
+    ending = _finished(run_dir) if run_dir.is_dir() else None
+    if ending is not None:
+        raise UsageError(f"--resume {resume}: the run has already finished ({ending}); its "
+                         f"{SUMMARY_FILE} is kept as it is; start a new run to train more")
+    if not path.is_file():
+        where = "no such folder" if not run_dir.is_dir() else (
+            f"not a run folder: no {CONFIG_FILE}" if not (run_dir / CONFIG_FILE).is_file()
+            else "the run stopped before its first checkpoint")
+        hint = ""
+        fallback = _last_good_checkpoint(run_dir, path) if run_dir.is_dir() else None
+        if fallback is not None:
+            hint = (f"; the last good checkpoint is {fallback[0]} (step {fallback[1]}): "
+                    f"continue from it with --resume {fallback[0]}")
+        raise UsageError(f"--resume {resume}: no {CHECKPOINT_FILE} there ({where}){hint}")
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
+    except FileNotFoundError:
+        raise UsageError(f"--resume {resume}: no {CONFIG_FILE} in {run_dir}; not a run folder "
+                         "of valley train") from None
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"--resume {resume}: {run_dir / CONFIG_FILE} is corrupt (not the "
+                         "JSON valley train writes)") from None
+    try:
+        state = read_checkpoint(path)
+        checkpoint_step(state)
+    except (CheckpointError, AttributeError, TypeError, ValueError) as exc:
+        reason = str(exc) if isinstance(exc, CheckpointError) else (
+            f"{path} is not a valley train checkpoint")
+        fallback = _last_good_checkpoint(run_dir, path)
+        hint = (f"; the last good checkpoint is {fallback[0]} (step {fallback[1]}): continue "
+                f"from it with --resume {fallback[0]}" if fallback is not None
+                else f"; no other checkpoint in {run_dir} loads")
+        raise UsageError(f"--resume: {reason}{hint}") from None
+    check_writable_folder(run_dir, f"--resume {resume}")
+    return run_dir, path, state, saved
 
 
 def train(config: TrainConfig | dict[str, Any] | None = None, *,
-          resume: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
+          resume: str | Path | None = None, command: str | None = None,
+          on_start: Callable[[Trainer], None] | None = None,
+          handle_signals: bool = True) -> dict[str, Any]:
     """Train one run and return its summary (also written to the run folder's summary.json).
 
     ``config`` is a :class:`TrainConfig` or a dict of its fields. With ``resume`` (a run folder
-    holding a checkpoint) the run continues from its latest checkpoint with its saved config;
-    only ``quiet``, ``progress`` and ``threads`` are taken from ``config`` then.
+    holding a checkpoint, or a checkpoint file in a run folder) the run continues from that
+    checkpoint with its saved config; only ``quiet``, ``progress`` and ``threads`` are taken
+    from ``config`` then. A finished run (one with a summary.json) is not resumed. ``on_start``
+    and ``handle_signals``: see :class:`Trainer`. SIGINT or SIGTERM during training writes a
+    checkpoint and raises :class:`RunInterrupted`.
     """
     if isinstance(config, dict):
         config = coerce_config(config)
     if resume is None:
-        return Trainer(config or TrainConfig(), command=command).run()
-    run_dir = Path(resume)
-    if not (run_dir / CHECKPOINT_FILE).is_file():
-        raise UsageError(f"--resume {run_dir}: no {CHECKPOINT_FILE} there (checkpoints are "
-                         "written with --checkpoint-every N)")
-    saved = json.loads((run_dir / CONFIG_FILE).read_text())["config"]
+        return Trainer(config or TrainConfig(), command=command, on_start=on_start,
+                       handle_signals=handle_signals).run()
+    run_dir, path, state, saved = open_resume(resume)
     if config is not None:
         saved.update(quiet=config.quiet, progress=config.progress, threads=config.threads)
-    return Trainer(coerce_config(saved), run_dir=run_dir, resume=True).run()
+    return Trainer(coerce_config(saved), run_dir=run_dir, resume=True, checkpoint=state,
+                   checkpoint_path=path, on_start=on_start,
+                   handle_signals=handle_signals).run()

@@ -2,13 +2,15 @@
 
 Options override a ``--config`` file (YAML, TOML or JSON), which overrides the defaults of
 :class:`llmvalley.bench.TrainConfig`. Numbers are parsed here rather than by argparse so a bad
-value is reported as one line (exit status 2) like every other user error.
+value is reported as one line (exit status 2) like every other user error. torch is imported
+only once the options and the output folder are known to be good.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from typing import Any
 
 from llmvalley.cli import UsageError
@@ -39,12 +41,13 @@ VALUE_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("--grad-clip", "grad_clip", "NORM", "clip the gradient norm (1.0; 0 disables)"),
     ("--batch-size", "batch_size", "N", "sequences per micro-batch (32)"),
     ("--grad-accum", "grad_accum", "N", "micro-batches per optimizer step (1)"),
-    ("--steps", "steps", "N", "optimizer steps (default 600)"),
+    ("--steps", "steps", "N", "optimizer steps (default 400)"),
     ("--tokens", "tokens", "N", "token budget instead of --steps (e.g. 2e6)"),
     ("--eval-every", "eval_every", "N", "evaluate every N steps and at the end (100)"),
     ("--eval-batches", "eval_batches", "N", "batches in the fixed held-out set (16)"),
     ("--log-every", "log_every", "N", "log every N steps (10)"),
-    ("--checkpoint-every", "checkpoint_every", "N", "save a checkpoint every N steps (0: never)"),
+    ("--checkpoint-every", "checkpoint_every", "N",
+     "save a checkpoint every N steps, at the end and on Ctrl-C (100; 0: never)"),
     ("--seed", "seed", "N", "seed of the initialisation and the data order (0)"),
     ("--device", "device", "DEV", "auto (default), cpu, cuda"),
     ("--precision", "precision", "P", "auto (default: bf16 autocast on CUDA, else fp32), fp32, "
@@ -61,7 +64,8 @@ FLAG_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
 LIST_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--opt-arg", "opt_args", "optimizer hyperparameter, e.g. betas=0.9,0.95 (repeatable)"),
     ("--fallback-arg", "fallback_args",
-     "hyperparameter of the AdamW fallback of matrix-only methods (repeatable)"),
+     "hyperparameter of the AdamW fallback of matrix-only methods (repeatable); replaces "
+     "that key of the method's documented fallback settings"),
 )
 RESUME_COMPATIBLE = {"quiet", "progress", "threads"}
 
@@ -76,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON file of options")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue a run folder from its latest checkpoint")
+                        help="continue an interrupted run from its latest checkpoint (or from a "
+                             "checkpoint file given instead of the folder)")
     for flag, key, metavar, text in VALUE_OPTIONS:
         parser.add_argument(flag, dest=key, metavar=metavar, help=text)
     for flag, key, value, text in FLAG_OPTIONS:
@@ -156,10 +161,23 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def announce(quiet: bool):
+    """The ``on_start`` callback: the run folder, printed as training starts."""
+    def started(trainer) -> None:
+        if quiet:
+            print(trainer.run_dir, flush=True)
+            return
+        step, steps = trainer.progress.step, trainer.budget.steps
+        resuming = f" (resuming at step {step} of {steps})" if step else ""
+        print(f"run folder: {trainer.run_dir}{resuming}", flush=True)
+
+    return started
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``valley train``."""
     from llmvalley.bench.config import coerce_config
-    from llmvalley.bench.trainer import train
+    from llmvalley.bench.records import check_output_folder
 
     if "resume" in vars(args):
         extra = sorted(set(raw_options(args)) - RESUME_COMPATIBLE)
@@ -168,9 +186,18 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume continues a run with its saved config; drop {given} "
                              "(accepted with --resume: --quiet, --no-progress, --threads)")
         config = coerce_config(raw_options(args))
-        summary = train(config, resume=args.resume)
+        options: dict[str, Any] = {"resume": args.resume}
     else:
         config = coerce_config(merged_config(args))
-        summary = train(config, command=command_line(args))
-    print(summary["run_dir"] if config.quiet else report(summary))
+        check_output_folder(config.out, config.name)  # before torch and the corpus
+        options = {"command": command_line(args)}
+    from llmvalley.bench.trainer import RunInterrupted, train
+
+    try:
+        summary = train(config, on_start=announce(config.quiet), **options)
+    except RunInterrupted as exc:
+        print(f"valley train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    if not config.quiet:
+        print(report(summary))
     return 0

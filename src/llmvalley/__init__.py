@@ -17,19 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
-_OPTIM_EXPORTS = (
-    "ChainOptimizer",
-    "Decay",
-    "OptimizerSpec",
-    "create_optimizer",
-    "get_spec",
-    "list_optimizers",
-    "register",
-    "spec_from_chain",
-    "state_bytes",
-)
-_SUBMODULES = ("bench", "cli", "commands", "data", "models", "optim")
-
 __all__ = [
     "ChainOptimizer",
     "Decay",
@@ -42,6 +29,8 @@ __all__ = [
     "spec_from_chain",
     "state_bytes",
 ]
+_OPTIM_EXPORTS = tuple(n for n in __all__ if n != "__version__")  # from llmvalley.optim
+_SUBMODULES = ("bench", "cli", "commands", "data", "models", "optim")
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from llmvalley.optim import (

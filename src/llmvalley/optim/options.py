@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from llmvalley.optim.spec import _hashable
 from llmvalley.optim.transforms.base import Transform
 from llmvalley.optim.transforms.combine import KeyMap, assign_keys
 from llmvalley.optim.transforms.decay import CoupledWeightDecay
@@ -24,8 +25,6 @@ from llmvalley.optim.transforms.momentum import MARSCorrection
 
 
 def _options_key(spec: Any, group: Mapping[str, Any]) -> tuple:
-    from llmvalley.optim.spec import _hashable
-
     decay = spec.decay_for(group)
     return (tuple(_hashable(group.get(k)) for k in spec.structural),
             bool(group.get("mars")), bool(group.get("cautious")), decay.form, decay.key)

@@ -39,9 +39,10 @@ from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys, is_plain
 from llmvalley.optim.spec import SHELL_DEFAULTS, SHELL_KEYS, OptimizerSpec, spec_from_chain
-from llmvalley.optim.state import ABSMAX, QUANTIZED, Codec, stochastic_round
+from llmvalley.optim.state import ABSMAX, Codec, stochastic_round
 from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform
 from llmvalley.optim.transforms.combine import chain_slots, run_chain
+from llmvalley.optim.transforms.orthogonalize import matrix_view
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: options that say how state is stored: when given to the constructor they win over a loaded
@@ -182,7 +183,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Create every parameter's declared state now (zeros, step 0), e.g. before a
         distributed checkpoint is loaded into it. Otherwise it is created at the first step."""
         for group in self.param_groups:
-            codec = _codec(group, 0)
+            codec = _codec(group)
             for p in group["params"]:
                 self._materialize(group, p, codec)
 
@@ -190,7 +191,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Bytes of declared state that does not exist yet (see :func:`state_bytes`)."""
         total = 0
         for group in self.param_groups:
-            codec = _codec(group, 0)
+            codec = _codec(group)
             for p in group["params"]:
                 if "step" in self.state.get(p, {}):
                     continue
@@ -244,7 +245,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             for old, new in self.spec(group).legacy_keys.items():
                 if old in state and new not in state:
                     state[new] = state.pop(old)
-            codec = _codec(group, 0)
+            codec = _codec(group)
             for key, slot in self._declared(group, p):
                 value = state.get(key)
                 if not isinstance(value, Tensor) or slot.shape is None:
@@ -252,7 +253,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if key + ABSMAX not in state and value.shape != slot.shape \
                         and value.numel() == slot.numel:  # 0.1 kept some in the matrix view
                     state[key] = value.reshape(slot.shape)
-                recode(state, key, slot, codec, compute_dtype(p))
+                codec.convert(state, key, slot, compute_dtype(p))
             self.state[p] = state
 
     # ---- step -----------------------------------------------------------------------------
@@ -293,7 +294,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         spec = self.spec(group)
-        codec = _codec(group, 0)
+        codec = _codec(group)
         created: set = set()
         working, grads, states, steps, dtypes = [], [], [], [], []
         for p in params:
@@ -317,9 +318,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             params=working, grads=grads, states=states, steps=steps, group=group,
             names=[self.param_name(p) for p in params], dtypes=dtypes, codec=codec,
             plan=StepPlan.default(len(params), float(group.get(decay.key, 0.0) or 0.0)),
-            created=created,
+            created=created, keymap=keys,
         )
-        ctx.keymap = keys
         if not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
             directions = run_chain(chain, ctx, grads, keys)
             apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
@@ -333,31 +333,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 p.copy_(w)
 
 
-def recode(st: dict[str, Any], key: str, slot: Any, codec: Codec, compute: torch.dtype) -> None:
-    """Store slot ``key`` as ``codec`` wants it when a checkpoint stored it otherwise (a run
-    resumed with another ``state_precision``)."""
-    quantized = key + ABSMAX in st
-    want = codec.precision(key, slot)
-    if quantized:
-        from llmvalley.optim.state import _stored_kind
-
-        if want == _stored_kind(st[key], slot):
-            return
-    elif want not in QUANTIZED and st[key].dtype == codec.stored_dtype(key, slot, compute):
-        return
-    value, _ = codec.load(st, key, slot, compute)
-    value = value.clone()
-    st.pop(key + ABSMAX, None)
-    codec.create(st, key, slot, compute, value.device)
-    codec.store(st, key, slot, value)
-
-
-def _codec(group: Mapping[str, Any], step: int) -> Codec:
-    return Codec(group.get("state_precision"), group.get("state_dtype"), step)
-
-
-def _matrix(t: Tensor) -> Tensor:
-    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+def _codec(group: Mapping[str, Any]) -> Codec:
+    return Codec(group.get("state_precision"), group.get("state_dtype"))
 
 
 def _foreach_by_value(tensors: list[Tensor], factors: list[float],
@@ -377,7 +354,7 @@ def _decoupled(params: list[Tensor], plan: StepPlan, lr: float, scaled: bool) ->
     for p, wd, mult, rate in zip(params, plan.weight_decay, plan.lr_mult, plan.decay_rate):
         if rate is not None:
             if wd != 0:
-                _matrix(p).mul_(1 - wd * rate)
+                matrix_view(p).mul_(1 - wd * rate)
             continue
         if wd == 0:
             continue
@@ -391,13 +368,13 @@ def apply_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, l
                form: str, scaled: bool) -> None:
     """The parameter write: weight decay in ``form`` and ``p -= rate * scale * u``."""
     wd = plan.weight_decay[0]
-    if _is_plain(plan, wd):  # the common case: one call for the decay, one for the step
-        decays = wd != 0 and form in ("decoupled", "decoupled_after")
-        if decays and form == "decoupled":
-            torch._foreach_mul_(params, 1.0 - (lr if scaled else 1.0) * wd)
+    if _uniform(plan, wd):  # the common case: one call for the decay, one for the step
+        shrink = 1.0 - (lr if scaled else 1.0) * wd
+        if wd != 0 and form == "decoupled":
+            torch._foreach_mul_(params, shrink)
         torch._foreach_add_(params, directions, alpha=-lr)
-        if decays and form == "decoupled_after":
-            torch._foreach_mul_(params, 1.0 - (lr if scaled else 1.0) * wd)
+        if wd != 0 and form == "decoupled_after":
+            torch._foreach_mul_(params, shrink)
         elif wd != 0 and form == "proximal":
             torch._foreach_div_(params, 1.0 + lr * wd)
         return
@@ -410,7 +387,7 @@ def apply_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, l
                                        plan.absolute):
         rate = 1.0 if absolute else (lr * mult if mult != 1.0 else lr)
         if isinstance(s, Tensor):
-            target, step = (p, u) if s.ndim == 0 else (_matrix(p), _matrix(u))
+            target, step = (p, u) if s.ndim == 0 else (matrix_view(p), matrix_view(u))
             if rate == 1.0:
                 target.sub_(step * s)
             else:
@@ -434,7 +411,7 @@ def apply_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, l
         _foreach_by_value([p for p, _ in keep], [f for _, f in keep], torch._foreach_div_)
 
 
-def _is_plain(plan: StepPlan, wd: float) -> bool:
+def _uniform(plan: StepPlan, wd: float) -> bool:
     """No per-tensor scale, rate, decay or multiplier: one step size for the whole group."""
     return (all(type(s) is float and s == 1.0 for s in plan.scale)
             and plan.lr_mult.count(1.0) == len(plan.lr_mult)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmvalley.optim import quantize as q
 from llmvalley.optim.transforms.base import SlotSpec, numel
 
 FLOAT_PRECISIONS: dict[str, torch.dtype] = {
@@ -41,7 +42,7 @@ QUANTIZED = ("int8", "int4")
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED)
 DTYPE_NAMES = {v: k for k, v in FLOAT_PRECISIONS.items()}
 ABSMAX = ".absmax"
-INT8_BLOCK, INT4_BLOCK = 256, 128
+INT8_BLOCK, INT4_BLOCK = q.BLOCK_SIZE_8BIT, q.BLOCK_SIZE_4BIT
 
 
 def precision_name(value: Any) -> str | None:
@@ -96,11 +97,8 @@ class Codec:
         if spec.role == "exact" or spec.shape is None:
             return None
         p = self.by_slot.get(key, self.by_slot.get(spec.name, self.default))
-        if p in QUANTIZED:
-            from llmvalley.optim.quantize import MIN_QUANTIZED_NUMEL
-
-            if spec.numel < MIN_QUANTIZED_NUMEL:
-                return None
+        if p in QUANTIZED and spec.numel < q.MIN_QUANTIZED_NUMEL:
+            return None
         return p
 
     def stored_dtype(self, key: str, spec: SlotSpec, compute: torch.dtype) -> torch.dtype:
@@ -155,6 +153,21 @@ class Codec:
         else:
             old.copy_(value)
 
+    def convert(self, st: dict[str, Any], key: str, spec: SlotSpec,
+                compute: torch.dtype) -> None:
+        """Re-store slot ``key`` in this codec's form when it is stored in another (state
+        loaded from a checkpoint written with another ``state_precision``)."""
+        want = self.precision(key, spec)
+        if key + ABSMAX in st:
+            if want == _stored_kind(st[key], spec):
+                return
+        elif want not in QUANTIZED and st[key].dtype == self.stored_dtype(key, spec, compute):
+            return
+        value = self.load(st, key, spec, compute)[0].clone()
+        st.pop(key + ABSMAX, None)
+        self.create(st, key, spec, compute, value.device)
+        self.store(st, key, spec, value)
+
     def seed(self, key: str, shape: Any) -> int:
         """The stochastic-rounding seed of one write (a function of step, key and shape)."""
         return zlib.crc32(f"{self.step}/{key}/{shape}".encode()) + self.step
@@ -162,13 +175,11 @@ class Codec:
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
     """``x`` (float32) rounded stochastically to ``dtype`` with noise drawn from ``seed``."""
-    from llmvalley.optim.quantize import bf16_stochastic_round
-
     if dtype != torch.bfloat16:
         return x.to(dtype)  # fp16 state: round to nearest (no SR kernel for its layout)
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
-    return bf16_stochastic_round(x, gen)
+    return q.bf16_stochastic_round(x, gen)
 
 
 def _stored_kind(codes: Tensor, spec: SlotSpec) -> str:
@@ -179,8 +190,6 @@ class _Quantizer:
     """Encode / decode with one map and block size."""
 
     def __init__(self, kind: str, signed: bool, device: torch.device) -> None:
-        from llmvalley.optim import quantize as q
-
         self.kind = kind
         if kind == "int8":
             self.qmap = q.dynamic_map(signed).to(device)

@@ -24,6 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
+from llmvalley.optim.transforms.orthogonalize import matrix_dims, matrix_view
 
 KeyMap = dict[int, dict[str, str]]
 
@@ -195,17 +196,6 @@ class Projector:
         raise NotImplementedError
 
 
-def as_matrix(t: Tensor) -> Tensor:
-    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
-
-
-def matrix_shape(shape: Shape) -> Shape:
-    rest = 1
-    for s in shape[1:]:
-        rest *= int(s)
-    return (int(shape[0]), rest)
-
-
 class InBasis(Combinator):
     """Run ``inner`` in the basis of ``projector`` and map its output back.
 
@@ -228,14 +218,14 @@ class InBasis(Combinator):
         return f"in_{type(self.projector).__name__.lower()}"
 
     def slots(self, shape, group, name=""):
-        return self.projector.slots(matrix_shape(shape), group)
+        return self.projector.slots(matrix_dims(shape), group)
 
     def paths(self) -> list[list[Transform]]:
         rest = chain_paths(self.residual) if self.residual else [[]]
         return [[self, *p, *q] for p in chain_paths(self.inner) for q in rest]
 
     def inner_slots(self, shape, group, name=""):
-        mat = matrix_shape(shape)
+        mat = matrix_dims(shape)
         out = chain_slots(self.inner, self.projector.projected_shape(mat, group), group, name)
         if self.residual and not self.projector.complete(mat, group):
             out += chain_slots(self.residual, mat, group, name)
@@ -243,9 +233,9 @@ class InBasis(Combinator):
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         proj = self.projector
-        mats = [as_matrix(u) for u in updates]
-        grads = [as_matrix(g) for g in ctx.grads]
-        mshapes = [matrix_shape(s) for s in ctx.shapes]
+        mats = [matrix_view(u, ctx.name(i)) for i, u in enumerate(updates)]
+        grads = [matrix_view(g) for g in ctx.grads]
+        mshapes = [matrix_dims(s) for s in ctx.shapes]
         sources = mats if proj.source == "update" else grads
         for i, src in enumerate(sources):
             proj.refresh(ctx, i, src)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
+from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, scalars
 
 
 class HeavyBall(Transform):
@@ -82,8 +82,6 @@ class EMA(Transform):
             torch._foreach_add_(out, bufs, alpha=beta)
             return out
         if self.debias:
-            from llmvalley.optim.transforms.base import scalars
-
             return torch._foreach_div(bufs, scalars([1 - beta**t for t in ctx.steps]))
         return bufs
 

@@ -73,3 +73,100 @@ def test_adamw8bit_tracks_fp32_adamw_on_nano(tmp_path):
     assert fp32["final_val_loss"] < 3.0  # it learned
     assert abs(int8["final_val_loss"] - fp32["final_val_loss"]) < 0.02, (int8, fp32)
     assert int8["state_bytes"] < 0.3 * fp32["state_bytes"]
+
+
+class Lion8bitRef:
+    """Lion (Chen et al., arXiv 2302.06675) with its momentum stored as torchao's blockwise
+    8-bit codes (signed dynamic map, block 256), written from the equations with torchao's
+    quantization functions: ``c = b1 m + (1 - b1) g``; ``p *= 1 - lr wd``;
+    ``p -= lr sign(c)``; ``m = b2 m + (1 - b2) g``, then ``m`` is quantized."""
+
+    def __init__(self, params, lr, betas, weight_decay):
+        from torchao.optim.quant_utils import (
+            create_dynamic_map,
+            dequant_with_qmap,
+            quantize_8bit_with_qmap,
+            scale_tensor,
+        )
+
+        self.params, self.lr, self.betas, self.wd = params, lr, betas, weight_decay
+        self.qmap = torch.tensor(create_dynamic_map(signed=True), dtype=torch.float32)
+        self.scale, self.quantize, self.dequant = scale_tensor, quantize_8bit_with_qmap, \
+            dequant_with_qmap
+        self.state = [self.encode(torch.zeros(p.numel())) if p.numel() >= 4096
+                      else torch.zeros(p.shape) for p in params]
+
+    def encode(self, x):
+        scaled, absmax = self.scale(x.reshape(-1), 256)
+        return self.quantize(scaled, self.qmap), absmax
+
+    def momentum(self, i, p):
+        st = self.state[i]
+        if isinstance(st, tuple):
+            codes, absmax = st
+            return self.dequant(codes, self.qmap, absmax).reshape(p.shape)
+        return st
+
+    @torch.no_grad()
+    def step(self):
+        b1, b2 = self.betas
+        for i, p in enumerate(self.params):
+            m = self.momentum(i, p)
+            c = b1 * m + (1 - b1) * p.grad
+            p.mul_(1 - self.lr * self.wd).add_(torch.sign(c), alpha=-self.lr)
+            m = m.lerp(p.grad, 1 - b2)
+            self.state[i] = self.encode(m) if isinstance(self.state[i], tuple) else m
+
+
+def test_lion8bit_matches_lion_with_torchao_8bit_momentum():
+    pytest.importorskip("torchao.optim")
+    hp = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def run(make):
+        gen = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+        opt = make(params)
+        for _ in range(20):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) + 0.1
+            opt.step()
+        return [p.detach() for p in params], opt
+
+    expected, _ = run(lambda ps: Lion8bitRef(ps, **hp))
+    got, opt = run(lambda ps: llmvalley.create_optimizer("lion8bit", ps, **hp))
+    plain, _ = run(lambda ps: llmvalley.create_optimizer("lion", ps, **hp))
+    for e, g, f in zip(expected, got, plain):
+        # sign(c) flips only where c is within a rounding of 0; the step is lr per element
+        flips = ((g - e).abs() > 1e-6).float().mean().item()
+        assert flips < 1e-3, flips
+        if e.numel() >= 4096:
+            assert not torch.equal(e, f)  # quantizing the momentum changed the trajectory
+    assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.uint8
+
+
+def test_lion8bit_resumes_bit_exactly():
+    from tests.helpers import roundtrip
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        return [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+
+    def steps(params, opt, start, n):
+        for t in range(start, start + n):
+            gen = torch.Generator().manual_seed(100 + t)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+
+    ref = make()
+    steps(ref, llmvalley.create_optimizer("lion8bit", ref, lr=1e-3), 0, 10)
+    params = make()
+    opt = llmvalley.create_optimizer("lion8bit", params, lr=1e-3)
+    steps(params, opt, 0, 5)
+    sd = roundtrip(opt.state_dict())
+    resumed = [nn.Parameter(p.detach().clone()) for p in params]
+    ropt = llmvalley.create_optimizer("lion8bit", resumed, lr=1e-3)
+    ropt.load_state_dict(sd)
+    steps(resumed, ropt, 5, 5)
+    for a, b in zip(ref, resumed):
+        assert torch.equal(a, b)

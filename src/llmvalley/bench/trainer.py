@@ -5,6 +5,15 @@ optimizer step. Each update is timed in three parts: data (batch gathering), for
 (clipping included) and the optimizer step; on CUDA the device is synchronised around them so
 the split is real. Evaluation and checkpoint time is kept out of tokens/s.
 
+Methods that need more than gradients get it here, through the optimizer's protocol
+(:class:`~llmvalley.optim.shell.ChainOptimizer`): the step's loss (``step(loss=...)``, MoMo);
+the evaluation iterate (``optimizer.eval()`` around every evaluation and checkpoint, then
+``optimizer.train()``, schedule-free); and curvature estimates on the method's schedule
+(``optimizer.curvature_request()``: a ``create_graph=True`` backward for Hessian-vector
+products before the step, AdaHessian and Sophia-H; or, after the step, a backward of the loss
+on labels sampled from the model, Sophia-G). Their extra forward/backward time counts in the
+forward/backward time.
+
 Checkpoints are written every ``checkpoint_every`` steps, at the end, and when SIGINT or SIGTERM
 arrives: the signal is noted, the step under way finishes, the checkpoint is written and
 :class:`RunInterrupted` (a ``KeyboardInterrupt``) is raised, so ``--resume`` continues the run
@@ -27,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmvalley.bench.config import TrainConfig, coerce_config
 from llmvalley.bench.metrics import (
@@ -63,6 +73,7 @@ from llmvalley.bench.setup import Budget, Workload, load_workload, plan_budget, 
 from llmvalley.cli import UsageError
 from llmvalley.data import train_batch
 from llmvalley.models import Llama, build_model
+from llmvalley.optim.shell import ChainOptimizer
 
 #: signals that stop a run at the end of the step under way, after writing a checkpoint
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -161,6 +172,7 @@ class Trainer:
         self._checkpoint_good = True
         self._saved_step: int | None = None
         self._stop_signal: int | None = None
+        self._loss: torch.Tensor | None = None  # the last step's mean loss (for step(loss=))
         if resume:
             assert run_dir is not None
             self.run_dir = run_dir
@@ -217,7 +229,8 @@ class Trainer:
         p.elapsed_s += time.perf_counter() - self._segment_start
         self._segment_start = time.perf_counter()
         p.peak_memory_bytes = self.peak_memory()
-        save_checkpoint(self.run_dir, self._state(), keep_previous=self._checkpoint_good)
+        with self.eval_weights():  # schedule-free: the checkpoint holds the evaluated weights
+            save_checkpoint(self.run_dir, self._state(), keep_previous=self._checkpoint_good)
         self._checkpoint_good = True
         self._saved_step = p.step
 
@@ -241,6 +254,8 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UsageError(f"--resume: {path} does not match the run's {CONFIG_FILE} "
                              f"({first_sentence(exc)})") from None
+        if hasattr(self.optimizer, "train"):
+            self.optimizer.train()  # saved on the evaluation iterate: back to training
         self.progress = state["progress"]
         self.spikes.load_state_dict(state["spikes"])
         torch.set_rng_state(state["torch_rng"])
@@ -259,29 +274,87 @@ class Trainer:
         """Forward/backward over the micro-batches of update ``step`` (0-based) and clip.
 
         Returns the mean loss, the gradient norm (before clipping) and the data and
-        forward/backward times; the optimizer step is taken by :meth:`optimizer_step`.
+        forward/backward times; the optimizer step is taken by :meth:`optimizer_step`. When
+        the method asks for Hessian-vector products at this step, the backward keeps its
+        graph and the estimate is taken before clipping.
         """
         cfg = self.config
         t0 = time.perf_counter()
-        batches = [train_batch(self.work.train.tokens, seed=cfg.seed, step=step, micro=m,
-                               batch_size=cfg.batch_size, seq_len=self.work.seq_len)
-                   for m in range(cfg.grad_accum)]
-        batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                   for x, y in batches]
+        batches = self._batches(step)
         t1 = time.perf_counter()
+        hvp = self._curvature_request() == "hessian_vector"
         loss_sum = torch.zeros((), device=self.device)
+        # Hessian-vector products differentiate the backward: only the math attention kernel
+        # has a second derivative
         for x, y in batches:
-            with self._autocast():
+            kernels = sdpa_kernel(SDPBackend.MATH) if hvp else contextlib.nullcontext()
+            with self._autocast(), kernels:
                 loss = self.forward(x, y)
-            (loss / cfg.grad_accum).backward()
+            (loss / cfg.grad_accum).backward(create_graph=hvp)
             loss_sum += loss.detach()
+        if hvp:
+            self.optimizer.update_curvature()
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad = param.grad.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value = loss_sum.item() / cfg.grad_accum
+        self._loss = loss_sum / cfg.grad_accum
+        loss_value = self._loss.item()
         grad_value = float(grad_norm)
         self._sync()
         t2 = time.perf_counter()
         return loss_value, grad_value, (t1 - t0, t2 - t1, 0.0)
+
+    def _batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.config
+        batches = [train_batch(self.work.train.tokens, seed=cfg.seed, step=step, micro=m,
+                               batch_size=cfg.batch_size, seq_len=self.work.seq_len)
+                   for m in range(cfg.grad_accum)]
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                for x, y in batches]
+
+    def _curvature_request(self) -> str | None:
+        request = getattr(self.optimizer, "curvature_request", None)
+        return request() if request is not None else None
+
+    def sampled_label_backward(self, step: int) -> float:
+        """Sophia-G's Gauss-Newton-Bartlett estimate after update ``step`` (0-based): the
+        loss on labels drawn from the model's own predictions for the step's batches,
+        backpropagated into zeroed gradients and handed to the optimizer. The draw is seeded
+        by (seed, step), so a resumed run draws the same labels. Returns the seconds taken."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(cfg.seed * 1_000_003 + step)
+        for x, _ in self._batches(step):
+            with self._autocast():
+                logits = self.forward(x)
+            flat = logits.float().reshape(-1, logits.shape[-1])
+            with torch.no_grad():
+                sampled = torch.multinomial(torch.softmax(flat, dim=-1), 1,
+                                            generator=generator).view(-1)
+            loss = torch.nn.functional.cross_entropy(flat, sampled)
+            (loss / cfg.grad_accum).backward()
+        self.optimizer.update_curvature()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        return time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def eval_weights(self):
+        """The model on the optimizer's evaluation iterate (schedule-free's ``x``) inside the
+        block; a no-op for methods without one."""
+        switch = getattr(self.optimizer, "eval", None)
+        if switch is None or not getattr(self.optimizer, "training", True):
+            yield
+            return
+        switch()
+        try:
+            yield
+        finally:
+            self.optimizer.train()
 
     def optimizer_step(self, step: int) -> tuple[float, float]:
         """Set the scheduled learning rates and take the optimizer step; returns (lr, seconds)."""
@@ -293,7 +366,10 @@ class Trainer:
                                decay_fraction=self.config.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        self.optimizer.step()
+        if isinstance(self.optimizer, ChainOptimizer):
+            self.optimizer.step(loss=self._loss)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sync()
         return self.config.lr * factor, time.perf_counter() - t0
@@ -424,6 +500,8 @@ class Trainer:
                     self.log.write(record)
                     break
                 lr, optimizer_s = self.optimizer_step(index)
+                if self._curvature_request() == "gauss_newton":
+                    fwd_bwd_s += self.sampled_label_backward(index)
                 p.step = step
                 self._account(loss, grad_norm, data_s, fwd_bwd_s, optimizer_s)
                 bar.update(1)
@@ -460,7 +538,8 @@ class Trainer:
         last = step == self.budget.steps
         val_loss = None
         if step % cfg.eval_every == 0 or last:
-            val_loss = self.evaluate()
+            with self.eval_weights():
+                val_loss = self.evaluate()
             p.last_val = val_loss
             if val_loss < p.best_val:
                 p.best_val, p.best_val_step = val_loss, step

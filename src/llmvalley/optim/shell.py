@@ -127,6 +127,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             self.defaults = saved
         group = self.param_groups[-1]
         spec.validate(group)
+        if any(t.has_modes for t in self._chain(group)):
+            group.setdefault("train_mode", True)
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
             label = names[i] if names else f"group {len(self.param_groups) - 1} param {i}"
@@ -258,12 +260,20 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # ---- step -----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step (see the module docstring for the NaN policy)."""
-        loss = None
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """Perform one optimisation step (see the module docstring for the NaN policy).
+
+        ``closure`` (re-evaluates the model and returns the loss) or ``loss`` (the loss of the
+        batch whose gradients are in ``.grad``) give the loss to methods that need it (MoMo);
+        the others ignore it. Returns the loss.
+        """
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.training:
+            raise RuntimeError(
+                "the optimizer is in eval mode (optimizer.eval() was called): call "
+                "optimizer.train() before step()")
         work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
@@ -275,6 +285,11 @@ class ChainOptimizer(torch.optim.Optimizer):
                     )
             if params:
                 work.append((group, params))
+        for group, _ in work:
+            if loss is None and any(t.needs_loss for t in self._chain(group)):
+                raise ValueError(
+                    f"{group['optimizer']} needs the loss: call step(closure) or "
+                    "step(loss=loss)")
         for group, params in work:
             if group["nonfinite"] == "ignore":
                 continue
@@ -288,42 +303,52 @@ class ChainOptimizer(torch.optim.Optimizer):
                 f"{group['optimizer']}: non-finite gradient in {self.param_name(params[bad])}; "
                 "no parameter or state was changed. Pass nonfinite='skip' to skip such steps."
             )
+        loss_tensor = None
+        if loss is not None:
+            loss_tensor = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
         for group, params in work:
-            self._step_group(group, params)
+            self._step_group(group, params, loss_tensor)
         return loss
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        spec = self.spec(group)
+    def _chain(self, group: Mapping[str, Any]) -> list[Transform]:
+        return chain_and_keys(self.spec(group), group)[0]
+
+    def _context(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor] | None,
+                 *, count: bool, created: set | None = None) -> tuple[StepContext, list[Tensor]]:
+        """The step context of ``params`` (their state created if missing, steps advanced when
+        ``count``) and the working tensors (master weights, or compute-dtype copies) the
+        shell writes back. ``grads=None`` uses the parameters' ``.grad``."""
         codec = _codec(group)
-        created: set = set()
-        working, grads, states, steps, dtypes = [], [], [], [], []
-        for p in params:
+        working, gs, states, steps, dtypes = [], [], [], [], []
+        for i, p in enumerate(params):
             st = self._materialize(group, p, codec, created)
-            st["step"] += 1
+            if count:
+                st["step"] += 1
             dtype = compute_dtype(p)
             if MASTER in st:
                 working.append(st[MASTER])
             else:
                 working.append(p if p.dtype == dtype else p.detach().to(dtype))
-            grads.append(p.grad if p.grad.dtype == dtype else p.grad.to(dtype))
+            g = p.grad if grads is None else grads[i]
+            gs.append(g if g.dtype == dtype else g.to(dtype))
             states.append(st)
             steps.append(st["step"])
             dtypes.append(dtype)
         codec.step = max(steps)
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        chain, keys = chain_and_keys(spec, group)
-        decay = spec.decay_for(group)
+        if group["maximize"] and grads is None:
+            gs = torch._foreach_neg(gs)
+        decay = self.spec(group).decay_for(group)
         ctx = StepContext(
-            params=working, grads=grads, states=states, steps=steps, group=group,
+            params=working, grads=gs, states=states, steps=steps, group=group,
             names=[self.param_name(p) for p in params], dtypes=dtypes, codec=codec,
             plan=StepPlan.default(len(params), float(group.get(decay.key, 0.0) or 0.0)),
-            created=created, keymap=keys,
+            created=created if created is not None else set(),
+            keymap=chain_and_keys(self.spec(group), group)[1],
         )
-        if not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
-            directions = run_chain(chain, ctx, grads, keys)
-            apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
-                       decay.scaled(group))
+        return ctx, working
+
+    def _write_back(self, group: Mapping[str, Any], params: list[Tensor],
+                    working: list[Tensor], codec: Codec) -> None:
         for i, (p, w) in enumerate(zip(params, working)):
             if w is p:
                 continue
@@ -331,6 +356,106 @@ class ChainOptimizer(torch.optim.Optimizer):
                 p.copy_(stochastic_round(w, p.dtype, codec.seed(f"param{i}", tuple(p.shape))))
             else:
                 p.copy_(w)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor],
+                    loss: Tensor | None = None) -> None:
+        spec = self.spec(group)
+        ctx, working = self._context(group, params, None, count=True, created=set())
+        ctx.loss = loss
+        chain, keys = chain_and_keys(spec, group)
+        decay = spec.decay_for(group)
+        if not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
+            directions = run_chain(chain, ctx, ctx.grads, keys)
+            apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
+                       decay.scaled(group))
+        self._write_back(group, params, working, ctx.codec)
+
+    # ---- train / eval iterates (schedule-free) -----------------------------------------
+    def train(self, mode: bool = True) -> ChainOptimizer:
+        """Put the parameters on the training iterate (``mode=False``: :meth:`eval`).
+
+        Only methods that keep separate iterates (schedule-free) change anything: their
+        parameters hold the training point ``y`` in train mode and the averaged point ``x``
+        in eval mode, as ``schedulefree``'s optimizers do. Call ``eval()`` before evaluating
+        or saving the model, ``train()`` before the next step. Returns the optimizer.
+        """
+        with torch.no_grad():
+            for group in self.param_groups:
+                hooks = [t for t in self._chain(group) if t.has_modes]
+                if not hooks or group.get("train_mode", True) == mode:
+                    continue
+                params = [p for p in group["params"]
+                          if p.numel() > 0 and "step" in self.state.get(p, {})]
+                if params:
+                    ctx, working = self._context(group, params, params, count=False)
+                    ctx.grads = list(ctx.params)
+                    keys = ctx.keymap
+                    for t in hooks:
+                        bound = ctx.bind(t, keys.get(id(t), {}))
+                        values = t.set_mode(bound, mode)
+                        bound.flush()
+                        if values is not None:
+                            for w, v in zip(working, values):
+                                w.copy_(v)
+                    self._write_back(group, params, working, ctx.codec)
+                group["train_mode"] = mode
+        return self
+
+    def eval(self) -> ChainOptimizer:
+        """Put the parameters on the evaluation iterate (see :meth:`train`)."""
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        """False after :meth:`eval` until :meth:`train` (always True for methods without
+        modes)."""
+        return all(g.get("train_mode", True) for g in self.param_groups)
+
+    # ---- curvature estimates (Sophia, AdaHessian) ---------------------------------------
+    def _group_step(self, group: Mapping[str, Any]) -> int:
+        return max((self.state[p]["step"] for p in group["params"]
+                    if "step" in self.state.get(p, {})), default=0)
+
+    def curvature_request(self) -> str | None:
+        """The curvature estimate a training loop must provide now, or None.
+
+        - ``"hessian_vector"``: take this step's backward with ``create_graph=True`` and call
+          :meth:`update_curvature` before ``step()`` (AdaHessian, Sophia-H);
+        - ``"gauss_newton"``: after ``step()``, run a forward pass, sample labels from the
+          model's own predictions, backward the loss on those labels (into zeroed ``.grad``),
+          then call :meth:`update_curvature` and zero the gradients (Sophia-G).
+
+        ``valley train`` follows this protocol; see ``docs/train.md``.
+        """
+        for group in self.param_groups:
+            done = self._group_step(group)
+            for t in self._chain(group):
+                if t.curvature == "hessian_vector" and t.curvature_due(done + 1, group):
+                    return t.curvature
+                if t.curvature == "gauss_newton" and done > 0 and t.curvature_due(done, group):
+                    return t.curvature
+        return None
+
+    def update_curvature(self) -> None:
+        """Fold the curvature estimate in ``.grad`` (see :meth:`curvature_request`) into the
+        state of every method that consumes one."""
+        for group in self.param_groups:
+            hooks = [t for t in self._chain(group) if t.curvature is not None]
+            if not hooks:
+                continue
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+            if not params:
+                continue
+            graph = any(p.grad.requires_grad for p in params)
+            with torch.set_grad_enabled(graph):
+                ctx, _ = self._context(group, params, [p.grad for p in params], count=False)
+                if graph:
+                    ctx.params = list(params)
+                keys = ctx.keymap
+                for t in hooks:
+                    bound = ctx.bind(t, keys.get(id(t), {}))
+                    t.update_curvature(bound)
+                    bound.flush()
 
 
 def _codec(group: Mapping[str, Any]) -> Codec:

@@ -119,6 +119,9 @@ class StepContext:
         codec: stores and loads slots (set by the shell).
         keys: the calling transform's slot keys (set by the chain runner).
         transform: the calling transform (set by the chain runner).
+        loss: the loss of this step when the caller gave one (``step(closure)`` or
+            ``step(loss=...)``), as a 0-d tensor; ``None`` otherwise. Methods with model-based
+            step sizes (MoMo) set :attr:`Transform.needs_loss`.
     """
 
     params: list[Tensor]
@@ -136,6 +139,7 @@ class StepContext:
     created: set[tuple[int, str]] = field(default_factory=set)
     keymap: dict[int, dict[str, str]] = field(default_factory=dict)
     _loaded: list[tuple[str, list[int], list[Tensor]]] = field(default_factory=list)
+    loss: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -256,6 +260,16 @@ class Transform:
 
     #: every slot name this transform may declare (part of the checkpoint format)
     slot_names: tuple[str, ...] = ()
+    #: the transform reads :attr:`StepContext.loss`: ``step()`` without a loss raises
+    needs_loss: bool = False
+    #: the transform keeps train/eval iterates (schedule-free): the shell calls
+    #: :meth:`set_mode` from ``optimizer.train()`` / ``optimizer.eval()``
+    has_modes: bool = False
+    #: the curvature estimate the transform consumes, if any: ``"gauss_newton"`` (a backward
+    #: of the loss on labels sampled from the model, *after* the step; Sophia-G) or
+    #: ``"hessian_vector"`` (the step's own backward taken with ``create_graph=True``, *before*
+    #: the step; AdaHessian, Sophia-H). See :meth:`curvature_due`, :meth:`update_curvature`.
+    curvature: str | None = None
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -263,6 +277,27 @@ class Transform:
     def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
         """The state kept for a tensor of ``shape`` (the shape this transform works on)."""
         return []
+
+    def set_mode(self, ctx: StepContext, train: bool) -> list[Tensor] | None:
+        """Switch between the training iterate and the evaluation iterate (schedule-free).
+
+        ``ctx.params`` hold the current parameter values and ``ctx.grads`` the same tensors
+        (there is no gradient in a mode switch). Returns the values the parameters must take in
+        the new mode (the shell writes them), or ``None`` to leave them.
+        """
+        return None
+
+    def curvature_due(self, step: int, group: Mapping[str, Any]) -> bool:
+        """Whether the curvature estimate is wanted at ``step`` (counted from 1, the step
+        about to be taken, or, for ``"gauss_newton"``, the one just taken)."""
+        return False
+
+    def update_curvature(self, ctx: StepContext) -> None:
+        """Fold a curvature estimate into the transform's slots. ``ctx.grads`` are the
+        parameters' ``.grad``: the sampled-label gradients (``"gauss_newton"``) or the step's
+        gradients with their graph (``"hessian_vector"``; ``ctx.params`` are then the
+        parameters themselves and autograd is enabled, for Hessian-vector products)."""
+        raise NotImplementedError
 
     def paths(self) -> list[list[Transform]]:
         """The transforms a single tensor can pass through, from this one on (combinators

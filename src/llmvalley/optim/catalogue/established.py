@@ -1,40 +1,8 @@
-"""The catalogue: what llmvalley knows *about* each optimizer, apart from how it runs.
+"""Catalogue entries of the methods in llmvalley's first releases (0.1 and 0.2)."""
 
-One :class:`Entry` per registered name: taxonomy family, defining paper, the official
-implementation it matches (and what it is tested against), how its weight decay is applied, in
-words, and notes on every place it differs from its reference. Behaviour (defaults, transform
-chain, checks) lives in :mod:`llmvalley.optim.recipes`; the registry joins the two.
-"""
+from llmvalley.optim.catalogue.entry import Entry, Paper
 
-from __future__ import annotations
-
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Paper:
-    """The publication that defines a method."""
-
-    title: str
-    arxiv: str
-    year: int
-
-    def __str__(self) -> str:
-        return f"{self.title} (arXiv {self.arxiv})"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """Catalogue metadata of one optimizer."""
-
-    family: str
-    paper: Paper
-    reference: str
-    weight_decay: str = "decoupled (p *= 1 - lr*wd), before the update"
-    notes: str = ""
-
-
-CATALOGUE: dict[str, Entry] = {
+ENTRIES: dict[str, Entry] = {
     "adabelief": Entry(
         family="adaptive",
         paper=Paper('AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed '

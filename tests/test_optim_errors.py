@@ -87,6 +87,34 @@ def test_inf_gradient_can_skip_the_step():
     assert opt.skipped_steps == 1 and opt.state[w]["step"] == 1
 
 
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite():
+    # the screening 2-norm overflows to inf on these; the element-wise check clears them
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = llmvalley.create_optimizer("sgd", [w], lr=1e-30)
+    w.grad = torch.full((4, 4), 1e30)
+    opt.step()
+    assert opt.skipped_steps == 0 and torch.equal(w.detach(), torch.full((4, 4), -1.0))
+
+
+def test_nonfinite_policy_of_each_group_in_one_check():
+    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    opt = llmvalley.create_optimizer("sgd", [
+        {"params": [a], "nonfinite": "ignore"},
+        {"params": [b], "nonfinite": "raise"},
+        {"params": [c], "nonfinite": "skip"},
+    ], lr=0.1)
+    for p in (a, b, c):
+        p.grad = torch.ones(3)
+    a.grad[0] = float("nan")  # ignored: its group does no check
+    c.grad[1] = float("inf")
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(b.detach(), torch.ones(3))
+    b.grad[2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in .*shape \(3,\)"):
+        opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(c.detach(), torch.ones(3))
+
+
 def test_matrix_only_method_rejects_vectors_naming_them():
     matrix = [s.name for s in llmvalley.list_optimizers() if s.applies_to == "matrix"]
     if not matrix:

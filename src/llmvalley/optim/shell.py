@@ -15,7 +15,8 @@ unless a group sets its own:
 
 - ``nonfinite``: ``"raise"`` (default) raises ``FloatingPointError`` naming the parameter
   before any state changes; ``"skip"`` skips the whole step (every group, nothing touched) and
-  counts it in ``optimizer.skipped_steps``; ``"ignore"`` does no check (no host sync).
+  counts it in ``optimizer.skipped_steps``; ``"ignore"`` does no check (no host sync). The
+  check is one fused pass over all groups' gradients per step (:func:`find_nonfinite`).
 - ``maximize``; ``cautious`` and ``mars`` (:mod:`llmvalley.optim.options`);
 - ``state_precision`` / ``state_dtype``: how slots are stored (:mod:`llmvalley.optim.state`);
 - ``master_weights`` (bf16/fp16 parameters): ``None`` (default) updates through a float32
@@ -290,12 +291,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{group['optimizer']} needs the loss: call step(closure) or "
                     "step(loss=loss)")
-        for group, params in work:
-            if group["nonfinite"] == "ignore":
-                continue
-            bad = first_nonfinite([p.grad for p in params])
-            if bad is None:
-                continue
+        found = find_nonfinite([(g, ps) for g, ps in work if g["nonfinite"] != "ignore"])
+        if found is not None:
+            group, params, bad = found
             if group["nonfinite"] == "skip":
                 self.skipped_steps += 1
                 return loss
@@ -544,16 +542,38 @@ def _uniform(plan: StepPlan, wd: float) -> bool:
             and plan.weight_decay.count(wd) == len(plan.weight_decay))
 
 
+def find_nonfinite(work: list[tuple[Any, list[Tensor]]]) -> tuple[Any, list[Tensor], int] | None:
+    """The first ``(group, params, index)`` whose gradient holds a NaN or inf, or None.
+
+    One screening pass for the whole step: the 2-norm of every gradient (one fused
+    ``_foreach_norm`` per device, a single host sync), which is non-finite when any element
+    is. On CPU this is about 4x cheaper than an inf-norm, which is not vectorised. A 2-norm
+    can also overflow on huge finite gradients (beyond ~1e19), so a flagged step is confirmed
+    element-wise before anything is reported.
+    """
+    grads = [p.grad for _, params in work for p in params]
+    if not grads:
+        return None
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    flags = [torch.stack(torch._foreach_norm(gs)).isfinite().all() for gs in by_device.values()]
+    if all(bool(f) for f in flags):
+        return None
+    for group, params in work:
+        bad = first_nonfinite([p.grad for p in params])
+        if bad is not None:
+            return group, params, bad
+    return None  # the norm overflowed on finite values
+
+
 def first_nonfinite(tensors: list[Tensor]) -> int | None:
-    """Index of the first tensor holding a NaN or inf (one host sync), or None."""
-    if not tensors:
-        return None
-    maxima = torch._foreach_norm(tensors, ord=float("inf"))
-    finite = torch.stack([m.float() for m in maxima]).isfinite()
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0, 0])
+    """Index of the first tensor holding a NaN or inf (element-wise check), or None."""
+    for i, t in enumerate(tensors):
+        if not bool(torch.isfinite(t).all()):
+            return i
+    return None
 
 
 __all__ = ["ChainOptimizer", "SHELL_DEFAULTS", "apply_step", "compute_dtype",
-           "first_nonfinite", "lookup_spec"]
+           "find_nonfinite", "first_nonfinite", "lookup_spec"]

@@ -1,0 +1,58 @@
+"""Cost of the default non-finite gradient check (``nonfinite="raise"``), as a ratio.
+
+Times ``adamw`` with the default check, ``adamw`` with ``nonfinite="ignore"`` and
+``torch.optim.AdamW(fused=True)`` on the same LLaMA-shaped parameters, interleaved in one
+process (minimum of the repetitions), and prints each as a ratio to fused AdamW; the check's
+cost is the difference of the first two, as a share of the fused step.
+
+    python benchmarks/nonfinite_check.py                   # ~6M parameters, 1 thread
+    python benchmarks/nonfinite_check.py --dim 512 --layers 4 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from step_time import LlamaShapedParams, machine, time_interleaved
+
+import llmvalley
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=688)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    def params() -> list[torch.nn.Parameter]:
+        torch.manual_seed(0)
+        model = LlamaShapedParams(args.dim, args.ffn, args.layers, args.vocab).to(args.device)
+        ps = list(model.parameters())
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-3
+        return ps
+
+    opts = {
+        "torch AdamW(fused=True)": torch.optim.AdamW(params(), lr=1e-5, fused=True),
+        "adamw (default check)": llmvalley.create_optimizer("adamw", params(), lr=1e-5),
+        "adamw nonfinite='ignore'": llmvalley.create_optimizer("adamw", params(), lr=1e-5,
+                                                               nonfinite="ignore"),
+    }
+    times = time_interleaved(list(opts.values()), args.device, warmup=3, reps=args.reps)
+    n = sum(p.numel() for p in params())
+    print(f"{machine(args.device)}, {args.threads} thread(s), {n / 1e6:.1f}M parameters")
+    for name, t in zip(opts, times):
+        print(f"{name:26s} {t * 1e3:8.2f} ms  {t / times[0]:.2f}x fused")
+    print(f"check cost: {(times[1] - times[2]) / times[0]:.1%} of a fused AdamW step")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Newton-Schulz runs in float32 on CPU in every test, whatever this machine's bf16 speed
+# (llmvalley.optim.transforms.orthogonalize.cpu_has_native_bf16); subprocesses inherit it
+os.environ["LLMVALLEY_CPU_BF16"] = "0"
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ transforms/normalize.py)."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -17,10 +18,16 @@ from llmvalley.optim.transforms.normalize import (
 )
 from llmvalley.optim.transforms.orthogonalize import (
     NS_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
     matrix_view,
+    newton_schulz,
     orthogonalize,
+    resolve_dtype,
     shape_scale,
+    use_gram,
 )
+
+ortho_module = importlib.import_module("llmvalley.optim.transforms.orthogonalize")
 
 
 def ill_conditioned(m: int, n: int, decades: float, seed: int = 0) -> torch.Tensor:
@@ -97,6 +104,72 @@ def test_batched_equals_per_matrix_and_tall_is_transposed_wide():
         assert torch.allclose(out[b], single, rtol=0, atol=1e-14)
         assert torch.allclose(single, orthogonalize(batch[b].T, "newton_schulz", 5).T,
                               rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(24, 80), (80, 24), (20, 20), (3, 16, 40)])
+@pytest.mark.parametrize("steps", [1, 3, 5, 12])
+def test_gram_newton_schulz_equals_the_standard_iteration(shape, steps):
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    standard = newton_schulz(g if g.ndim == 3 else g[None], steps, form="standard")
+    gram = newton_schulz(g if g.ndim == 3 else g[None], steps, form="gram")
+    torch.testing.assert_close(gram, standard, rtol=0, atol=1e-12)
+    # float32 on an ill-conditioned input: the Gram matrix squares the condition number, so
+    # the error grows to ~1e-4 at 5 steps (the standard form's is ~1e-6; bf16's ~1e-2), ~3e-3
+    # at 12, where the standard iteration lifts singular values below sqrt(eps); the restarts
+    # keep it from diverging
+    hard = ill_conditioned(16, 56, 6)[None]
+    truth = newton_schulz(hard, steps, form="standard")
+    gram32 = newton_schulz(hard.float(), steps, form="gram").double()
+    assert (gram32 - truth).abs().max() < (1e-3 if steps <= 5 else 1e-2)
+
+
+def test_gram_form_with_polar_express_coefficients():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, 64, generator=gen, dtype=torch.float64)
+    x = x / x.norm()
+    standard = ortho_module._polynomial_iterations(x, POLAR_EXPRESS_COEFFICIENTS)
+    gram = ortho_module._gram_iterations(x, POLAR_EXPRESS_COEFFICIENTS)
+    torch.testing.assert_close(gram, standard, rtol=0, atol=1e-12)
+
+
+def test_auto_form_picks_gram_for_wide_float_matrices_only():
+    from llmvalley.optim.recipes.matrix import ORTHO_DEFAULTS
+
+    assert ORTHO_DEFAULTS["ns_form"] == "standard"  # opt-in: see the module docstring
+    assert use_gram("auto", (256, 688), torch.float32)
+    assert use_gram("auto", (688, 256), torch.float64)  # tall: its wide orientation
+    assert not use_gram("auto", (256, 400), torch.float32)  # too square to pay off
+    assert not use_gram("auto", (256, 256), torch.float32)  # square: the standard is cheaper
+    assert not use_gram("auto", (256, 688), torch.bfloat16)  # bf16 stays torch.optim.Muon's
+    assert use_gram("gram", (8, 8), torch.bfloat16) and not use_gram("standard", (8, 80),
+                                                                     torch.float32)
+
+
+def test_muon_rejects_an_unknown_ns_form():
+    import llmvalley
+
+    with pytest.raises(ValueError, match="ns_form"):
+        llmvalley.create_optimizer("muon", [torch.nn.Parameter(torch.randn(4, 4))],
+                                   ns_form="fast")
+
+
+def test_cpu_precision_rule(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LLMVALLEY_CPU_BF16", "1")
+    assert resolve_dtype(None, cpu, torch.float32) == torch.bfloat16
+    assert resolve_dtype(None, cpu, torch.float64) == torch.float64  # tests stay float64
+    monkeypatch.setenv("LLMVALLEY_CPU_BF16", "0")
+    assert resolve_dtype(None, cpu, torch.float32) == torch.float32
+    assert resolve_dtype("float16", cpu, torch.float32) == torch.float16  # forced
+    monkeypatch.delenv("LLMVALLEY_CPU_BF16")
+    monkeypatch.setattr(ortho_module, "_CPU_BF16", None)
+    first = ortho_module.cpu_has_native_bf16()  # the probe: a bool, cached
+    assert isinstance(first, bool) and ortho_module._CPU_BF16 is first
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        assert first is False  # no bf16 instructions: no probe needed
 
 
 def test_conv_kernels_flatten_trailing_dims_and_vectors_are_rejected():

@@ -29,6 +29,7 @@ from llmvalley.optim.transforms import Sign
 from llmvalley.optim.transforms.orthogonalize import (
     NS_COEFFICIENTS,
     NS_EPS_FORMS,
+    NS_FORMS,
     ORTHOGONALIZERS,
     CoshBrake,
     DionUpdate,
@@ -47,7 +48,7 @@ MUON_AUX_ADAMW: dict[str, Any] = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, wei
 
 ORTHO_DEFAULTS: dict[str, Any] = dict(
     orthogonalizer="newton_schulz", ns_steps=5, ns_coefficients=NS_COEFFICIENTS, ns_eps=1e-7,
-    ns_dtype=None,
+    ns_dtype=None, ns_form="standard",
 )
 
 #: the same, normalising the NS input by ``||X||_F + ns_eps`` as the reference code of AdaMuon,
@@ -61,6 +62,8 @@ def check_matrix_group(name: str, group: dict[str, Any]) -> None:
         raise ValueError(f"{name}: invalid orthogonalizer={group['orthogonalizer']!r}: "
                          f"one of {ORTHOGONALIZERS}")
     require_positive_int(name, group, "ns_steps")
+    if "ns_form" in group and group["ns_form"] not in NS_FORMS:
+        raise ValueError(f"{name}: invalid ns_form={group['ns_form']!r}: one of {NS_FORMS}")
     if "ns_eps_form" in group and group["ns_eps_form"] not in NS_EPS_FORMS:
         raise ValueError(f"{name}: invalid ns_eps_form={group['ns_eps_form']!r}: "
                          f"one of {NS_EPS_FORMS}")
@@ -79,17 +82,9 @@ def _check(name: str):
     return lambda group: check_matrix_group(name, group)
 
 
-
-
-
 NAMO_DEFAULTS: dict[str, Any] = dict(
     lr=1e-2, momentum=0.95, mu2=0.99, eps=1e-8, nesterov=True, weight_decay=0.1,
     scale_coeff=0.2, **ORTHO_DEFAULTS_ADD)
-
-
-
-
-
 
 
 def _check_dion(group: dict[str, Any]) -> None:
@@ -97,8 +92,6 @@ def _check_dion(group: dict[str, Any]) -> None:
     frac = group.get("rank_fraction", 1.0)
     if not 0.0 < float(frac) <= 1.0:
         raise ValueError(f"dion: invalid rank_fraction={frac!r}: must lie in (0, 1]")
-
-
 
 
 POLARGRAD_DEFAULTS: dict[str, Any] = dict(

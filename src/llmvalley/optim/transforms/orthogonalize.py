@@ -22,13 +22,31 @@ reference does. Parameters with more than two dimensions (conv kernels ``(out, i
 are viewed as ``(out, in * kh * kw)`` matrices (Keller's rule: flatten the trailing dims);
 tensors with fewer than two dimensions are rejected with an error naming the parameter.
 
-Compute precision (``ns_dtype``): ``None`` means bfloat16 on CUDA (Keller, torch.optim.Muon)
-and the update's own dtype elsewhere (float32, or float64 in tests); any dtype may be forced.
+Newton-Schulz form (``ns_form``): ``"standard"`` iterates on ``X`` itself; ``"gram"`` iterates
+on the small ``m x m`` Gram matrix (the Gram / "symmetric" Newton-Schulz of Dao-AILab): every
+iterate is ``X_k = Q_k X_0`` with ``Q_k`` a polynomial in ``R_0 = X_0 X_0^T``, so only ``R`` and
+``Q`` are updated (``P = a I + b R + c R^2``, ``Q <- P Q``, ``R <- P R P``), with ``X`` and ``R``
+re-formed every 3 iterations for stability. For 5 iterations that is ``4 m^2 n + ~17 m^3``
+multiply-adds against ``10 m^2 n + 5 m^3``, a saving when ``n > 2 m``. The two agree in exact
+arithmetic (1e-13 in float64), but the Gram matrix squares the condition number: in float32 the
+result differs from the standard iteration's by up to ~1e-4 on ill-conditioned inputs (standard
+float32: ~1e-6; the bf16 that torch.optim.Muon runs in: ~1e-2). ``"standard"`` is the default,
+so results match the references to float32 rounding; ``"gram"`` forces the Gram form, and
+``"auto"`` takes it for matrices at least twice as wide as tall in float32/float64 and the
+standard form otherwise. ``benchmarks/matrix_step_time.py`` measures both.
+
+Compute precision (``ns_dtype``): ``None`` means bfloat16 on CUDA (Keller, torch.optim.Muon), and
+for float32 updates on CPUs where bf16 matrix products are faster than float32 ones (a one-time
+probe, :func:`cpu_has_native_bf16`: CPUs with AVX512-BF16 or AMX, where bf16 was ~2x faster);
+elsewhere the update's own dtype (float32, or float64 in tests). On AVX2-only CPUs a bf16
+matmul is ~25x slower than float32, so float32 is kept. Any dtype may be forced. Where bf16 is
+chosen, results differ from float32 at bf16 rounding level.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +69,14 @@ POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
 
 ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
 
+#: how a Newton-Schulz iteration is evaluated (module docstring)
+NS_FORMS = ("auto", "standard", "gram")
+
+#: the Gram form pays off above this aspect ratio (n / m of the wide orientation)
+GRAM_MIN_ASPECT = 2.0
+#: iterations between re-formings of X and its Gram matrix in the Gram form
+GRAM_RESTART = 3
+
 #: how the Newton-Schulz input is normalised: by ``max(||X||_F, eps)`` or ``||X||_F + eps``
 NS_EPS_FORMS = ("clamp", "add")
 
@@ -71,10 +97,57 @@ def matrix_dims(shape: Shape) -> tuple[int, int]:
     return int(shape[0]), numel(shape[1:])
 
 
+_CPU_BF16: bool | None = None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether bf16 matrix products beat float32 ones on this CPU: a one-time probe, cached.
+
+    CPUs without bf16 instructions (no ``avx512_bf16`` / ``amx_bf16`` flag; the AVX2-only
+    EPYCs) answer False at once: there a bf16 matmul is ~25x slower than float32. Otherwise a
+    256x256 product is timed in both dtypes, interleaved (best of 3); the two differ by 2x or
+    more either way, far beyond timing noise. ``LLMVALLEY_CPU_BF16=0`` or ``1`` in the
+    environment sets the answer instead (the test suite pins 0, for results that do not depend
+    on the machine).
+    """
+    global _CPU_BF16
+    forced = os.environ.get("LLMVALLEY_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if _CPU_BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "").split()
+        except OSError:
+            flags = []
+        _CPU_BF16 = ("avx512_bf16" in flags or "amx_bf16" in flags) and _bf16_matmul_faster()
+    return _CPU_BF16
+
+
+def _bf16_matmul_faster() -> bool:
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 256, generator=gen)
+    best = {torch.float32: math.inf, torch.bfloat16: math.inf}
+    for _ in range(3):
+        for dtype in best:
+            x = a.to(dtype)
+            start = time.perf_counter()
+            x @ x
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.bfloat16] < best[torch.float32]
+
+
 def resolve_dtype(value: Any, device: torch.device, fallback: torch.dtype) -> torch.dtype:
-    """The compute dtype for ``ns_dtype=value`` (None: bf16 on CUDA, else ``fallback``)."""
+    """The compute dtype for ``ns_dtype=value``. None: bf16 on CUDA, and on CPUs with native
+    bf16 for float32 updates (:func:`cpu_has_native_bf16`); otherwise ``fallback``."""
     if value is None:
-        return torch.bfloat16 if device.type == "cuda" else fallback
+        if device.type == "cuda":
+            return torch.bfloat16
+        if device.type == "cpu" and fallback == torch.float32 and cpu_has_native_bf16():
+            return torch.bfloat16
+        return fallback
     if isinstance(value, str):
         value = getattr(torch, value)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
@@ -110,6 +183,40 @@ def _polynomial_iterations(
     return x
 
 
+def _gram_iterations(
+    x: Tensor, coefficients: Sequence[tuple[float, float, float]]
+) -> Tensor:
+    """The same iterations on the Gram matrix: ``X_k = Q_k X_0`` (X is wide, ``m <= n``).
+
+    Rounding noise in ``R`` sits at ``sqrt(eps)`` in singular-value terms and grows by ``a^2``
+    per iteration, so ``X`` and ``R`` are re-formed every :data:`GRAM_RESTART` iterations (as
+    Dao-AILab's version restarts); without that, float32 diverges after ~7 iterations.
+    """
+    eye = torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
+    last = len(coefficients) - 1
+    q = r = None
+    for k, (a, b, c) in enumerate(coefficients):
+        if k % GRAM_RESTART == 0:
+            if q is not None:
+                x = q @ x
+            r, q = x @ x.mT, None
+        p = torch.baddbmm(r, r, r, beta=b, alpha=c).add_(eye, alpha=a)
+        q = p if q is None else p @ q
+        if k < last and (k + 1) % GRAM_RESTART:
+            r = p @ r @ p  # = X_{k+1} X_{k+1}^T (p and r commute)
+    return q @ x
+
+
+def use_gram(form: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether ``ns_form=form`` evaluates a ``shape`` matrix in the Gram form."""
+    if form == "gram":
+        return True
+    if form == "standard":
+        return False
+    m, n = sorted(shape[-2:])
+    return n >= GRAM_MIN_ASPECT * m and dtype in (torch.float32, torch.float64)
+
+
 def newton_schulz(
     g: Tensor,
     steps: int = 5,
@@ -117,13 +224,14 @@ def newton_schulz(
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
     eps_form: str = "clamp",
+    form: str = "standard",
 ) -> Tensor:
     """Keller Jordan's quintic Newton-Schulz on a batch ``(B, m, n)``; returns ``dtype``.
 
     Same operation order as ``torch.optim.Muon`` (normalise by ``max(||X||_F, eps)``, then
     ``addmm`` forms), so the two agree bit for bit in bf16. ``eps_form="add"`` normalises by
     ``||X||_F + eps`` instead, as Keller Jordan's original code and the references that copy
-    it (HybridAuON, COSMOS) do.
+    it (HybridAuON, COSMOS) do. ``form`` is one of :data:`NS_FORMS` (module docstring).
     """
     x = g.to(dtype or g.dtype)
     tall = x.size(-2) > x.size(-1)
@@ -131,7 +239,8 @@ def newton_schulz(
         x = x.mT
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     x = x / (norm + eps if eps_form == "add" else norm.clamp_min(eps))
-    x = _polynomial_iterations(x, [tuple(coefficients)] * steps)
+    iterate = _gram_iterations if use_gram(form, x.shape, x.dtype) else _polynomial_iterations
+    x = iterate(x, [tuple(coefficients)] * steps)
     return x.mT if tall else x
 
 
@@ -179,16 +288,18 @@ def orthogonalize(
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
     eps_form: str = "clamp",
+    form: str = "standard",
 ) -> Tensor:
     """Approximate polar factor of a matrix or a batch of matrices, in ``dtype``.
 
     ``eps_form`` (Newton-Schulz only): ``"clamp"`` divides by ``max(||X||_F, eps)``
     (torch.optim.Muon), ``"add"`` by ``||X||_F + eps`` (Keller Jordan's original code).
+    ``form`` (Newton-Schulz only): one of :data:`NS_FORMS`.
     """
     squeeze = g.ndim == 2
     x = g[None] if squeeze else g
     if method == "newton_schulz":
-        out = newton_schulz(x, steps, coefficients, eps, dtype, eps_form)
+        out = newton_schulz(x, steps, coefficients, eps, dtype, eps_form, form)
     elif method == "polar_express":
         out = polar_express(x, steps, dtype=dtype)
     elif method == "svd":
@@ -204,7 +315,8 @@ def orthogonalize_matrices(mats: Sequence[Tensor], group: dict[str, Any],
     to each matrix's dtype.
 
     Options: ``orthogonalizer`` (or ``method``), ``ns_steps``, ``ns_coefficients``,
-    ``ns_eps``, ``ns_dtype`` and ``ns_eps_form`` (default ``"clamp"``).
+    ``ns_eps``, ``ns_dtype``, ``ns_eps_form`` (default ``"clamp"``) and ``ns_form`` (default
+    ``"standard"``).
     """
     if not mats:
         return []
@@ -214,8 +326,9 @@ def orthogonalize_matrices(mats: Sequence[Tensor], group: dict[str, Any],
     coeffs = tuple(group.get("ns_coefficients", NS_COEFFICIENTS))
     eps = float(group["ns_eps"])
     eps_form = group.get("ns_eps_form", "clamp")
+    form = group.get("ns_form", "standard")
     outs = map_by_shape(
-        mats, lambda x: orthogonalize(x, method, steps, coeffs, eps, dtype, eps_form))
+        mats, lambda x: orthogonalize(x, method, steps, coeffs, eps, dtype, eps_form, form))
     return [o.to(x.dtype) for o, x in zip(outs, mats)]
 
 

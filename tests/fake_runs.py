@@ -29,15 +29,24 @@ class SyntheticTraining:
     default: dict[str, float] = field(default_factory=lambda: {
         "best_lr": 4e-3, "floor": 2.0, "curvature": 0.05, "power": 2.0, "diverge_above": 8.0})
     calls: list[dict[str, Any]] = field(default_factory=list)
+    #: per optimizer, other hyperparameters' optima: name -> (best value, nats per unit^2);
+    #: names: beta2 (``opt_args["betas"][1]``), momentum, weight_decay, warmup_steps
+    optima: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     def params(self, optimizer: str) -> dict[str, float]:
         return {**self.default, **self.shape.get(optimizer, {})}
 
-    def final_loss(self, optimizer: str, lr: float, seed: int) -> float | None:
+    def final_loss(self, optimizer: str, lr: float, seed: int,
+                   config: dict[str, Any] | None = None) -> float | None:
         p = self.params(optimizer)
         if lr > p["diverge_above"] * p["best_lr"]:
             return None
-        return p["floor"] + p["curvature"] * math.log2(lr / p["best_lr"]) ** 2 + 0.002 * seed
+        loss = p["floor"] + p["curvature"] * math.log2(lr / p["best_lr"]) ** 2 + 0.002 * seed
+        for name, (best, weight) in self.optima.get(optimizer, {}).items():
+            value = setting(config or {}, name)
+            if value is not None:
+                loss += weight * (value - best) ** 2
+        return loss
 
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(config)
@@ -45,7 +54,7 @@ class SyntheticTraining:
         steps = config.get("steps", 100)
         run_dir = Path(config["out"]) / config["name"]
         run_dir.mkdir(parents=True, exist_ok=True)
-        final = self.final_loss(optimizer, lr, seed)
+        final = self.final_loss(optimizer, lr, seed, config)
         power = self.params(optimizer)["power"]
         records = []
         for i in range(1, EVAL_POINTS + 1):
@@ -73,3 +82,13 @@ class SyntheticTraining:
         }
         (run_dir / "summary.json").write_text(json.dumps(summary))
         return summary
+
+
+def setting(config: dict[str, Any], name: str) -> float | None:
+    """A hyperparameter of a trial config: ``beta2`` and ``momentum`` from ``opt_args``."""
+    opt_args = config.get("opt_args") or {}
+    if name == "beta2":
+        betas = opt_args.get("betas")
+        return float(betas[1]) if betas else None
+    value = opt_args.get(name, config.get(name))
+    return None if value is None else float(value)

@@ -107,3 +107,74 @@ def test_wall_clock_speedup_uses_the_in_run_optimizer_share() -> None:
     assert wall_clock_speedup(1.5, 0.02, 0.2, measured=9.0) == pytest.approx(1.5 * 0.8 / 0.98)
     assert wall_clock_speedup(1.5, None, 0.2, measured=1.2) == 1.2
     assert wall_clock_speedup(None, 0.02, 0.2, measured=1.2) is None
+
+
+# ---------------------------------------------------------------------- tuning cost, profiles
+def test_expected_best_is_the_exact_bootstrap_expectation() -> None:
+    import itertools
+
+    from llmvalley.bench.analysis import expected_best
+
+    losses = [2.0, 1.0, 3.0]
+    assert expected_best(losses, 1) == pytest.approx(2.0)
+    assert expected_best(losses, 2) == pytest.approx(14 / 9)  # (5*1 + 3*2 + 1*3) / 9
+    for k in (1, 2, 3):  # every k-tuple drawn with replacement, equally likely
+        draws = list(itertools.product(losses, repeat=k))
+        assert expected_best(losses, k) == pytest.approx(
+            sum(min(d) for d in draws) / len(draws))
+    assert expected_best(losses, 60) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_tuning_curve_counts_diverged_trials_as_the_cap_and_falls_with_k() -> None:
+    from llmvalley.bench.analysis import tuning_curve
+
+    curve = tuning_curve([2.1, None, 2.0, 2.3], cap=2.5)
+    assert [k for k, *_ in curve] == [1, 2, 3, 4]
+    assert curve[0][1] == pytest.approx((2.1 + 2.5 + 2.0 + 2.3) / 4)
+    expected = [e for _, e, _, _ in curve]
+    assert expected == sorted(expected, reverse=True)
+    for _, e, low, high in curve:
+        assert low <= e <= high
+    assert tuning_curve([2.1, None, 2.0, 2.3], cap=2.5) == curve  # seeded: reproducible
+
+
+def test_performance_profile_ratios_score_and_rho() -> None:
+    from llmvalley.bench.analysis import geometric_mean, performance_profile
+
+    profile = performance_profile({"w1": {"a": 100.0, "b": 200.0, "c": None},
+                                   "w2": {"a": 300.0, "b": 150.0, "c": 600.0}})
+    assert profile.ratios == {"a": [1.0, 2.0], "b": [2.0, 1.0], "c": [math.inf, 4.0]}
+    assert profile.rho("a", 1.0) == 0.5 and profile.rho("a", 2.0) == 1.0
+    assert profile.rho("c", 3.9) == 0.0 and profile.rho("c", 4.0) == 0.5
+    assert profile.score("a") == pytest.approx((1 + 2 / 3) / 2)  # area under rho on [1, 4]
+    assert profile.score("c") == pytest.approx(0.0)
+    assert performance_profile({"w1": {"a": 1.0}}) is None  # one workload: no profile
+    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0) and geometric_mean([]) is None
+
+
+def test_step_time_ratio_comes_from_the_in_run_shares() -> None:
+    seconds = [0.0, 10.0, 20.0, 30.0, 40.0]
+    adamw = cell("adamw", [4.0, 3.0, 2.5, 2.2, 2.0], seconds, [1.99, 2.0, 2.01])
+    other = cell("other", [4.0, 3.0, 2.5, 2.2, 2.0], seconds, [1.99, 2.0, 2.01])
+    adamw.optimizer_share, other.optimizer_share = 0.02, 0.2
+    add_baseline_metrics([adamw, other])
+    assert adamw.step_time_ratio == pytest.approx(1.0)
+    assert other.step_time_ratio == pytest.approx(0.98 / 0.8)
+
+
+# ---------------------------------------------------------------------- complexity
+def test_complexity_comes_from_the_registry() -> None:
+    from llmvalley.bench.complexity import complexity, fit_formula
+
+    adamw, muon = complexity("adamw"), complexity("muon")
+    assert adamw.extra_hyperparameters == [] and adamw.decompositions_per_step == 0
+    assert (adamw.matrix_state, adamw.vector_state) == ("2·mn", "2·n")
+    assert "momentum" in muon.extra_hyperparameters and "lr" not in muon.extra_hyperparameters
+    assert muon.matrix_state == "mn" and "AdamW fallback" in muon.vector_state
+    assert muon.decompositions == ["Newton-Schulz (5 iterations)"]
+    assert muon.decompositions_per_step == 1.0
+    assert complexity("adafactor").matrix_state == "m + n"
+    conda = complexity("conda")  # an SVD every update_proj_gap = 2000 steps, amortized
+    assert conda.decompositions_per_step == pytest.approx(1 / 2000)
+    assert conda.matrix_state == "2·mn + min(m,n)^2"
+    assert fit_formula(lambda s: 3 * s[0] * s[1] + 7) == "3·mn + 7"

@@ -151,3 +151,16 @@ def test_an_explicit_budget_replaces_the_presets(tmp_path: Path) -> None:
     assert "steps" not in spec.workload and spec.workload["tokens"] == 200_000
     assert main(["compare", "--preset", "cpu-quick", "--tokens-per-param", "5", "--steps", "10",
                  "--out", str(tmp_path)]) == 2
+
+
+def test_progress_shows_each_trial_result_in_time_order(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_fake_comparison(tmp_path, ["nano"], trials=3, seeds=1)
+    lines = capsys.readouterr().out.splitlines()
+    stamps = [line[1:9] for line in lines if line.startswith("[")]
+    assert stamps == sorted(stamps) and len(stamps) == len(lines)
+    for optimizer in ("adamw", "lion", "muon"):
+        results = [line for line in lines if f"nano: {optimizer}: trial " in line
+                   and "final val loss" in line]
+        assert len(results) == 3  # one line per finished trial, with its loss
+        assert any(f"nano: {optimizer}: seed 1 final val loss" in line for line in lines)

@@ -127,3 +127,128 @@ def test_report_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert main(["report", str(tmp_path)]) == 2  # a folder without compare.json
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("valley report: error:") for line in err)
+
+
+# ---------------------------------------------------------------------- v2 sections and layout
+def table_rows(html_text: str, kind: str, model: str | None = None) -> dict[str, list[str]]:
+    """Rows (optimizer -> cells) of the table of class ``kind`` (and ``data-model``)."""
+    import re
+
+    attrs = f"class='{kind}'" + (f" data-model='{model}'" if model else "")
+    body = html_text.split(f"<table {attrs}>", 1)[1].split("</table>", 1)[0]
+    rows = {}
+    for optimizer, cells in re.findall(r"<tr data-optimizer='([^']+)'>(.*?)</tr>", body):
+        rows[optimizer] = re.findall(r"<td>(.*?)</td>", cells)
+    return rows
+
+
+def test_tuning_cost_profile_and_complexity_tables(results_folder: Path) -> None:
+    text = (results_folder / "report.html").read_text(encoding="utf-8")
+    results = analyse(results_folder)
+    for model in ("nano", "micro"):
+        rows = table_rows(text, "tuning-cost", model)
+        assert set(rows) == {"adamw", "lion", "muon"}
+        curve = results.cell(model, "lion").tuning_curve
+        assert rows["lion"][1] == "3"  # trials
+        assert rows["lion"][2].startswith(f"{curve[0][1]:.4f} [")  # k=1
+        assert rows["lion"][-1].startswith(f"{curve[-1][1]:.4f} [")  # k=n
+    profile = results.profile()
+    rows = table_rows(text, "profile")
+    assert set(rows) == {"adamw", "lion", "muon"}
+    assert rows["muon"][1] == f"{profile.score('muon'):.3f}"
+    complexity_rows = table_rows(text, "complexity")
+    assert complexity_rows["muon"][4].startswith("1 (Newton-Schulz")
+    assert complexity_rows["adamw"][1] == "0" and complexity_rows["adamw"][4] == "none"
+    assert complexity_rows["lion"][5] == "nano 1.00x, micro 1.00x"  # same share as AdamW
+
+
+def test_time_to_target_leads_with_the_load_independent_figure(results_folder: Path) -> None:
+    from llmvalley.bench.report import TIME_COLUMN, leaderboard_rows
+
+    results = analyse(results_folder)
+    muon = results.cell("nano", "muon")
+    text = {r["optimizer"]: r for r in leaderboard_rows(results, "nano")}["muon"][TIME_COLUMN]
+    steps = muon.tokens_to_target / muon.tokens_per_step * muon.step_time_ratio
+    assert text == f"{steps:.1f} AdamW steps; raw wall-clock {muon.seconds_to_target:.1f} s"
+    notes = (results_folder / "report.md").read_text(encoding="utf-8")
+    assert "min-max over seeds" in notes
+
+
+def test_one_size_has_no_profile(tmp_path: Path) -> None:
+    run_fake_comparison(tmp_path, ["nano"], trials=3, seeds=1)
+    write_report(tmp_path)
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "class='profile'" not in text and "fig-performance-profile" not in text
+    assert "class='tuning-cost'" in text
+
+
+def boxes_overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_figures_span_the_page_with_one_caption_and_legends_off_the_curves(
+        results_folder: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from llmvalley.bench.plots import WIDTH
+
+    results = analyse(results_folder)
+    for stem, _, build in FIGURES:
+        fig = build(results)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        assert fig.get_size_inches()[0] == WIDTH, stem
+        assert fig._suptitle is None, stem  # the caption is the report's, shown once
+        for legend in fig.legends:
+            box = legend.get_window_extent(renderer)
+            for ax in fig.axes:
+                assert not boxes_overlap(box, ax.get_window_extent(renderer)), stem
+        assert all(ax.get_legend() is None for ax in fig.axes), stem
+        plt.close(fig)
+    text = (results_folder / "report.md").read_text(encoding="utf-8")
+    for _, title, _ in FIGURES:
+        assert text.count(title) == 2  # the heading, and the image's alt text
+
+
+def test_loss_axes_start_where_the_curves_start(results_folder: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from llmvalley.bench.plots import loss_curves
+
+    results = analyse(results_folder)
+    fig = loss_curves(results, "tokens")
+    for ax, model in zip(fig.axes, results.models):
+        cells = [c for c in results.cells[model] if c.mean]
+        assert ax.get_xlim()[0] == min(c.mean.tokens[0] for c in cells)
+        first = max(curve.loss[0] for c in cells for curve in c.curves)
+        assert ax.get_ylim()[1] >= first  # the curves' starts are inside the axes
+    plt.close(fig)
+
+
+def test_close_speedup_labels_do_not_overlap(results_folder: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from llmvalley.bench.plots import speedup_vs_size
+
+    results = analyse(results_folder)
+    for model in results.models:  # the issue's case: 2.47x and 2.43x at the same size
+        results.cell(model, "muon").token_speedup = 2.47
+        results.cell(model, "lion").token_speedup = 2.43
+    fig = speedup_vs_size(results)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_text().endswith("x")]
+    assert len(boxes) >= 4
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not boxes_overlap(a, b)
+    plt.close(fig)
+
+
+def test_memory_figure_shows_the_peak_above_the_models_own(results_folder: Path) -> None:
+    results = analyse(results_folder)
+    base, lion = results.cell("nano", "adamw"), results.cell("nano", "lion")
+    lion.peak_memory_bytes = base.peak_memory_bytes + 3 * 2**20
+    assert results.peak_above_model("nano", "lion") == base.state_bytes + 3 * 2**20
+    assert results.peak_above_model("nano", "adamw") == base.state_bytes

@@ -24,12 +24,26 @@ Everything here is a pure function of the numbers written by ``valley compare``:
   that involves one is a bound (``speedup_bound``): a lower bound when this optimizer's best is
   at an edge (tuned, it could only do better), an upper bound when AdamW's is (a tuned
   baseline sets a lower target), neither when both are.
+- **tuning cost** (Sivaprasad et al. 2020): the expected best final loss after ``k`` trials
+  drawn from the sweep's finished trials (with replacement, as a bootstrap does; computed
+  exactly, see :func:`expected_best`), with a bootstrap 10-90% band. A diverged or failed trial
+  counts as the worst finite final loss of any trial at that scale. The trials of a grid or a
+  coordinate descent are not independent draws, so this measures how forgiving the trials
+  were, not what random search would cost.
+- **performance profile** (AlgoPerf), across workloads (the compared model sizes): for each
+  workload, an optimizer's tokens-to-target over the fastest optimizer's; rho(tau) = the
+  fraction of workloads where that ratio is at most tau ("did not reach": never). The summary
+  score is the normalized area under rho for tau in [1, 4] (1: fastest everywhere), beside the
+  geometric-mean token speedup over AdamW.
+- **step-time ratio**: this optimizer's training-step time over AdamW's, from the optimizer
+  share ``s`` measured inside each run: ``(1 - s_AdamW) / (1 - s)`` (load-independent).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +55,9 @@ from llmvalley.bench.sweep import SWEEP_FILE, at_edge, merged_config
 
 SENSITIVITY_MARGIN = 0.02  # nats
 SIGNIFICANCE_SE = 3.0
+PROFILE_TAU_MAX = 4.0  # AlgoPerf's largest ratio to the fastest
+BOOTSTRAP_SAMPLES = 400
+BOOTSTRAP_SEED = 0
 
 
 @dataclass
@@ -197,12 +214,18 @@ class CellMetrics:
     peak_memory_bytes: float | None = None
     optimizer_share: float | None = None
     step_time_s: float | None = None
+    tokens_per_step: float | None = None
     tokens_per_s: float | None = None
     sensitivity: Sensitivity | None = None
     spikes_sweep: int = 0
     spikes_seeds: int = 0
     max_grad_norm: float | None = None
     trial_points: list[tuple[float, float | None, str]] = field(default_factory=list)
+    trial_losses: list[float | None] = field(default_factory=list)  # None: diverged or failed
+    # (k, expected best loss, bootstrap 10% and 90%) for k = 1 ... trials
+    tuning_curve: list[tuple[int, float, float, float]] = field(default_factory=list)
+    step_time_ratio: float | None = None  # vs AdamW, from in-run optimizer shares
+    search: str | None = None
     curves: list[Curve] = field(default_factory=list)
     mean: Curve | None = None
 
@@ -221,10 +244,18 @@ def cell_metrics(model: str, optimizer: str, sweep: dict[str, Any], folder: Path
     m.trials_diverged = sum(1 for t in trials if t["status"] == "diverged")
     m.trials_failed = sum(1 for t in trials if t["status"] == "error")
     m.spikes_sweep = sum(t.get("loss_spikes") or 0 for t in trials)
-    m.trial_points = [(t["lr"], t["final_val_loss"] if t["status"] == "completed" else None,
-                       t["status"]) for t in trials if t.get("lr")]
-    m.sensitivity = lr_sensitivity([(lr, loss) for lr, loss, _ in m.trial_points], margin)
+    m.search = (sweep.get("search") or {}).get("mode")
+    m.trial_losses = [t["final_val_loss"] if t["status"] == "completed" else None
+                      for t in trials]
     best = sweep.get("best")
+    sliced = trials
+    if best and best.get("point"):  # coordinate descent: the lr values at the best's settings
+        others = {k: v for k, v in best["point"].items() if k != "lr"}
+        sliced = [t for t in trials if t.get("point") and all(
+            t["point"].get(k) == v for k, v in others.items())]
+    m.trial_points = [(t["lr"], t["final_val_loss"] if t["status"] == "completed" else None,
+                       t["status"]) for t in sliced if t.get("lr")]
+    m.sensitivity = lr_sensitivity([(lr, loss) for lr, loss, _ in m.trial_points], margin)
     if best:
         m.best_lr, m.best_params = best["lr"], best["params"]
         ks = [t["k"] for t in trials if t.get("k") is not None]
@@ -253,6 +284,8 @@ def cell_metrics(model: str, optimizer: str, sweep: dict[str, Any], folder: Path
                                    if s.get("tokens_per_s")])[0]
         m.step_time_s = mean_std([s["train_time_s"] / s["steps"] for s in source
                                   if s.get("train_time_s") and s.get("steps")])[0]
+        m.tokens_per_step = mean_std([s["tokens"] / s["steps"] for s in source
+                                      if s.get("tokens") and s.get("steps")])[0]
         grad_norms = [s["max_grad_norm"] for s in source if s.get("max_grad_norm") is not None]
         m.max_grad_norm = max(grad_norms) if grad_norms else None
     for s in done:
@@ -273,6 +306,9 @@ def add_baseline_metrics(cells: list[CellMetrics]) -> None:
     base_seconds = first_crossing(base.mean.seconds, base.mean.loss, target) \
         if base.mean else None
     for c in cells:
+        if c.optimizer_share is not None and base.optimizer_share is not None \
+                and c.optimizer_share < 1:
+            c.step_time_ratio = (1 - base.optimizer_share) / (1 - c.optimizer_share)
         if c.mean is not None:
             c.tokens_to_target = first_crossing(c.mean.tokens, c.mean.loss, target)
             c.seconds_to_target = first_crossing(c.mean.seconds, c.mean.loss, target)
@@ -287,6 +323,91 @@ def add_baseline_metrics(cells: list[CellMetrics]) -> None:
             if c is not base and c.final_loss_se is not None and base.final_loss_se is not None:
                 se = math.hypot(c.final_loss_se, base.final_loss_se)
                 c.significant = abs(c.delta_vs_baseline) > SIGNIFICANCE_SE * se
+
+
+def expected_best(losses: list[float], k: int) -> float:
+    """The expected minimum of ``k`` draws with replacement from ``losses`` (the limit of a
+    bootstrap with infinitely many resamples): with the losses sorted ascending,
+    ``P(min = l_i) = ((n - i + 1) / n)**k - ((n - i) / n)**k`` (1-based ``i``)."""
+    ordered = sorted(losses)
+    n = len(ordered)
+    return sum(value * (((n - i) / n) ** k - ((n - i - 1) / n) ** k)
+               for i, value in enumerate(ordered))
+
+
+def tuning_curve(losses: list[float | None], cap: float,
+                 samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED
+                 ) -> list[tuple[int, float, float, float]]:
+    """(k, expected best loss, 10% and 90% bootstrap quantiles) for k = 1 ... len(losses);
+    a trial without a loss (diverged, failed) counts as ``cap``."""
+    values = [cap if v is None else v for v in losses]
+    if not values:
+        return []
+    rng = random.Random(seed)
+    curve = []
+    for k in range(1, len(values) + 1):
+        draws = sorted(min(rng.choice(values) for _ in range(k)) for _ in range(samples))
+        curve.append((k, expected_best(values, k), draws[int(0.1 * (samples - 1))],
+                      draws[int(0.9 * (samples - 1))]))
+    return curve
+
+
+def add_tuning_cost(cells: list[CellMetrics]) -> None:
+    """Fill each cell's tuning curve (the cap: the worst finite trial loss at this scale)."""
+    finite = [v for c in cells for v in c.trial_losses if v is not None]
+    if not finite:
+        return
+    cap = max(finite)
+    for c in cells:
+        c.tuning_curve = tuning_curve(c.trial_losses, cap)
+
+
+@dataclass
+class Profile:
+    """A performance profile over workloads (AlgoPerf): per optimizer, the ratio of its
+    tokens-to-target to the fastest optimizer's on each workload (inf: did not reach)."""
+
+    workloads: list[str]
+    ratios: dict[str, list[float]]
+    tau_max: float = PROFILE_TAU_MAX
+
+    def rho(self, optimizer: str, tau: float) -> float:
+        """The fraction of workloads where ``optimizer`` is within a factor ``tau`` of the
+        fastest."""
+        ratios = self.ratios[optimizer]
+        return sum(1 for r in ratios if r <= tau) / len(ratios)
+
+    def score(self, optimizer: str) -> float:
+        """Normalized area under rho(tau) for tau in [1, tau_max]: 1 when fastest on every
+        workload, 0 when never within tau_max (exact for the step function)."""
+        span = self.tau_max - 1
+        return sum((self.tau_max - min(r, self.tau_max)) / span
+                   for r in self.ratios[optimizer]) / len(self.ratios[optimizer])
+
+
+def performance_profile(times: dict[str, dict[str, float | None]],
+                        tau_max: float = PROFILE_TAU_MAX) -> Profile | None:
+    """The profile of ``times`` (workload -> optimizer -> tokens-to-target, None: did not
+    reach); None with fewer than two workloads or none where any optimizer reached."""
+    workloads = [w for w, row in times.items() if any(v for v in row.values())]
+    if len(times) < 2 or not workloads:
+        return None
+    optimizers = sorted({o for row in times.values() for o in row})
+    ratios: dict[str, list[float]] = {o: [] for o in optimizers}
+    for workload in times:
+        row = times[workload]
+        fastest = min((v for v in row.values() if v), default=None)
+        for o in optimizers:
+            value = row.get(o)
+            ratios[o].append(value / fastest if value and fastest else math.inf)
+    return Profile(list(times), ratios, tau_max)
+
+
+def geometric_mean(values: list[float]) -> float | None:
+    """The geometric mean of positive ``values`` (None when empty)."""
+    if not values:
+        return None
+    return math.exp(statistics.fmean(math.log(v) for v in values))
 
 
 def speedup_bound(at_edge: bool, baseline_at_edge: bool) -> str | None:
@@ -333,6 +454,37 @@ class Results:
     margin: float
     baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> AdamW settings
 
+    def peak_above_model(self, model: str, optimizer: str) -> float | None:
+        """Peak memory above the model's own, in bytes: this optimizer's peak less AdamW's
+        peak without AdamW's state (parameters, gradients, activations and the runtime, the
+        same for every optimizer of one model). Unlike the CPU's process peak RSS, which the
+        runtime dominates, it shows what the optimizer adds (state and transient work)."""
+        base, cell = self.cell(model, BASELINE), self.cell(model, optimizer)
+        if base is None or cell is None or not base.peak_memory_bytes \
+                or not cell.peak_memory_bytes or base.state_bytes is None:
+            return None
+        return cell.peak_memory_bytes - (base.peak_memory_bytes - base.state_bytes)
+
+    def profile(self) -> Profile | None:
+        """The performance profile over the compared sizes (None with one size)."""
+        return performance_profile({model: {c.optimizer: c.tokens_to_target
+                                             for c in self.cells[model]}
+                                    for model in self.models})
+
+    def geomean_speedup(self, optimizer: str) -> tuple[float | None, int]:
+        """The geometric-mean token speedup over AdamW across sizes, and the number of sizes
+        where the optimizer did not reach the target (left out of the mean)."""
+        values, missed = [], 0
+        for model in self.models:
+            c = self.cell(model, optimizer)
+            if c is None:
+                continue
+            if c.token_speedup:
+                values.append(c.token_speedup)
+            else:
+                missed += 1
+        return geometric_mean(values), missed
+
     def target(self, model: str) -> float | None:
         base = next((c for c in self.cells[model] if c.optimizer == BASELINE), None)
         return base.final_loss_mean if base else None
@@ -360,5 +512,6 @@ def analyse(folder: str | Path, margin: float = SENSITIVITY_MARGIN) -> Results:
             if optimizer == BASELINE:
                 baseline[model] = baseline_settings(sweep)
         add_baseline_metrics(cells[model])
+        add_tuning_cost(cells[model])
     return Results(folder, manifest, list(spec["models"]), list(spec["optimizers"]), cells,
                    margin, baseline)

@@ -131,6 +131,9 @@ class CompareSpec:
     lr_centers: dict[str, float] = field(default_factory=dict)
     tokens_per_param: float | None = None
     storage: str | None = None
+    # grid (learning rate only), tpe (with --tune) or coordinate (coordinate descent over the
+    # learning rate and each method's most sensitive hyperparameters); None: tpe with --tune
+    search: str | None = None
     skipped: list[str] = field(default_factory=list)
     preset: str | None = None
     command: str | None = None
@@ -326,15 +329,17 @@ class Comparison:
         check_shared_settings(spec.optimizers, spec.workload, spec.tune)
 
     def log(self, message: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
+        """Print one progress line; the time is taken under the lock, so lines printed from
+        the cells' threads appear in time order."""
         with self._lock:
-            print(f"[{stamp}] {message}", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     def sweep_spec(self, model: str, optimizer: str,
                    fallback: dict[str, Any] | None) -> SweepSpec:
         """One cell's sweep: the cell's workload and settings, the shared search. Every cell
         searches the same way (TPE when the comparison tunes anything, over the ``--tune``
-        names the optimizer has; else the learning-rate grid)."""
+        names the optimizer has; coordinate descent over each method's own axes when asked;
+        else the learning-rate grid), with the same budget."""
         storage = self.spec.storage or f"sqlite:///{(self.out / 'optuna.db').resolve()}"
         accepted = accepted_keys(optimizer)
         return SweepSpec(
@@ -343,7 +348,7 @@ class Comparison:
             factor=self.spec.factor, grid_points=self.spec.grid_points, trials=self.spec.trials,
             tune=tuple(t for t in self.spec.tune if t.name in accepted), seeds=self.spec.seeds,
             fixed=cell_fixed(optimizer, fallback),
-            search="tpe" if self.spec.tune else "grid",
+            search=self.spec.search or ("tpe" if self.spec.tune else "grid"),
             storage=storage, study_name=f"{model}/{optimizer}")
 
     def run_cell(self, model: str, optimizer: str, executor: Executor | None) -> None:
@@ -434,7 +439,8 @@ def cell_settings(config: dict[str, Any], sweep_spec: SweepSpec) -> dict[str, An
     return {"opt_args": config.get("opt_args") or {},
             "weight_decay": config.get("weight_decay"),
             "fallback_args": config.get("fallback_args") or None,
-            "tuned": ["lr", *(t.name for t in sweep_spec.tune)]}
+            "tuned": ["lr", *(t.name for t in sweep_spec.tune),
+                      *(a.name for a in sweep_spec.axes or ())]}
 
 
 def cpu_name() -> str:

@@ -1,7 +1,11 @@
 """The report's figures, drawn with matplotlib (Agg) from :class:`~analysis.Results`.
 
-Each function returns a finished figure; :func:`png_bytes` renders it. Colours are fixed per
-optimizer (its position in the comparison), so a method has the same colour in every figure.
+Each function returns a finished figure (or None when it has nothing to show); :func:`png_bytes`
+renders it. Colours are fixed per optimizer (its position in the comparison), so a method has the
+same colour in every figure. Layout rules: every figure is :data:`WIDTH` inches wide (the page
+width; the HTML shows it at 100%), its title is the report's caption (not repeated inside), the
+legend sits below the panels (it never covers a curve), and labels that would overlap are moved
+apart (:func:`spread_labels`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from llmvalley.bench.analysis import Results  # noqa: E402
 from llmvalley.bench.compare import BASELINE  # noqa: E402
 
+WIDTH = 11.0  # inches: every figure spans the page
 PALETTE = ("#222222", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
            "#e377c2", "#17becf", "#bcbd22")
 MB = 1024**2
@@ -43,16 +48,52 @@ def workload_note(results: Results) -> str:
 
 
 def _figure(n_panels: int, title: str, results: Results) -> tuple[Figure, list[Any]]:
-    fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels + 0.6, 4.2), squeeze=False)
-    fig.suptitle(title, fontsize=12)
+    """A page-wide row of ``n_panels`` axes; ``title`` is the report's caption (kept as the
+    figure's label only, not drawn, so the caption shows once)."""
+    fig, axes = plt.subplots(1, n_panels, figsize=(WIDTH, 4.6), squeeze=False)
+    fig.set_label(title)
     fig.text(0.5, 0.005, workload_note(results), ha="center", va="bottom", fontsize=8,
              color="#555555")
     return fig, list(axes[0])
 
 
 def _finish(fig: Figure) -> Figure:
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    """One legend for the figure, below the panels (outside every axes), then the layout."""
+    handles, labels = [], []
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels and not label.startswith("_"):
+                handles.append(handle)
+                labels.append(label)
+    bottom = 0.05
+    if handles:
+        ncol = min(len(labels), 4)
+        rows = -(-len(labels) // ncol)
+        bottom = 0.05 + 0.055 * rows
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, 0.035))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
+
+
+def spread_labels(ax: Any, points: list[tuple[float, float, str, str]],
+                  gap_pt: float = 11.0) -> None:
+    """Annotate ``(x, y, text, colour)`` points so that no two labels overlap: labels at
+    about the same x are stacked at least ``gap_pt`` points apart vertically."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the data-to-display transform
+    to_display = ax.transData.transform
+    placed: list[tuple[float, float]] = []  # display (x, y) of placed labels
+    scale = fig.dpi / 72.0
+    for x, y, text, colour in sorted(points, key=lambda p: (p[0], p[1])):
+        dx, dy = to_display((x, y))
+        label_y = dy + 4 * scale
+        for px, py in placed:
+            if abs(px - dx) < 60 * scale and abs(py - label_y) < gap_pt * scale:
+                label_y = py + gap_pt * scale
+        placed.append((dx, label_y))
+        ax.annotate(text, (x, y), textcoords="offset points",
+                    xytext=(6, (label_y - dy) / scale), fontsize=7, color=colour)
 
 
 def _scale_title(results: Results, model: str) -> str:
@@ -88,14 +129,20 @@ def loss_curves(results: Results, x: str) -> Figure:
         ax.set_title(_scale_title(results, model), fontsize=10)
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (nats/token)")
-        finals = [c.mean.loss[-1] for c in results.cells[model] if c.mean]
-        firsts = [c.mean.loss[len(c.mean.loss) // 4] for c in results.cells[model] if c.mean]
-        if finals and firsts:  # zoom on the part of training where methods separate
-            low, high = min(finals), max(firsts)
-            pad = 0.05 * (high - low) if high > low else 0.1
+        curves = [c for c in results.cells[model] if c.mean and c.mean.loss]
+        if curves:  # the axes start where the curves start and end where they end
+            lows = [min(min(curve.loss) for curve in c.curves) if c.curves else min(c.mean.loss)
+                    for c in curves]
+            highs = [max(max(curve.loss) for curve in c.curves) if c.curves else max(c.mean.loss)
+                     for c in curves]
+            low, high = min(lows), max(highs)
+            pad = 0.03 * (high - low) if high > low else 0.1
             ax.set_ylim(low - pad, high + pad)
+            starts = [getattr(c.mean, x)[0] for c in curves]
+            ends = [getattr(c.mean, x)[-1] for c in curves]
+            if max(ends) > min(starts):
+                ax.set_xlim(min(starts), max(ends))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     return _finish(fig)
 
 
@@ -133,33 +180,44 @@ def sensitivity(results: Results) -> Figure:
         ax.set_xlabel("peak learning rate (log2 scale)")
         ax.set_ylabel("final validation loss (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     return _finish(fig)
 
 
 def memory(results: Results) -> Figure:
-    """Optimizer state and peak memory (MiB) per optimizer, one bar group per scale."""
+    """Optimizer state and the peak memory above the model's own (MiB) per optimizer, one bar
+    group per scale. The peak above the model's own is this optimizer's peak less AdamW's peak
+    without its state (:meth:`Results.peak_above_model`): on CPU the process peak RSS itself is
+    dominated by the runtime and says nothing about the optimizer."""
     colour = colours(results)
     fig, axes = _figure(2, "Memory", results)
     width = 0.8 / max(1, len(results.optimizers))
-    for ax, attr, ylabel, fmt in ((axes[0], "state_bytes", "optimizer state (MiB)", "%.2f"),
-                                  (axes[1], "peak_memory_bytes", "peak memory (MiB)", "%.0f")):
+
+    def state(model: str, optimizer: str) -> float | None:
+        cell = results.cell(model, optimizer)
+        return cell.state_bytes if cell is not None else None
+
+    for ax, value, ylabel, fmt in (
+            (axes[0], state, "optimizer state (MiB, exact)", "%.2f"),
+            (axes[1], results.peak_above_model, "peak memory above the model's own (MiB)",
+             "%.1f")):
         for j, optimizer in enumerate(results.optimizers):
             xs, ys = [], []
             for i, model in enumerate(results.models):
-                cell = results.cell(model, optimizer)
-                if cell is not None and getattr(cell, attr):
+                v = value(model, optimizer)
+                if v is not None:
                     xs.append(i + (j - (len(results.optimizers) - 1) / 2) * width)
-                    ys.append(getattr(cell, attr) / MB)
+                    ys.append(v / MB)
             bars = ax.bar(xs, ys, width=width, color=colour[optimizer], label=optimizer)
             ax.bar_label(bars, fmt=fmt, fontsize=7)
         ax.set_xticks(range(len(results.models)), results.models)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the labels and the legend
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(0, low * 1.15), high * 1.15)  # room for the labels
+        ax.axhline(0, color="#777777", lw=0.8)
         ax.set_xlabel("model")
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[1].set_title("peak: CUDA max allocated, or process peak RSS on CPU", fontsize=8)
+    axes[1].set_title("peak less AdamW's peak without its state (parameters, gradients, "
+                      "activations, runtime)", fontsize=8)
     return _finish(fig)
 
 
@@ -171,6 +229,7 @@ def speedup_vs_size(results: Results) -> Figure:
     for ax, attr, ylabel in ((axes[0], "token_speedup", "tokens-to-target speedup (x)"),
                              (axes[1], "wall_speedup", "wall-clock-to-target speedup (x)")):
         floor, values, sizes = 0.0, [1.0], []
+        labels: list[tuple[float, float, str, str]] = []
         for optimizer in results.optimizers:
             xs, ys, missed = [], [], []
             for model in results.models:
@@ -187,9 +246,7 @@ def speedup_vs_size(results: Results) -> Figure:
             sizes += xs + missed
             if xs:
                 ax.plot(xs, ys, marker="o", color=colour[optimizer], label=optimizer)
-                for x, y in zip(xs, ys):
-                    ax.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(6, 4),
-                                fontsize=7, color=colour[optimizer])
+                labels += [(x, y, f"{y:.2f}x", colour[optimizer]) for x, y in zip(xs, ys)]
             if missed:
                 ax.scatter(missed, [floor] * len(missed), marker="v", facecolors="none",
                            edgecolors=colour[optimizer], s=50,
@@ -204,11 +261,55 @@ def speedup_vs_size(results: Results) -> Figure:
         if len(results.models) == 1:
             ax.set_title("one model size: add sizes (--models) to see the trend", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        spread_labels(ax, labels)
     return _finish(fig)
 
 
-def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+def tuning_cost(results: Results) -> Figure | None:
+    """Expected best final loss against the number of trials (bootstrap over each
+    optimizer's finished trials), with the 10-90% bootstrap band."""
+    if not any(c.tuning_curve for cells in results.cells.values() for c in cells):
+        return None
+    colour = colours(results)
+    fig, axes = _figure(len(results.models), "Tuning cost", results)
+    for ax, model in zip(axes, results.models):
+        for cell in results.cells[model]:
+            if not cell.tuning_curve:
+                continue
+            ks, expected, lows, highs = zip(*cell.tuning_curve)
+            ax.plot(ks, expected, marker="o", ms=3, color=colour[cell.optimizer],
+                    label=cell.optimizer)
+            ax.fill_between(ks, lows, highs, color=colour[cell.optimizer], alpha=0.15, lw=0)
+        ax.set_title(_scale_title(results, model), fontsize=10)
+        ax.set_xlabel("trials k")
+        ax.set_ylabel("expected best final loss after k trials")
+        ax.grid(alpha=0.3)
+    return _finish(fig)
+
+
+def performance_profile(results: Results) -> Figure | None:
+    """rho(tau): the fraction of workloads (sizes) where each optimizer's tokens-to-target is
+    within a factor tau of the fastest (AlgoPerf); None with one workload."""
+    profile = results.profile()
+    if profile is None:
+        return None
+    colour = colours(results)
+    fig, axes = _figure(1, "Performance profile across workloads", results)
+    ax = axes[0]
+    taus = [1.0 + i * (profile.tau_max - 1.0) / 300 for i in range(301)]
+    for optimizer in profile.ratios:
+        ax.step(taus, [profile.rho(optimizer, t) for t in taus], where="post",
+                color=colour.get(optimizer, "#888888"),
+                label=f"{optimizer} (score {profile.score(optimizer):.2f})")
+    ax.set_xlim(1.0, profile.tau_max)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("tau: tokens-to-target / fastest optimizer's")
+    ax.set_ylabel("fraction of workloads within tau")
+    ax.grid(alpha=0.3)
+    return _finish(fig)
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     """Render and close ``fig``."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
@@ -218,12 +319,17 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
 
 #: (file stem, title, builder) of every figure in the report, in order
 FIGURES = (
-    ("loss-vs-tokens", "Validation loss against tokens",
+    ("loss-vs-tokens", "Validation loss against tokens (line: seed mean of the best "
+     "configuration; band: min–max over seeds)",
      lambda r: loss_curves(r, "tokens")),
-    ("loss-vs-time", "Validation loss against wall-clock time",
+    ("loss-vs-time", "Validation loss against raw wall-clock time (measured, evaluation "
+     "included: moves with the machine's load; band: min–max over seeds)",
      lambda r: loss_curves(r, "seconds")),
     ("lr-sensitivity", "Final loss against learning rate", sensitivity),
     ("memory", "Memory", memory),
     ("speedup-vs-size", "Speedup against model size", speedup_vs_size),
+    ("tuning-cost", "Tuning cost: expected best final loss after k trials", tuning_cost),
+    ("performance-profile", "Performance profile across workloads (sizes)",
+     performance_profile),
 )
 

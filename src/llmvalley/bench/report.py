@@ -4,7 +4,8 @@ Writes ``report.md`` (tables; figures linked from ``plots/``), ``report.html`` (
 figures embedded as base64 PNG, so the page opens offline), ``plots/*.png`` and ``metrics.json``
 (every metric, for other tools). The HTML marks its parts for machines: each figure is an
 ``<img>`` with ``id="fig-STEM"``, each leaderboard a ``<table class="leaderboard"
-data-model="MODEL">`` with one ``<tr data-optimizer="NAME">`` per optimizer.
+data-model="MODEL">`` with one ``<tr data-optimizer="NAME">`` per optimizer; the other tables
+(``tuning-cost`` per model, ``profile`` across models, ``complexity``) are marked the same way.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import base64
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmvalley.bench.analysis import (
+    BOOTSTRAP_SAMPLES,
     SIGNIFICANCE_SE,
     CellMetrics,
     Results,
@@ -26,9 +29,10 @@ from llmvalley.bench.compare import BASELINE, FALLBACK_KEYS
 from llmvalley.bench.records import json_safe
 
 MB = 1024**2
+TIME_COLUMN = "time to target (AdamW-step units; raw wall-clock)"
 COLUMNS = (
     "optimizer", "final val loss", "vs AdamW", "bits/byte", "tokens speedup",
-    "wall-clock speedup", "time to target", "best lr", "LR width (log2)", "state MiB",
+    "wall-clock speedup", TIME_COLUMN, "best lr", "LR width (log2)", "state MiB",
     "state B/param", "peak MiB", "optimizer share", "spikes", "max grad norm", "diverged",
 )
 
@@ -92,8 +96,7 @@ def row(c: CellMetrics) -> dict[str, str]:
         "bits/byte": _num(c.final_bpb_mean, ".4f"),
         "tokens speedup": token,
         "wall-clock speedup": wall,
-        "time to target": _num(c.seconds_to_target, ".1f") + " s"
-        if c.seconds_to_target is not None else "–",
+        TIME_COLUMN: time_to_target_text(c),
         "best lr": best_lr,
         "LR width (log2)": width,
         "state MiB": _num(c.state_bytes / MB if c.state_bytes is not None else None, ".2f"),
@@ -105,6 +108,20 @@ def row(c: CellMetrics) -> dict[str, str]:
         "max grad norm": _num(c.max_grad_norm, ".2f"),
         "diverged": f"{c.trials_diverged}/{c.trials} trials, {c.seeds_diverged}/{c.seeds} seeds",
     }
+
+
+def time_to_target_text(c: CellMetrics) -> str:
+    """The load-independent time to target first (steps to target x this optimizer's step time
+    over AdamW's, in AdamW step times), then the raw wall-clock seconds, labelled as such."""
+    if c.tokens_to_target is None:
+        return "–"
+    parts = []
+    if c.tokens_per_step and c.step_time_ratio is not None:
+        steps = c.tokens_to_target / c.tokens_per_step
+        parts.append(f"{steps * c.step_time_ratio:.1f} AdamW steps")
+    if c.seconds_to_target is not None:
+        parts.append(f"raw wall-clock {c.seconds_to_target:.1f} s")
+    return "; ".join(parts) or "–"
 
 
 def header_facts(results: Results) -> list[tuple[str, str]]:
@@ -119,9 +136,13 @@ def header_facts(results: Results) -> list[tuple[str, str]]:
         ("wall time", f"{m['wall_s'] / 60:.1f} min" if m.get("wall_s") else "unfinished"),
         ("machine", f"{hardware}; torch {machine.get('torch')}, Python {machine.get('python')}"),
         ("workload", ", ".join(f"{k}={v}" for k, v in spec["workload"].items())),
-        ("search", f"{spec['trials']} trials per optimizer and size: learning-rate grid of "
-                   f"{spec['grid_points']} points, factor {spec['factor']:g}, extended by one "
-                   f"point per further trial; "
+        ("search", f"{spec['trials']} trials per optimizer and size: "
+                   + (f"coordinate descent (Wen et al. 2025) over the learning rate (grid "
+                      f"factor {spec['factor']:g}, first round {spec['grid_points']} points) "
+                      "and each method's beta2 or momentum, weight decay and warmup; "
+                      if spec.get("search") == "coordinate" else
+                      f"learning-rate grid of {spec['grid_points']} points, factor "
+                      f"{spec['factor']:g}, extended by one point per further trial; ")
                    + (f"TPE over {', '.join(t['name'] for t in spec['tune'])}; "
                       if spec.get("tune") else "")
                    + f"best configuration re-run with {spec['seeds']} fresh seed(s)"),
@@ -155,13 +176,18 @@ NOTES = [
     "optimizer's, first crossing on the seed-mean validation curve, linearly interpolated. "
     "wall-clock speedup: tokens speedup x (AdamW step time / this optimizer's step time), step "
     "times from the optimizer share measured inside each run (robust to machine load). time to "
-    "target: measured seconds on the seed-mean curve (evaluation included; moves with load).",
+    "target: first the load-independent figure, steps to target x (this optimizer's step time "
+    "/ AdamW's) in AdamW step times; then the raw wall-clock seconds on the seed-mean curve "
+    "(evaluation included; they move with the machine's load).",
     "LR width: log2 width of the learning-rate range whose final loss is within the margin of "
     "the best trial (≥: the range reaches the edge of the grid); best lr (edge): the best "
     "trial sits at the edge of the grid.",
+    "Figures: lines are the seed mean of the best configuration; the shaded seed bands span "
+    "the lowest to the highest seed (min-max over seeds) at each evaluation point.",
     "optimizer share: optimizer-step time / training-step time; peak: CUDA max allocated, or "
-    "the run's process peak RSS on CPU; spikes: loss spikes over all trials and seeds; max grad "
-    "norm: largest pre-clipping gradient norm over the seed runs.",
+    "the run's process peak RSS on CPU (the memory figure shows the peak above the model's "
+    "own instead: this peak less AdamW's peak without its state); spikes: loss spikes over all "
+    "trials and seeds; max grad norm: largest pre-clipping gradient norm over the seed runs.",
     "Caveats: tuning trials use seed 0 and the seed runs fresh seeds, so the seed mean carries "
     "no selection bias from picking the best trial; the speedups are measured at one token "
     "budget per size (no fitted scaling law); wall-clock numbers depend on the machine's load.",
@@ -172,6 +198,112 @@ def notes(results: Results) -> list[str]:
     """The notes under the leaderboards (the bound note when a speedup is a bound)."""
     bounded = any(c.speedup_bound for cells in results.cells.values() for c in cells)
     return NOTES + ([BOUND_NOTE] if bounded else [])
+
+
+@dataclass
+class Section:
+    """A table of the report besides the leaderboards (rendered to Markdown and HTML)."""
+
+    title: str
+    intro: str
+    kind: str  # the HTML table's class
+    headers: list[str]
+    rows: list[list[str]]  # first cell: the optimizer
+    model: str | None = None
+
+
+def _powers(n: int) -> list[int]:
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k < n]
+    return ks + [n]
+
+
+def tuning_cost_sections(results: Results) -> list[Section]:
+    """Per size: each optimizer's expected best final loss after k of its trials."""
+    sections = []
+    for model in results.models:
+        cells = [c for c in results.cells[model] if c.tuning_curve]
+        if not cells:
+            continue
+        n = max(len(c.tuning_curve) for c in cells)
+        ks = _powers(n)
+        rows = []
+        for c in cells:
+            by_k = {k: (e, lo, hi) for k, e, lo, hi in c.tuning_curve}
+            rows.append([c.optimizer, str(c.trials)] + [
+                f"{by_k[k][0]:.4f} [{by_k[k][1]:.4f}–{by_k[k][2]:.4f}]" if k in by_k else "–"
+                for k in ks])
+        sections.append(Section(
+            f"Tuning cost: {model}",
+            "Expected best final validation loss after k trials drawn from each optimizer's "
+            "finished tuning trials (exact bootstrap expectation; in brackets the 10–90% band "
+            f"of {BOOTSTRAP_SAMPLES} bootstrap resamples). A diverged or failed trial counts as "
+            "the worst finite trial loss at this size. Grid and coordinate-descent trials are "
+            "not independent draws: read it as how forgiving an optimizer's trials were "
+            "(Sivaprasad et al. 2020).",
+            "tuning-cost", ["optimizer", "trials"] + [f"k={k}" for k in ks], rows, model))
+    return sections
+
+
+def profile_sections(results: Results) -> list[Section]:
+    """Across sizes (workloads): the performance-profile score and geometric-mean speedup."""
+    profile = results.profile()
+    if profile is None:
+        return []
+    rows = []
+    for optimizer in sorted(profile.ratios, key=lambda o: -profile.score(o)):
+        mean, missed = results.geomean_speedup(optimizer)
+        ratios = ", ".join("–" if r == float("inf") else f"{r:.2f}"
+                           for r in profile.ratios[optimizer])
+        rows.append([optimizer, f"{profile.score(optimizer):.3f}",
+                     _num(mean, ".2f") + ("x" if mean else "")
+                     + (f" (did not reach on {missed})" if missed else ""), ratios])
+    return [Section(
+        "Across workloads: performance profile",
+        f"Workloads: {', '.join(profile.workloads)}. Ratio: tokens-to-target over the fastest "
+        "optimizer's on each workload (–: did not reach). Score: normalized area under the "
+        f"performance profile rho(tau) for tau in [1, {profile.tau_max:g}] (AlgoPerf; 1: the "
+        "fastest everywhere). Geometric-mean speedup over AdamW across the workloads where the "
+        "optimizer reached the target.",
+        "profile", ["optimizer", "profile score", "geometric-mean token speedup",
+                    "ratio to the fastest per workload"], rows)]
+
+
+def complexity_section(results: Results) -> Section:
+    """Each optimizer's extra hyperparameters, state formula, decompositions and step time."""
+    from llmvalley.bench.complexity import complexity
+
+    rows = []
+    for optimizer in results.optimizers:
+        facts = complexity(optimizer)
+        extra = facts.extra_hyperparameters
+        ratios = []
+        for model in results.models:
+            c = results.cell(model, optimizer)
+            if c is not None and c.step_time_ratio is not None:
+                ratios.append(f"{model} {c.step_time_ratio:.2f}x")
+        decomposition = "none" if not facts.decompositions else (
+            f"{facts.decompositions_per_step:.4g} ({'; '.join(facts.decompositions)})")
+        rows.append([optimizer, f"{len(extra)}" + (f": {', '.join(extra)}" if extra else ""),
+                     facts.matrix_state, facts.vector_state, decomposition,
+                     ", ".join(ratios) or "–"])
+    return Section(
+        "Implementation complexity",
+        "From the registry and the runs. Extra hyperparameters: registry defaults beyond "
+        "AdamW's (lr, betas, eps, weight_decay, amsgrad, fused). State: elements kept for an "
+        "m x n matrix and for a vector of n (spec.state_numel at the defaults; bytes depend on "
+        "the state precision, see state B/param). Decompositions: matrix decompositions per "
+        "hidden matrix per step, amortized (one every 200 steps counts 0.005), from the "
+        "transform chain. Step time: training-step time over AdamW's, from the optimizer "
+        "share measured inside the runs (load-independent).",
+        "complexity", ["optimizer", "extra hyperparameters", "state (m x n matrix)",
+                       "state (vector n)", "decompositions / step", "step time vs AdamW"],
+        rows)
+
+
+def sections(results: Results) -> list[Section]:
+    """Every table after the leaderboards, in order."""
+    return [*tuning_cost_sections(results), *profile_sections(results),
+            complexity_section(results)]
 
 
 def markdown(results: Results, figures: list[tuple[str, str]]) -> str:
@@ -191,6 +323,12 @@ def markdown(results: Results, figures: list[tuple[str, str]]) -> str:
             lines.append("| " + " | ".join(r[c] for c in COLUMNS) + " |")
         lines.append("")
     lines += ["Notes:", ""] + [f"- {n}" for n in notes(results)] + [""]
+    for section in sections(results):
+        lines += [f"## {section.title}", "", section.intro, ""]
+        lines.append("| " + " | ".join(section.headers) + " |")
+        lines.append("|" + "---|" * len(section.headers))
+        lines += ["| " + " | ".join(r) + " |" for r in section.rows]
+        lines.append("")
     lines += ["## Figures", ""]
     for stem, title in figures:
         lines += [f"### {title}", "", f"![{title}](plots/{stem}.png)", ""]
@@ -202,7 +340,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; 
 table { border-collapse: collapse; font-size: 13px; margin-bottom: 1em; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
-figure { margin: 1.5em 0; } img { max-width: 100%; } code { font-size: 12px; }
+figure { margin: 1.5em 0; } img { width: 100%; height: auto; } code { font-size: 12px; }
 .facts td { text-align: left; } .notes { font-size: 13px; color: #444; }
 """
 
@@ -231,6 +369,15 @@ def html_page(results: Results, figures: list[tuple[str, str, bytes]]) -> str:
         parts.append("</tbody></table>")
     parts.append("<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in notes(results))
                  + "</ul>")
+    for section in sections(results):
+        model = f" data-model='{e(section.model)}'" if section.model else ""
+        parts.append(f"<h2>{e(section.title)}</h2><p class='notes'>{e(section.intro)}</p>")
+        parts.append(f"<table class='{section.kind}'{model}><thead><tr>"
+                     + "".join(f"<th>{e(h)}</th>" for h in section.headers)
+                     + "</tr></thead><tbody>")
+        parts += [f"<tr data-optimizer='{e(r[0])}'>" + "".join(f"<td>{e(c)}</td>" for c in r)
+                  + "</tr>" for r in section.rows]
+        parts.append("</tbody></table>")
     for stem, title, png in figures:
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<figure><img id='fig-{stem}' alt='{e(title)}' "
@@ -251,7 +398,11 @@ def write_report(folder: str | Path, margin: float | None = None) -> list[Path]:
     plots_dir.mkdir(exist_ok=True)
     rendered = []
     for stem, title, build in FIGURES:
-        png = png_bytes(build(results))
+        fig = build(results)
+        if fig is None:  # nothing to show (e.g. a profile of one workload)
+            (plots_dir / f"{stem}.png").unlink(missing_ok=True)
+            continue
+        png = png_bytes(fig)
         (plots_dir / f"{stem}.png").write_bytes(png)
         rendered.append((stem, title, png))
     md_path, html_path = folder / "report.md", folder / "report.html"

@@ -10,6 +10,10 @@ point is at both edges): it is not a tuned value.
 With ``tune`` (other named hyperparameters) the grid gives way to Optuna's TPE sampler over the
 learning-rate range of the initial grid and the given ranges, with the same budget.
 
+With ``search="coordinate"`` the sweep tunes the learning rate and the method's most sensitive
+hyperparameters (beta2 or momentum, weight decay, warmup) by coordinate descent, with the same
+budget (:mod:`llmvalley.bench.coordinate`, which also says which hyperparameters a method tunes).
+
 Trials live in an Optuna storage (a SQLite file by default, or any database URL SQLAlchemy
 accepts, so several machines can share one study). A restarted sweep continues: finished trials
 are kept, trials left running by a killed process (their heartbeat stopped) are marked failed
@@ -42,6 +46,7 @@ from llmvalley.cli import UsageError
 TrialFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 SWEEP_FILE = "sweep.json"
+SEARCH_MODES = ("grid", "tpe", "coordinate")
 SEEDS_FOR = "configuration.json"  # in seeds/: the configuration the seed runs belong to
 LR_PARAM = "lr"
 # The learning-rate distribution every trial declares; grid values are fixed by enqueueing them.
@@ -124,7 +129,9 @@ class SweepSpec:
     study_name: str | None = None
     heartbeat_s: int = 30
     grace_s: int = 90
-    search: str | None = None  # "grid" or "tpe"; default: tpe when ``tune`` is given
+    search: str | None = None  # grid, tpe or coordinate; default: tpe when ``tune`` is given
+    # coordinate search: the tuned axes besides lr (default: coordinate.coordinate_axes)
+    axes: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.factor <= 1:
@@ -140,10 +147,14 @@ class SweepSpec:
             raise UsageError(f"--lr-center: expected a positive number, got {self.lr_center}")
         if self.search is None:
             self.search = "tpe" if self.tune else "grid"
-        if self.search not in ("grid", "tpe") or (self.tune and self.search == "grid"):
-            raise UsageError(f"search: expected grid (without --tune) or tpe, got "
-                             f"{self.search!r}")
+        if self.search not in SEARCH_MODES or (self.tune and self.search != "tpe"):
+            raise UsageError(f"--search: expected grid or coordinate (without --tune) or tpe, "
+                             f"got {self.search!r}" + (" with --tune" if self.tune else ""))
         self.out = Path(self.out)
+        if self.search == "coordinate" and self.axes is None:
+            from llmvalley.bench.coordinate import coordinate_axes
+
+            self.axes = coordinate_axes(self.optimizer, self.workload, self.fixed)
 
     def center(self) -> float:
         """The grid's center learning rate."""
@@ -162,13 +173,16 @@ class SweepSpec:
 
 #: TrainConfig fields holding key=value dicts: merged key by key rather than replaced
 DICT_FIELDS = ("opt_args", "fallback_args")
+#: searched parameters that are TrainConfig fields (the others are optimizer arguments)
+CONFIG_PARAMS = (LR_PARAM, "weight_decay", "warmup_steps")
 
 
 def merged_config(workload: dict[str, Any], fixed: dict[str, Any],
                   params: dict[str, Any] | None = None) -> dict[str, Any]:
     """The TrainConfig fields of a run: ``fixed`` (the caller's settings), then the
     ``workload`` (the user's: its values win; a value of None leaves ``fixed``'s), then the
-    trial's searched ``params`` (``lr``, ``weight_decay``, others go to ``opt_args``).
+    trial's searched ``params`` (``lr``, ``weight_decay``, ``warmup_steps``; others go to
+    ``opt_args``).
 
     ``opt_args`` and ``fallback_args`` merge key by key, so a user's ``--fallback-arg`` or
     ``--opt-arg`` is never overwritten by the caller's settings (only by a searched value).
@@ -181,15 +195,17 @@ def merged_config(workload: dict[str, Any], fixed: dict[str, Any],
             config[key] = value
     opt_args = dict(config.get("opt_args") or {})
     for key, value in (params or {}).items():
-        if key in (LR_PARAM, "weight_decay"):
+        if key in CONFIG_PARAMS:
             config[key] = value
+        elif isinstance(value, list):  # a tuple (betas) read back from JSON
+            opt_args[key] = tuple(value)
         else:
             opt_args[key] = value
     config["opt_args"] = opt_args
     return config
 
 
-def at_edge(k: int | None, ks: list[int]) -> bool:
+def at_edge(k: float | None, ks: list[float]) -> bool:
     """Whether grid exponent ``k`` is the lowest or the highest of ``ks`` (a single point is
     at both edges: nothing brackets it)."""
     return k is not None and bool(ks) and k in (min(ks), max(ks))
@@ -253,9 +269,10 @@ class TrialRecord:
     state: str  # optuna state: RUNNING, COMPLETE, FAIL, WAITING
     status: str | None  # completed, diverged, error; None for running/interrupted
     lr: float | None
-    k: int | None  # grid exponent (grid mode)
+    k: float | None  # learning-rate exponent (grid and coordinate modes)
     params: dict[str, Any]
     summary: dict[str, Any]
+    point: dict[str, float] | None = None  # coordinate mode: lr exponent and axis values
 
     @property
     def counts(self) -> bool:
@@ -270,7 +287,8 @@ class TrialRecord:
     def to_dict(self) -> dict[str, Any]:
         return {**{k: self.summary.get(k) for k in KEPT_SUMMARY}, "number": self.number,
                 "status": self.status, "lr": self.lr, "k": self.k, "params": self.params,
-                "run_dir": self.summary.get("run_dir"), "error": self.summary.get("error")}
+                "run_dir": self.summary.get("run_dir"), "error": self.summary.get("error"),
+                **({"point": self.point} if self.point is not None else {})}
 
 
 def trial_records(study: Any) -> list[TrialRecord]:
@@ -282,7 +300,8 @@ def trial_records(study: Any) -> list[TrialRecord]:
         records.append(TrialRecord(
             number=t.number, state=t.state.name, status=attrs.get("status"),
             lr=lr, k=attrs.get("grid_k"),
-            params={k: v for k, v in t.params.items()}, summary=attrs.get("summary", {})))
+            params=dict(attrs["params"]) if "params" in attrs else dict(t.params),
+            summary=attrs.get("summary", {}), point=attrs.get("point")))
     return records
 
 
@@ -390,12 +409,41 @@ class Sweep:
             params = {LR_PARAM: trial.suggest_float(LR_PARAM, lo, hi, log=True)}
             params.update({t.name: t.suggest(trial) for t in self.spec.tune})
             return trial, params
+        if self.spec.search == "coordinate":
+            return self._ask_coordinate(records, lr_dist)
         k = next_exponent(self.spec, records)
         if k is None:
             return None
         self.study.enqueue_trial({LR_PARAM: self.spec.lr_at(k)}, user_attrs={"grid_k": k})
         trial = self.study.ask({LR_PARAM: lr_dist})  # pops the oldest enqueued grid point
         return trial, {LR_PARAM: trial.params[LR_PARAM]}
+
+    def _ask_coordinate(self, records: list[TrialRecord], lr_dist: Any
+                        ) -> tuple[Any, dict[str, Any]] | None:
+        """The next coordinate-descent point (:func:`coordinate.next_point`) as a fixed trial."""
+        from llmvalley.bench.coordinate import next_point, point_key
+
+        finished = {point_key(r.point): r.loss for r in records if r.counts and r.point}
+        running = {point_key(r.point) for r in records if r.state == "RUNNING" and r.point}
+        plan = next_point(self.spec.axes, self.spec.initial_exponents(), finished, running)
+        if not plan.points:
+            return None
+        point = plan.points[0]
+        params = self.coordinate_params(point)
+        self.study.enqueue_trial({LR_PARAM: params[LR_PARAM]},
+                                 user_attrs={"grid_k": point[LR_PARAM], "point": point,
+                                             "params": json_safe(params)})
+        trial = self.study.ask({LR_PARAM: lr_dist})  # pops the oldest enqueued point
+        point = trial.user_attrs.get("point", point)
+        return trial, self.coordinate_params(point)
+
+    def coordinate_params(self, point: dict[str, float]) -> dict[str, Any]:
+        """The trial parameters of a coordinate-descent point."""
+        from llmvalley.bench.coordinate import point_params, start_settings
+
+        settings = start_settings(self.spec.optimizer, self.spec.workload, self.spec.fixed)
+        return point_params(point, self.spec.axes, self.spec.center(), self.spec.factor,
+                            settings)
 
     def _finish(self, trial: Any, summary: dict[str, Any] | None, error: str | None) -> None:
         """Optuna tell: completed and diverged trials COMPLETE (diverged as +inf), errors FAIL."""
@@ -405,6 +453,7 @@ class Sweep:
             trial.set_user_attr("status", "error")
             trial.set_user_attr("summary", {"error": error})
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.log(f"{self.spec.optimizer}: trial {trial.number} failed: {error}")
             return
         assert summary is not None
         status = "diverged" if summary.get("status") == "diverged" else "completed"
@@ -414,6 +463,10 @@ class Sweep:
         trial.set_user_attr("summary", json_safe(kept))
         value = summary.get("final_val_loss") if status == "completed" else None
         self.study.tell(trial, math.inf if value is None else float(value))
+        self.log(f"{self.spec.optimizer}: trial {trial.number} "
+                 + (f"final val loss {value:.4f}" if value is not None else
+                    f"diverged at step {summary.get('diverged_step')}"
+                    if status == "diverged" else "finished without a validation loss"))
 
     def run_trials(self, executor: Executor | None = None, parallel: int = 1) -> None:
         """Spend the trial budget; ``executor`` runs trials in worker processes (else inline)."""
@@ -513,6 +566,10 @@ class Sweep:
                 summary, error = None, f"worker failed: {type(exc).__name__}: {exc}"
             results[seed] = summary if summary is not None else {"status": "error",
                                                                  "error": error}
+            loss = results[seed].get("final_val_loss")
+            self.log(f"{self.spec.optimizer}: seed {seed} "
+                     + (f"final val loss {loss:.4f}" if loss is not None
+                        else str(results[seed].get("status"))))
         self.write()
         return [results[s] for s in self.seed_values()]
 
@@ -550,7 +607,13 @@ class Sweep:
         records = self.records()
         best = self.best()
         counted = [r for r in records if r.counts]
-        ks = [r.k for r in counted if r.k is not None]
+        if best is not None and best.point is not None:  # lr values at the best's settings
+            others = {k: v for k, v in best.point.items() if k != LR_PARAM}
+            counted_slice = [r for r in counted if r.point and all(
+                r.point.get(k) == v for k, v in others.items())]
+            ks = [r.k for r in counted_slice if r.k is not None]
+        else:
+            ks = [r.k for r in counted if r.k is not None]
         data = {
             "optimizer": self.spec.optimizer,
             "workload": self.spec.workload,
@@ -560,6 +623,7 @@ class Sweep:
                 "lr_center": self.spec.center(), "factor": self.spec.factor,
                 "grid_points": self.spec.grid_points, "trials": self.spec.trials,
                 "tune": [vars(t) for t in self.spec.tune], "seed": self.spec.seed,
+                "axes": [vars(a) for a in self.spec.axes or ()],
                 "study": self.study.study_name,
             },
             "trials": [r.to_dict() for r in records if r.counts],

@@ -38,6 +38,21 @@ def lr_centers(items: list[str] | None) -> dict[str, float]:
     return result
 
 
+def check_search(search: str | None, tune: tuple) -> str | None:
+    """The ``--search`` mode, checked against ``--tune`` (a UsageError when they clash)."""
+    from llmvalley.bench.sweep import SEARCH_MODES
+
+    if search is None:
+        return None
+    if search not in SEARCH_MODES:
+        raise UsageError(f"--search: unknown mode {search!r}; accepted: "
+                         f"{', '.join(SEARCH_MODES)}")
+    if tune and search != "tpe":
+        raise UsageError(f"--tune needs --search tpe (--search {search} chooses what it "
+                         "tunes itself)")
+    return search
+
+
 def build_spec(args: argparse.Namespace):
     """The :class:`CompareSpec` from a preset (if any) and the options that override it."""
     from llmvalley.bench.compare import (
@@ -90,6 +105,7 @@ def build_spec(args: argparse.Namespace):
     seeds = pick(args.seeds, "--seeds", preset.seeds if preset else 0, 3)
     centers = {**(preset.lr_centers if preset else {}), **lr_centers(args.lr_center)}
     tune = tuple(TuneSpec.parse(t) for t in args.tune or ())
+    search = check_search(args.search, tune)
     check_shared_settings(available, workload, tune)
     return CompareSpec(
         optimizers=available, models=models, workload=workload, out=args.out,
@@ -100,7 +116,7 @@ def build_spec(args: argparse.Namespace):
         workers=pick(args.workers, "--workers", preset.workers if preset else 0, 1),
         tune=tune, lr_centers=centers,
         tokens_per_param=tokens_per_param, storage=args.storage, skipped=skipped,
-        preset=args.preset, command=shlex.join(["valley", "compare", *sys.argv[2:]]))
+        preset=args.preset, search=search, command=shlex.join(["valley", "compare", *sys.argv[2:]]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,6 +167,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="grid center of one optimizer (default: its default lr)")
     parser.add_argument("--tune", action="append", metavar="NAME=LOW:HIGH[:log]|NAME=A,B",
                         help="also tune this hyperparameter with TPE, for every optimizer")
+    parser.add_argument("--search", metavar="MODE",
+                        help="grid (learning rate only; the default), coordinate (coordinate "
+                             "descent over the learning rate, beta2 or momentum, weight decay "
+                             "and warmup of each method, Wen et al. 2025) or tpe (with --tune)")
     parser.add_argument("--seeds", help="fresh seeds for each best configuration (3)")
     parser.add_argument("--workers", help="worker processes (1; cpu-quick: 2)")
     parser.add_argument("--tokens-per-param", help="token budget per size as a multiple of "

@@ -18,9 +18,12 @@ from llmvalley.commands.workload_args import (
 def run(args: argparse.Namespace) -> int:
     from llmvalley.bench.compare import check_optimizers
     from llmvalley.bench.sweep import Sweep, SweepSpec, TuneSpec
+    from llmvalley.commands.compare_cmd import check_search
 
     check_optimizers([args.optimizer], skip_missing=False, need_baseline=False)
     workload = workload_from_args(args)
+    tune = tuple(TuneSpec.parse(t) for t in args.tune or ())
+    search = check_search(args.search, tune)
     if args.seeds < 0:
         raise UsageError(f"--seeds: expected 0 or more, got {args.seeds}")
     spec = SweepSpec(
@@ -29,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
         factor=positive_float("--factor", args.factor),
         grid_points=positive_int("--grid-points", args.grid_points),
         trials=positive_int("--trials", args.trials),
-        tune=tuple(TuneSpec.parse(t) for t in args.tune or ()),
-        seeds=args.seeds, storage=args.storage, study_name=args.study)
+        tune=tune, search=search, seeds=args.seeds, storage=args.storage, study_name=args.study)
     sweep = Sweep(spec)
     sweep.log = lambda message: print(message, flush=True)
     (spec.out / "command.txt").write_text(shlex.join(["valley", "sweep", *sys.argv[2:]]) + "\n")
@@ -76,6 +78,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr-center", help="grid center (default: the optimizer's default lr)")
     parser.add_argument("--tune", action="append", metavar="NAME=LOW:HIGH[:log]|NAME=A,B",
                         help="also tune this hyperparameter with TPE (repeatable)")
+    parser.add_argument("--search", metavar="MODE",
+                        help="grid (learning rate only; the default), coordinate (coordinate "
+                             "descent over the learning rate, beta2 or momentum, weight decay "
+                             "and warmup, Wen et al. 2025) or tpe (with --tune)")
     parser.add_argument("--seeds", type=int, default=3,
                         help="fresh seeds for the best configuration (3)")
     parser.add_argument("--workers", type=int, default=1,

@@ -304,8 +304,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         loss_tensor = None
         if loss is not None:
             loss_tensor = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        norm = GlobalNorm([p.grad for _, params in work for p in params])
+        if any(self._barrier(group) is not None for group, _ in work):
+            self._step_shared(work, loss_tensor, norm)
+            return loss
         for group, params in work:
-            self._step_group(group, params, loss_tensor)
+            self._step_group(group, params, loss_tensor, norm)
         return loss
 
     def _chain(self, group: Mapping[str, Any]) -> list[Transform]:
@@ -356,17 +360,55 @@ class ChainOptimizer(torch.optim.Optimizer):
                 p.copy_(w)
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
-                    loss: Tensor | None = None) -> None:
+                    loss: Tensor | None = None, norm: GlobalNorm | None = None) -> None:
         spec = self.spec(group)
         ctx, working = self._context(group, params, None, count=True, created=set())
-        ctx.loss = loss
+        ctx.loss, ctx.global_grad_norm = loss, norm
         chain, keys = chain_and_keys(spec, group)
-        decay = spec.decay_for(group)
         if not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
-            directions = run_chain(chain, ctx, ctx.grads, keys)
-            apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
-                       decay.scaled(group))
+            self._apply(group, ctx, working, run_chain(chain, ctx, ctx.grads, keys))
         self._write_back(group, params, working, ctx.codec)
+
+    def _apply(self, group: Mapping[str, Any], ctx: StepContext, working: list[Tensor],
+               directions: list[Tensor]) -> None:
+        decay = self.spec(group).decay_for(group)
+        apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
+                   decay.scaled(group))
+
+    def _barrier(self, group: Mapping[str, Any]) -> int | None:
+        """Index of the first top-level transform of the group's chain with shared stats."""
+        return next((i for i, t in enumerate(self._chain(group)) if t.shared_stats), None)
+
+    def _step_shared(self, work: list[tuple[dict[str, Any], list[Tensor]]],
+                     loss: Tensor | None, norm: GlobalNorm) -> None:
+        """A step in two passes for methods whose statistics sum over every group: each
+        group's chain runs up to its shared-stats transform, which gathers; the sums go to
+        every group as ``ctx.totals``, and the chains finish."""
+        staged, parts = [], []
+        for group, params in work:
+            b = self._barrier(group)
+            if b is None:
+                self._step_group(group, params, loss, norm)
+                continue
+            ctx, working = self._context(group, params, None, count=True, created=set())
+            ctx.loss, ctx.global_grad_norm = loss, norm
+            chain, keys = chain_and_keys(self.spec(group), group)
+            updates = run_chain(chain[:b], ctx, ctx.grads, keys)
+            bound = ctx.bind(chain[b], keys.get(id(chain[b]), {}))
+            bound.keymap = keys
+            parts.append(chain[b].gather(bound, updates))
+            bound.flush()
+            staged.append((group, params, ctx, working, chain, keys, b, updates))
+        totals: dict[str, Any] = {}
+        for part in parts:
+            for k, v in part.items():
+                totals[k] = totals[k] + v if k in totals else v
+        for group, params, ctx, working, chain, keys, b, updates in staged:
+            ctx.totals = totals
+            directions = run_chain(chain[b:], ctx, updates, keys)
+            ctx.totals = None
+            self._apply(group, ctx, working, directions)
+            self._write_back(group, params, working, ctx.codec)
 
     # ---- train / eval iterates (schedule-free) -----------------------------------------
     def train(self, mode: bool = True) -> ChainOptimizer:
@@ -456,6 +498,23 @@ class ChainOptimizer(torch.optim.Optimizer):
                     bound.flush()
 
 
+class GlobalNorm:
+    """The 2-norm of a step's gradients over every group, computed on first call (in float32,
+    or float64 when a gradient is)."""
+
+    def __init__(self, grads: list[Tensor]) -> None:
+        self.grads, self.value = grads, None
+
+    def __call__(self) -> Tensor:
+        if self.value is None:
+            device = self.grads[0].device
+            dtype = torch.float64 if any(g.dtype == torch.float64 for g in self.grads) \
+                else torch.float32
+            norms = [n.to(device=device, dtype=dtype) for n in torch._foreach_norm(self.grads)]
+            self.value = torch.linalg.vector_norm(torch.stack(norms))
+        return self.value
+
+
 def _codec(group: Mapping[str, Any]) -> Codec:
     return Codec(group.get("state_precision"), group.get("state_dtype"))
 
@@ -476,8 +535,9 @@ def _decoupled(params: list[Tensor], plan: StepPlan, lr: float, scaled: bool) ->
     factors: list[float] = []
     for p, wd, mult, rate in zip(params, plan.weight_decay, plan.lr_mult, plan.decay_rate):
         if rate is not None:
-            if wd != 0:
-                matrix_view(p).mul_(1 - wd * rate)
+            if wd != 0:  # a row/column rate applies on the matrix view
+                tensor_rate = isinstance(rate, Tensor) and rate.ndim > 0
+                (matrix_view(p) if tensor_rate else p).mul_(1 - wd * rate)
             continue
         if wd == 0:
             continue

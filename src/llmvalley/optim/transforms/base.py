@@ -122,6 +122,14 @@ class StepContext:
         loss: the loss of this step when the caller gave one (``step(closure)`` or
             ``step(loss=...)``), as a 0-d tensor; ``None`` otherwise. Methods with model-based
             step sizes (MoMo) set :attr:`Transform.needs_loss`.
+        global_grad_norm: returns the 2-norm of all gradients of this step, over every
+            parameter group (float32, computed once per step on first call), for methods
+            that clip by the model's global norm (AdaGC's warm-up).
+        totals: for a transform with :attr:`Transform.shared_stats`, the sums over every
+            parameter group of what its :meth:`Transform.gather` returned this step; None
+            when it runs alone (then it gathers its own tensors).
+        stash: a dict the shell keeps for one group between :meth:`Transform.gather` and the
+            call that follows it in the same step (what the second pass reuses).
     """
 
     params: list[Tensor]
@@ -140,6 +148,9 @@ class StepContext:
     keymap: dict[int, dict[str, str]] = field(default_factory=dict)
     _loaded: list[tuple[str, list[int], list[Tensor]]] = field(default_factory=list)
     loss: Tensor | None = None
+    global_grad_norm: Any = None
+    totals: dict[str, Any] | None = None
+    stash: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -270,6 +281,10 @@ class Transform:
     #: ``"hessian_vector"`` (the step's own backward taken with ``create_graph=True``, *before*
     #: the step; AdaHessian, Sophia-H). See :meth:`curvature_due`, :meth:`update_curvature`.
     curvature: str | None = None
+    #: the transform's statistics are sums over *all* parameter groups (Prodigy's and
+    #: D-Adaptation's d, MoMo's model terms): the shell calls :meth:`gather` on every group
+    #: first, sums the results and hands them over as ``ctx.totals`` (top-level transforms)
+    shared_stats: bool = False
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -286,6 +301,12 @@ class Transform:
         the new mode (the shell writes them), or ``None`` to leave them.
         """
         return None
+
+    def gather(self, ctx: StepContext, updates: list[Tensor]) -> dict[str, Any]:
+        """This group's contributions to the shared sums (:attr:`shared_stats`), computed from
+        the updates that reach the transform; it may update per-tensor slots. The shell sums
+        each key over the groups and sets ``ctx.totals`` before calling the transform."""
+        raise NotImplementedError
 
     def curvature_due(self, step: int, group: Mapping[str, Any]) -> bool:
         """Whether the curvature estimate is wanted at ``step`` (counted from 1, the step

@@ -67,9 +67,48 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = F
     return TinyLM(tied=tied).to(dtype)
 
 
+# Hyperparameters the generic tests give a method on their tiny tensors (8 x 8 matrices, a
+# 1 x 2 Rosenbrock point), where its defaults do not apply: low-rank methods' default ranks
+# are at or above these matrices' smaller side (the explicit ``hp`` of a test wins).
+TEST_HPARAMS: dict[str, dict] = {
+    "subspace_momentum": {"rank": 2},
+    "snsm": {"rank": 2},
+    "dct_adamw": {"rank": 2, "update_proj_gap": 10},
+    "galore": {"rank": 2},
+    "fira": {"rank": 2},
+    "apollo": {"rank": 2},
+    "online_subspace_descent": {"rank": 2},
+    # parameter-free methods start from a tiny step (d0, reps_rel ~1e-6), below bf16's
+    # resolution and too small to see in the few steps of the mechanics tests
+    "prodigy": {"d0": 1e-3},
+    "dadapt_adam": {"d0": 1e-3},
+    "dog": {"reps_rel": 1e-3},
+    "ldog": {"reps_rel": 1e-2},
+}
+
+
+def create(name: str, params, **hp) -> torch.optim.Optimizer:
+    """``llmvalley.create_optimizer`` with :data:`TEST_HPARAMS` under ``hp``."""
+    return llmvalley.create_optimizer(name, params, **{**TEST_HPARAMS.get(name, {}), **hp})
+
+
 def make_optimizer(name: str, model: nn.Module, **hp) -> torch.optim.Optimizer:
     """Through the model router, so matrix-only methods get their fallback."""
-    return llmvalley.create_optimizer(name, model, **hp)
+    return create(name, model, **hp)
+
+
+def backward(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """``loss.backward()`` as a training loop following the optimizer protocol does it: with
+    the graph and a curvature update when the method wants Hessian-vector products now
+    (AdaHessian, Sophia-H)."""
+    request = getattr(opt, "curvature_request", lambda: None)()
+    loss.backward(create_graph=request == "hessian_vector")
+    if request == "hessian_vector":
+        opt.update_curvature()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = p.grad.detach()
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, steps: int) -> list[float]:
@@ -77,8 +116,8 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, steps: int) 
     for step in range(start, start + steps):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, step)
-        loss.backward()
-        opt.step()
+        backward(opt, loss)
+        opt.step(loss=loss)  # ignored by methods that do not use it
         losses.append(loss.item())
     return losses
 
@@ -120,6 +159,12 @@ CONVERGENCE_LR = {
     "sgd": 0.05, "signum": 0.01, "lion": 0.01, "adafactor": 0.05, "came": 0.01,
     "adamuon": 0.1, "namo": 0.1, "namo_d": 0.1, "auon": 0.2,
     "auon_hybrid": 0.2, "conda": 0.1, "cosmos": 0.1, "polargrad": 0.1,
+    # adagrad's steps shrink over time; diffGrad's friction halves its steps
+    "sgdp": 0.05, "adagrad": 0.1, "diffgrad": 0.02,
+    # parameter-free methods: lr multiplies their own estimate of the step size
+    "prodigy": 0.3, "dadapt_adam": 0.1, "dog": 1.0, "ldog": 1.0,
+    "schedulefree_sgd": 0.5, "schedulefree_adamw": 0.03, "lookahead": 0.03,
+    "galore": 0.1, "online_subspace_descent": 0.1, "soap": 0.03, "asgo": 0.03, "momo": 1.0,
 }
 
 
@@ -131,6 +176,10 @@ def convergence_lr(name: str) -> float:
 ROSENBROCK_LR = {
     "sgd": 1e-3, "mars": 1e-3, "adabelief": 1e-2, "adan": 1e-2, "adafactor": 1e-2,
     "lion": 1e-2, "grams": 1e-1, "sgd_sai": 1e-3, "polargrad": 2e-3,
+    # plain SGD-type steps diverge at the default
+    "sgdp": 2e-3, "tam": 5e-4, "adagrad": 1.0,
+    "prodigy": 1.0, "dadapt_adam": 1.0, "dog": 3.0, "ldog": 3.0, "schedulefree_sgd": 3e-3,
+    "adahessian": 1.0,
 }
 
 # Methods whose update is degenerate on the 1 x 2 Rosenbrock matrix: SWAN's row
@@ -138,6 +187,9 @@ ROSENBROCK_LR = {
 # fixed-size sign descent. They are matrix methods; their convergence is tested on the
 # regression and language-model problems.
 ROSENBROCK_DEGENERATE = {"swan", "sinkgd"}
+# ... and methods with a rank below the smaller side: a 1 x 2 matrix has none
+ROSENBROCK_DEGENERATE |= {"subspace_momentum", "snsm", "dct_adamw", "galore", "fira", "apollo",
+                          "apollo_mini", "frugal", "online_subspace_descent"}
 
 # Fraction of the initial regression loss a method must get below in 200 steps. SWAN removes
 # each row's mean from the gradient, so the component of the solution along the mean is never

@@ -10,6 +10,7 @@ import torch
 
 from llmvalley.bench import Trainer, train
 from llmvalley.bench import trainer as trainer_module
+from llmvalley.bench.records import read_log
 from llmvalley.optim import ChainOptimizer
 from llmvalley.optim.transforms.base import SlotSpec, Transform
 from tests.helpers import write_corpus
@@ -260,3 +261,55 @@ def test_valley_train_provides_curvature_on_schedule(corpus, tmp_path, monkeypat
     # gauss_newton: after steps 3 and 6; hessian_vector: before steps 3 and 6 (2 and 5 done)
     expected = [3, 6] if kind == "gauss_newton" else [2, 5]
     assert CountCurvature.seen == [(kind, s) for s in expected]
+
+
+# ------------------------------------------------------------------------------ real methods
+@pytest.mark.parametrize("name,opt_args", [
+    ("sophia", {"hessian_interval": 3}),
+    ("sophia_h", {"hessian_interval": 3}),
+    ("adahessian", {}),
+    ("schedulefree_adamw", {}),
+    ("momo", {}),
+])
+def test_methods_beyond_gradients_train_and_resume_exactly(corpus, tmp_path, monkeypatch,
+                                                           name, opt_args):
+    """Through valley train: the protocol runs on schedule, the run learns, and a run
+    interrupted after a checkpoint resumes to the same result."""
+    calls = []
+    original_update = ChainOptimizer.update_curvature
+
+    def counted(self):
+        calls.append(self._group_step(self.param_groups[0]))
+        return original_update(self)
+
+    monkeypatch.setattr(ChainOptimizer, "update_curvature", counted)
+    config = small(corpus, tmp_path, optimizer=name, opt_args=opt_args, steps=8,
+                   checkpoint_every=4, eval_every=4, lr=1e-2 if name != "momo" else 1.0)
+    straight = train({**config, "name": "straight"})
+    assert straight["status"] == "completed"
+    first = read_log(straight["run_dir"])[0]["train_loss"]
+    assert straight["final_train_loss"] < first  # it learns
+    if name == "sophia":  # after steps 3 and 6 (sampled-label backward)
+        assert calls == [3, 6]
+    elif name == "sophia_h":  # before steps 1, 4, 7
+        assert calls == [0, 3, 6]
+    elif name == "adahessian":  # before every step
+        assert calls == list(range(8))
+    else:
+        assert calls == []
+    original = Trainer._after_step
+
+    def crash_after_step_6(self, step, *args):
+        original(self, step, *args)
+        if step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_after_step", crash_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train({**config, "name": "interrupted"})
+    monkeypatch.setattr(Trainer, "_after_step", original)
+    resumed = train(None, resume=tmp_path / "runs" / "interrupted")
+    a = torch.load(Path(straight["run_dir"]) / "checkpoint.pt", weights_only=False)
+    b = torch.load(Path(resumed["run_dir"]) / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert straight["final_val_loss"] == resumed["final_val_loss"]

@@ -165,6 +165,9 @@ class Trainer:
             opt_args=config.opt_args, fallback_args=config.fallback_args)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
+            # Sophia-G's batch size B (tokens per step), unless the user set it
+            if "bs" in group and "bs" not in (config.opt_args or {}):
+                group["bs"] = self.budget.tokens_per_step
         self.progress = Progress()
         self.spikes = SpikeCounter()
         # whether checkpoint.pt is known to be good: then a new checkpoint keeps it as

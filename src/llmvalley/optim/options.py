@@ -1,6 +1,11 @@
 """Shell options that change a recipe's chain, for every recipe that can take them.
 
-The full chain of a group is ``[MARS correction?, coupled L2?] + recipe + [cautious mask?]``:
+The full chain of a group is
+``[AdaGC clipping?, MARS correction?, coupled L2?] + recipe + [cautious mask?]``:
+
+- ``adagc=True``: AdaGC's per-tensor adaptive gradient clipping (Wang et al., arXiv
+  2502.11034) on the gradient, first, where a training loop clips; its options are
+  ``adagc_lambda_rel``, ``adagc_beta``, ``adagc_lambda_abs`` and ``adagc_warmup``.
 
 - ``mars=True``: MARS's variance-reduced gradient (Yuan et al., arXiv 2411.10438, the
   approximate form) replaces the gradient before the recipe, so ``adamw`` + ``mars=True`` is
@@ -22,12 +27,14 @@ from llmvalley.optim.transforms.combine import KeyMap, assign_keys
 from llmvalley.optim.transforms.decay import CoupledWeightDecay
 from llmvalley.optim.transforms.mask import Cautious
 from llmvalley.optim.transforms.momentum import MARSCorrection
+from llmvalley.optim.transforms.stability import AdaptiveGradClip
 
 
 def _options_key(spec: Any, group: Mapping[str, Any]) -> tuple:
     decay = spec.decay_for(group)
     return (tuple(_hashable(group.get(k)) for k in spec.structural),
-            bool(group.get("mars")), bool(group.get("cautious")), decay.form, decay.key)
+            bool(group.get("mars")), bool(group.get("cautious")), decay.form, decay.key,
+            bool(group.get("adagc")))
 
 
 def chain_and_keys(spec: Any, group: Mapping[str, Any]) -> tuple[list[Transform], KeyMap]:
@@ -37,6 +44,8 @@ def chain_and_keys(spec: Any, group: Mapping[str, Any]) -> tuple[list[Transform]
     cache = spec._full_chains
     if key not in cache:
         pre: list[Transform] = []
+        if group.get("adagc"):
+            pre.append(AdaptiveGradClip())
         if group.get("mars"):
             pre.append(MARSCorrection(gamma_key="mars_gamma"))
         decay = spec.decay_for(group)
@@ -54,6 +63,7 @@ def full_chain(spec: Any, group: Mapping[str, Any]) -> list[Transform]:
 
 def is_plain(group: Mapping[str, Any]) -> bool:
     """No shell option changes the recipe's chain or its storage (fused paths allowed)."""
-    return not (group.get("mars") or group.get("cautious") or group.get("state_precision")
+    return not (group.get("mars") or group.get("cautious") or group.get("adagc")
+                or group.get("state_precision")
                 or group.get("state_dtype") is not None
                 or group.get("master_weights") is not None)

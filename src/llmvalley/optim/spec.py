@@ -7,11 +7,13 @@ spec need not be registered: ``ChainOptimizer(params, spec)`` runs any spec, and
 
 Shell options (:data:`SHELL_DEFAULTS`) are accepted by every spec and reach every group:
 ``maximize``, ``nonfinite``, ``state_precision`` (alias ``state_dtype``), ``master_weights``,
-``cautious`` and ``mars`` (with ``mars_gamma``).
+``cautious``, ``mars`` (with ``mars_gamma``) and ``adagc`` (with ``adagc_lambda_rel``,
+``adagc_beta``, ``adagc_lambda_abs``, ``adagc_warmup``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,12 @@ SHELL_DEFAULTS: dict[str, Any] = {
     "cautious": False,
     "mars": False,
     "mars_gamma": 0.025,
+    # AdaGC (arXiv 2502.11034): per-tensor adaptive clipping in front of the recipe
+    "adagc": False,
+    "adagc_lambda_rel": 1.04,
+    "adagc_beta": 0.99,
+    "adagc_lambda_abs": 1.0,
+    "adagc_warmup": 100,
 }
 SHELL_KEYS = tuple(SHELL_DEFAULTS)
 
@@ -177,7 +185,7 @@ class OptimizerSpec:
 
 def validate_shell(name: str, group: Mapping[str, Any]) -> None:
     """Checks of the shell options (raise ValueError naming the option)."""
-    for key in ("maximize", "cautious", "mars"):
+    for key in ("maximize", "cautious", "mars", "adagc"):
         if key in group and not isinstance(group[key], bool):
             raise ValueError(f"{name}: invalid {key}={group[key]!r}: must be True or False")
     if not any(group.get("master_weights") is v for v in (None, True, False)):
@@ -191,6 +199,24 @@ def validate_shell(name: str, group: Mapping[str, Any]) -> None:
         if "betas" not in group and "momentum" not in group:
             raise ValueError(f"{name}: invalid mars=True: MARS needs a momentum method "
                              "(betas or momentum)")
+    validate_adagc(name, group)
+
+
+def validate_adagc(name: str, group: Mapping[str, Any]) -> None:
+    """Checks of the AdaGC options (whenever given, so a typo is not silently ignored)."""
+    rules = {"adagc_lambda_rel": ("a number > 0", lambda v: v > 0),
+             "adagc_beta": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+             "adagc_lambda_abs": ("a number > 0", lambda v: v > 0)}
+    for key, (expect, ok) in rules.items():
+        if key not in group:
+            continue
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"{name}: invalid {key}={value!r}: {expect}")
+    warmup = group.get("adagc_warmup", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"{name}: invalid adagc_warmup={warmup!r}: an integer >= 0")
 
 
 def _hashable(value: Any) -> Any:

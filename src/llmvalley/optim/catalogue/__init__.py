@@ -11,10 +11,21 @@ merges them into :data:`CATALOGUE` (a name may appear in only one module).
 
 from __future__ import annotations
 
-from llmvalley.optim.catalogue import established
+from llmvalley.optim.catalogue import (
+    adaptive_variants,
+    established,
+    hessian,
+    kronecker,
+    lowrank,
+    schedule_free,
+    stability,
+    subspace,
+    wrappers,
+)
 from llmvalley.optim.catalogue.entry import Entry, Paper
 
-_MODULES = [established]
+_MODULES = [established, adaptive_variants, stability, schedule_free, wrappers, lowrank,
+            subspace, kronecker, hessian]
 
 
 def _merge() -> dict[str, Entry]:

@@ -7,15 +7,25 @@ never import the registry). Behaviour only: papers, references and notes are in
 
 from llmvalley.optim.recipes import (
     adaptive,
+    adaptive_variants,
     classical,
     factored,
+    hessian,
+    kronecker,
+    lowrank,
     matrix,
     normalized,
     rotated,
+    schedule_free,
     sign,
+    stability,
+    subspace,
+    wrappers,
 )
 
 ALL_SPECS = [
     *classical.SPECS, *adaptive.SPECS, *sign.SPECS, *factored.SPECS, *matrix.SPECS,
-    *normalized.SPECS, *rotated.SPECS,
+    *normalized.SPECS, *rotated.SPECS, *adaptive_variants.SPECS, *stability.SPECS,
+    *schedule_free.SPECS, *wrappers.SPECS, *lowrank.SPECS, *subspace.SPECS, *kronecker.SPECS,
+    *hessian.SPECS,
 ]

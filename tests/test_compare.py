@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmvalley.bench.compare import CompareSpec, Comparison, model_parameters, scale_workload
-from llmvalley.cli import build_parser, main
+from llmvalley.cli import UsageError, build_parser, main
 from llmvalley.commands.compare_cmd import build_spec
 from tests.fake_runs import SyntheticTraining
 
@@ -164,3 +164,32 @@ def test_progress_shows_each_trial_result_in_time_order(
                    and "final val loss" in line]
         assert len(results) == 3  # one line per finished trial, with its loss
         assert any(f"nano: {optimizer}: seed 1 final val loss" in line for line in lines)
+
+
+def test_untuned_methods_get_one_trial_at_their_default_lr(tmp_path: Path) -> None:
+    """Zero tuning budget (parameter-free methods beside tuned AdamW): one trial at the
+    registry's default learning rate, then the seeds; never marked as a grid-edge bound."""
+    import llmvalley
+    from llmvalley.bench.analysis import analyse
+
+    fake = SyntheticTraining(shape={**SHAPES, "prodigy": {"best_lr": 1.0}})
+    spec = CompareSpec(optimizers=["adamw", "prodigy"], models=["nano"],
+                       workload={"steps": 50, "batch_size": 8}, out=tmp_path, trials=4,
+                       grid_points=3, seeds=2, lr_centers=CENTERS, untuned=["prodigy"],
+                       command="valley compare")
+    manifest = Comparison(spec, fake).run()
+    assert manifest["errors"] == []
+    calls = [c for c in fake.calls if c["optimizer"] == "prodigy"]
+    default = llmvalley.get_spec("prodigy").defaults["lr"]
+    assert len(calls) == 1 + 2 and {c["lr"] for c in calls} == {default}
+    assert len([c for c in fake.calls if c["optimizer"] == "adamw"]) == 4 + 2
+    sweep = json.loads((tmp_path / "nano" / "prodigy" / "sweep.json").read_text())
+    assert sweep["untuned"] is True and sweep["best_at_edge"] is False
+    cell = analyse(tmp_path).cell("nano", "prodigy")
+    assert cell.untuned and not cell.best_at_edge
+
+
+def test_untuned_names_must_be_compared(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--untuned: dog not among"):
+        build_spec(parse(["--optimizers", "adamw,prodigy", "--models", "nano",
+                          "--untuned", "dog", "--out", str(tmp_path)]))

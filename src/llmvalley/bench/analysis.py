@@ -191,6 +191,7 @@ class CellMetrics:
     best_lr: float | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     best_at_edge: bool = False
+    untuned: bool = False  # zero tuning budget: the default learning rate, one trial
     trials: int = 0
     trials_diverged: int = 0
     trials_failed: int = 0
@@ -259,7 +260,9 @@ def cell_metrics(model: str, optimizer: str, sweep: dict[str, Any], folder: Path
     if best:
         m.best_lr, m.best_params = best["lr"], best["params"]
         ks = [t["k"] for t in trials if t.get("k") is not None]
-        m.best_at_edge = bool(sweep.get("best_at_edge")) or at_edge(best.get("k"), ks)
+        m.untuned = bool(sweep.get("untuned"))
+        m.best_at_edge = not m.untuned and (bool(sweep.get("best_at_edge"))
+                                            or at_edge(best.get("k"), ks))
     seeds = sweep.get("seeds", [])
     done = [s for s in seeds if s.get("status") == "completed" and s.get("final_val_loss")]
     m.seeds = len(seeds)

@@ -77,6 +77,7 @@ class Preset:
     workers: int = 1
     lr_centers: dict[str, float] = field(default_factory=dict)
     tokens_per_param: float | None = None  # token budget per scale = this x parameters
+    untuned: tuple[str, ...] = ()  # zero tuning budget: default learning rate, seeds only
 
 
 PRESETS: dict[str, Preset] = {
@@ -96,6 +97,53 @@ PRESETS: dict[str, Preset] = {
         # 4-point grid); the grid extends itself where the best value sits at an edge
         lr_centers={"adamw": 2e-3, "torch-adamw": 2e-3, "lion": 1e-3, "muon": 0.04,
                     "adafactor": 0.04},
+    ),
+    "cpu-families": Preset(
+        description="one representative per family on nano, the cpu-quick workload (100 steps "
+                    "of 16 x 128 byte-level tokens, cosine, AdamW baseline betas (0.9, 0.95), "
+                    "weight decay 0.1): 5 learning rates + 3 seeds per tuned optimizer; "
+                    "prodigy at zero tuning budget (its default lr, seeds only), as its users "
+                    "run it; two single-thread workers (about an hour on 2 CPU cores)",
+        optimizers=("adamw", "lion", "adafactor", "muon", "soap", "galore",
+                    "schedulefree_adamw", "prodigy", "stable_spam"),
+        models=("nano",),
+        workload={"data": "stdlib", "steps": 100, "batch_size": 16, "warmup_steps": 10,
+                  "schedule": "cosine", "eval_every": 20, "eval_batches": 8, "log_every": 5,
+                  "threads": 1, "device": "cpu"},
+        trials=5, grid_points=3, seeds=3, workers=2,
+        lr_centers={"adamw": 2e-3, "lion": 1e-3, "muon": 0.04, "adafactor": 0.04,
+                    "soap": 4e-3, "galore": 1e-2, "schedulefree_adamw": 5e-3,
+                    "stable_spam": 2e-3},
+        untuned=("prodigy",),
+    ),
+    "memory": Preset(
+        description="memory-efficient methods on micro: the cpu-quick workload at micro size; "
+                    "state bytes and peak memory above the model's own beside the loss; 5 "
+                    "learning rates + 3 seeds each (several hours on 2 CPU cores; GaLore's and "
+                    "APOLLO's own comparisons are at llama-60m/130m: use --models)",
+        optimizers=("adamw", "adamw8bit", "galore", "fira", "apollo", "apollo_mini", "frugal",
+                    "scale", "swan", "sinkgd", "adafactor"),
+        models=("micro",),
+        workload={"data": "stdlib", "steps": 100, "batch_size": 16, "warmup_steps": 10,
+                  "schedule": "cosine", "eval_every": 20, "eval_batches": 8, "log_every": 5,
+                  "threads": 1, "device": "cpu"},
+        trials=5, grid_points=3, seeds=3, workers=2,
+        lr_centers={"adamw": 2e-3, "adamw8bit": 2e-3, "galore": 1e-2, "fira": 1e-2,
+                    "apollo": 1e-2, "apollo_mini": 1e-2, "frugal": 2e-3, "scale": 1e-2,
+                    "swan": 1e-2, "sinkgd": 1e-2, "adafactor": 0.04},
+    ),
+    "cpu-curvature": Preset(
+        description="curvature methods on nano, the cpu-quick workload: Shampoo, SOAP, PSGD "
+                    "Kron and Sophia-G (its Gauss-Newton-Bartlett estimate every 10 steps, "
+                    "counted in wall-clock) beside AdamW; 5 learning rates + 3 seeds each",
+        optimizers=("adamw", "shampoo", "soap", "psgd_kron", "sophia"),
+        models=("nano",),
+        workload={"data": "stdlib", "steps": 100, "batch_size": 16, "warmup_steps": 10,
+                  "schedule": "cosine", "eval_every": 20, "eval_batches": 8, "log_every": 5,
+                  "threads": 1, "device": "cpu"},
+        trials=5, grid_points=3, seeds=3, workers=2,
+        lr_centers={"adamw": 2e-3, "shampoo": 2e-3, "soap": 4e-3, "psgd_kron": 1e-3,
+                    "sophia": 1e-3},
     ),
     "gpu-ladder": Preset(
         description="llama-60m, llama-130m, llama-350m at 20 tokens per parameter (Chinchilla), "
@@ -137,6 +185,9 @@ class CompareSpec:
     skipped: list[str] = field(default_factory=list)
     preset: str | None = None
     command: str | None = None
+    # optimizers run at zero tuning budget (one trial at the default learning rate, then the
+    # seeds): parameter-free methods beside tuned AdamW, as their users run them
+    untuned: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -342,6 +393,13 @@ class Comparison:
         else the learning-rate grid), with the same budget."""
         storage = self.spec.storage or f"sqlite:///{(self.out / 'optuna.db').resolve()}"
         accepted = accepted_keys(optimizer)
+        if optimizer in self.spec.untuned:
+            return SweepSpec(
+                optimizer=optimizer, workload=cell_workload(self.spec, model, optimizer),
+                out=self.out / model / optimizer, lr_center=None, factor=self.spec.factor,
+                grid_points=1, trials=1, seeds=self.spec.seeds,
+                fixed=cell_fixed(optimizer, fallback), search="grid", storage=storage,
+                study_name=f"{model}/{optimizer}", untuned=True)
         return SweepSpec(
             optimizer=optimizer, workload=cell_workload(self.spec, model, optimizer),
             out=self.out / model / optimizer, lr_center=self.spec.lr_centers.get(optimizer),

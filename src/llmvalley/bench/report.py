@@ -88,7 +88,8 @@ def row(c: CellMetrics) -> dict[str, str]:
     width = "–"
     if sens and sens.width_log2 is not None:
         width = f"{'≥' if sens.lower_bound else ''}{sens.width_log2:.2f}"
-    best_lr = _num(c.best_lr, ".3g") + (" (edge)" if c.best_at_edge else "")
+    best_lr = _num(c.best_lr, ".3g") + (" (edge)" if c.best_at_edge else "") + (
+        " (untuned: default)" if c.untuned else "")
     return {
         "optimizer": c.optimizer,
         "final val loss": loss,

@@ -132,6 +132,9 @@ class SweepSpec:
     search: str | None = None  # grid, tpe or coordinate; default: tpe when ``tune`` is given
     # coordinate search: the tuned axes besides lr (default: coordinate.coordinate_axes)
     axes: tuple[Any, ...] | None = None
+    # zero tuning budget: one trial at the method's default learning rate (parameter-free
+    # methods, compared as their users run them); its best is never "at an edge"
+    untuned: bool = False
 
     def __post_init__(self) -> None:
         if self.factor <= 1:
@@ -630,7 +633,8 @@ class Sweep:
             "interrupted": sum(1 for r in records if r.state == "FAIL" and not r.counts),
             "trials_counted": len(counted),
             "best": best.to_dict() if best else None,
-            "best_at_edge": bool(best and at_edge(best.k, ks)),
+            "best_at_edge": bool(best and at_edge(best.k, ks)) and not self.spec.untuned,
+            "untuned": self.spec.untuned,
             "seeds": self.seed_summaries(),
         }
         write_json(Path(self.spec.out) / SWEEP_FILE, data)

@@ -7,7 +7,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from llmvalley.bench.compare import PRESETS
 from llmvalley.cli import UsageError
 from llmvalley.commands.workload_args import (
     add_workload_options,
@@ -56,7 +58,6 @@ def check_search(search: str | None, tune: tuple) -> str | None:
 def build_spec(args: argparse.Namespace):
     """The :class:`CompareSpec` from a preset (if any) and the options that override it."""
     from llmvalley.bench.compare import (
-        PRESETS,
         CompareSpec,
         check_models,
         check_optimizers,
@@ -75,7 +76,7 @@ def build_spec(args: argparse.Namespace):
     models = names(args.models, "--models") or (list(preset.models) if preset else None)
     if optimizers is None or models is None:
         raise UsageError("give --optimizers and --models, or a --preset "
-                         "(cpu-quick, gpu-ladder)")
+                         f"({', '.join(PRESETS)})")
     # a preset runs with whatever is registered; an explicit list must be all there
     available, skipped = check_optimizers(optimizers,
                                           skip_missing=args.optimizers is None)
@@ -116,7 +117,21 @@ def build_spec(args: argparse.Namespace):
         workers=pick(args.workers, "--workers", preset.workers if preset else 0, 1),
         tune=tune, lr_centers=centers,
         tokens_per_param=tokens_per_param, storage=args.storage, skipped=skipped,
-        preset=args.preset, search=search, command=shlex.join(["valley", "compare", *sys.argv[2:]]))
+        preset=args.preset, search=search, command=shlex.join(["valley", "compare", *sys.argv[2:]]),
+        untuned=untuned_names(args.untuned, preset, available))
+
+
+def untuned_names(option: str | None, preset: Any, available: list[str]) -> list[str]:
+    """The optimizers at zero tuning budget: ``--untuned`` (each must be compared), else the
+    preset's."""
+    if option is None:
+        return [o for o in (preset.untuned if preset else ()) if o in available]
+    names = [n.strip() for n in option.split(",") if n.strip()]
+    stray = [n for n in names if n not in available]
+    if stray:
+        raise UsageError(f"--untuned: {', '.join(stray)} not among the compared optimizers "
+                         f"({', '.join(available)})")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,7 +170,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "unless the workload says otherwise. A shared --opt-arg goes to every "
                     "optimizer that accepts it; matrix methods train embeddings, head and norms "
                     "with AdamW at the tuned AdamW baseline's settings (--fallback-arg wins).")
-    parser.add_argument("--preset", help="cpu-quick or gpu-ladder (options below override it)")
+    parser.add_argument("--preset", help="cpu-quick, cpu-families, cpu-curvature, memory or "
+                        "gpu-ladder (options below override it)")
     parser.add_argument("--optimizers", help="comma-separated, adamw included, e.g. "
                                              "adamw,muon,lion,adafactor")
     parser.add_argument("--models", help="comma-separated model presets, e.g. nano,micro")
@@ -171,6 +187,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="grid (learning rate only; the default), coordinate (coordinate "
                              "descent over the learning rate, beta2 or momentum, weight decay "
                              "and warmup of each method, Wen et al. 2025) or tpe (with --tune)")
+    parser.add_argument("--untuned", metavar="NAMES",
+                        help="comma-separated optimizers run at zero tuning budget: one trial "
+                             "at their default learning rate, then the seeds (parameter-free "
+                             "methods; cpu-families: prodigy)")
     parser.add_argument("--seeds", help="fresh seeds for each best configuration (3)")
     parser.add_argument("--workers", help="worker processes (1; cpu-quick: 2)")
     parser.add_argument("--tokens-per-param", help="token budget per size as a multiple of "

@@ -185,6 +185,7 @@ def test_untuned_methods_get_one_trial_at_their_default_lr(tmp_path: Path) -> No
     assert len([c for c in fake.calls if c["optimizer"] == "adamw"]) == 4 + 2
     sweep = json.loads((tmp_path / "nano" / "prodigy" / "sweep.json").read_text())
     assert sweep["untuned"] is True and sweep["best_at_edge"] is False
+    assert manifest["cells"]["nano/prodigy"]["tuned"] == []
     cell = analyse(tmp_path).cell("nano", "prodigy")
     assert cell.untuned and not cell.best_at_edge
 
@@ -193,3 +194,26 @@ def test_untuned_names_must_be_compared(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--untuned: dog not among"):
         build_spec(parse(["--optimizers", "adamw,prodigy", "--models", "nano",
                           "--untuned", "dog", "--out", str(tmp_path)]))
+
+
+def test_method_args_reach_only_that_methods_runs(tmp_path: Path) -> None:
+    fake = SyntheticTraining(shape=SHAPES)
+    spec = CompareSpec(optimizers=["adamw", "lion"], models=["nano"],
+                       workload={"steps": 50, "batch_size": 8}, out=tmp_path, trials=3,
+                       grid_points=3, seeds=1, lr_centers=CENTERS,
+                       method_args={"lion": {"betas": (0.95, 0.98)}}, command="valley compare")
+    assert Comparison(spec, fake).run()["errors"] == []
+    lion = [c for c in fake.calls if c["optimizer"] == "lion"]
+    adamw = [c for c in fake.calls if c["optimizer"] == "adamw"]
+    assert lion and all(tuple(c["opt_args"]["betas"]) == (0.95, 0.98) for c in lion)
+    assert all(tuple(c["opt_args"]["betas"]) == (0.9, 0.95) for c in adamw)
+
+
+def test_cpu_families_preset_fits_nano():
+    from llmvalley.bench.compare import PRESETS
+    from llmvalley.models.presets import PRESETS as MODELS
+
+    preset = PRESETS["cpu-families"]
+    width = MODELS["nano"].d_model
+    assert preset.method_args["galore"]["rank"] < width  # a rank GaLore accepts at this width
+    assert preset.untuned == ("prodigy",) and "prodigy" not in preset.lr_centers

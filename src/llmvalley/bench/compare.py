@@ -78,6 +78,8 @@ class Preset:
     lr_centers: dict[str, float] = field(default_factory=dict)
     tokens_per_param: float | None = None  # token budget per scale = this x parameters
     untuned: tuple[str, ...] = ()  # zero tuning budget: default learning rate, seeds only
+    # per-method arguments this scale needs (a rank below the model's width)
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -115,6 +117,9 @@ PRESETS: dict[str, Preset] = {
                     "soap": 4e-3, "galore": 1e-2, "schedulefree_adamw": 5e-3,
                     "stable_spam": 2e-3},
         untuned=("prodigy",),
+        # nano's width is 128: GaLore's rank 128 (its 60M setting, a quarter of d=512) becomes
+        # a quarter of 128
+        method_args={"galore": {"rank": 32}},
     ),
     "memory": Preset(
         description="memory-efficient methods on micro: the cpu-quick workload at micro size; "
@@ -188,6 +193,8 @@ class CompareSpec:
     # optimizers run at zero tuning budget (one trial at the default learning rate, then the
     # seeds): parameter-free methods beside tuned AdamW, as their users run them
     untuned: list[str] = field(default_factory=list)
+    # per-method arguments every cell of that method runs with (a preset's method_args)
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -328,12 +335,16 @@ def cell_workload(spec: CompareSpec, model: str, optimizer: str) -> dict[str, An
     return workload
 
 
-def cell_fixed(optimizer: str, fallback: dict[str, Any] | None) -> dict[str, Any]:
+def cell_fixed(optimizer: str, fallback: dict[str, Any] | None,
+               method_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """The compare's own settings of one cell (the workload's win over them): the protocol's
-    AdamW baseline for AdamW cells, the baseline-derived fallback for matrix methods."""
+    AdamW baseline for AdamW cells, the baseline-derived fallback for matrix methods, and the
+    method's own arguments at this scale (a preset's ``method_args``: GaLore's rank)."""
     fixed: dict[str, Any] = {}
     if optimizer in ADAMW_LIKE:
         fixed = {"opt_args": dict(BASELINE_OPT_ARGS), "weight_decay": BASELINE_WEIGHT_DECAY}
+    if method_args:
+        fixed["opt_args"] = {**fixed.get("opt_args", {}), **method_args}
     if fallback:
         fixed["fallback_args"] = dict(fallback)
     return fixed
@@ -398,14 +409,15 @@ class Comparison:
                 optimizer=optimizer, workload=cell_workload(self.spec, model, optimizer),
                 out=self.out / model / optimizer, lr_center=None, factor=self.spec.factor,
                 grid_points=1, trials=1, seeds=self.spec.seeds,
-                fixed=cell_fixed(optimizer, fallback), search="grid", storage=storage,
+                fixed=cell_fixed(optimizer, fallback, self.spec.method_args.get(optimizer)),
+                search="grid", storage=storage,
                 study_name=f"{model}/{optimizer}", untuned=True)
         return SweepSpec(
             optimizer=optimizer, workload=cell_workload(self.spec, model, optimizer),
             out=self.out / model / optimizer, lr_center=self.spec.lr_centers.get(optimizer),
             factor=self.spec.factor, grid_points=self.spec.grid_points, trials=self.spec.trials,
             tune=tuple(t for t in self.spec.tune if t.name in accepted), seeds=self.spec.seeds,
-            fixed=cell_fixed(optimizer, fallback),
+            fixed=cell_fixed(optimizer, fallback, self.spec.method_args.get(optimizer)),
             search=self.spec.search or ("tpe" if self.spec.tune else "grid"),
             storage=storage, study_name=f"{model}/{optimizer}")
 
@@ -497,8 +509,9 @@ def cell_settings(config: dict[str, Any], sweep_spec: SweepSpec) -> dict[str, An
     return {"opt_args": config.get("opt_args") or {},
             "weight_decay": config.get("weight_decay"),
             "fallback_args": config.get("fallback_args") or None,
-            "tuned": ["lr", *(t.name for t in sweep_spec.tune),
-                      *(a.name for a in sweep_spec.axes or ())]}
+            "tuned": [] if sweep_spec.untuned else [
+                "lr", *(t.name for t in sweep_spec.tune),
+                *(a.name for a in sweep_spec.axes or ())]}
 
 
 def cpu_name() -> str:

@@ -118,7 +118,9 @@ def build_spec(args: argparse.Namespace):
         tune=tune, lr_centers=centers,
         tokens_per_param=tokens_per_param, storage=args.storage, skipped=skipped,
         preset=args.preset, search=search, command=shlex.join(["valley", "compare", *sys.argv[2:]]),
-        untuned=untuned_names(args.untuned, preset, available))
+        untuned=untuned_names(args.untuned, preset, available),
+        method_args={k: v for k, v in (preset.method_args if preset else {}).items()
+                     if k in available})
 
 
 def untuned_names(option: str | None, preset: Any, available: list[str]) -> list[str]:

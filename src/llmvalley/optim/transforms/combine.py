@@ -247,13 +247,22 @@ class InBasis(Combinator):
         out = run_chain(self.inner, inner_ctx, low, ctx.keymap)
         result = [proj.back(ctx, i, y) for i, y in enumerate(out)]
         if self.residual:
-            idx = [i for i, s in enumerate(mshapes) if not proj.complete(s, ctx.group)]
-            if idx:
-                rest = [mats[i] - proj.back(ctx, i, low[i]) for i in idx]
-                res_ctx = ctx.subset(idx, grads=[grads[i] for i in idx],
-                                     shapes=[mshapes[i] for i in idx])
-                res_out = run_chain(self.residual, res_ctx, rest, ctx.keymap)
-                ctx.plan.put(idx, res_ctx.plan)
-                for j, i in enumerate(idx):
-                    result[i] = result[i] + res_out[j]
+            self.add_residual(ctx, result, mats, lambda i: proj.back(ctx, i, low[i]), grads,
+                              mshapes)
         return [r.reshape(u.shape) for r, u in zip(result, updates)]
+
+    def add_residual(self, ctx: StepContext, result: list[Tensor], mats: list[Tensor],
+                     kept: Callable[[int], Tensor], grads: list[Tensor],
+                     shapes: list[Shape]) -> None:
+        """``result[i] += residual(mats[i] - kept(i))`` for every matrix the projection does
+        not cover (``kept(i)``: what the basis keeps of ``mats[i]``); the residual chain sees
+        ``grads`` as its gradients."""
+        idx = [i for i, s in enumerate(shapes) if not self.projector.complete(s, ctx.group)]
+        if not idx:
+            return
+        rest = [mats[i] - kept(i) for i in idx]
+        res_ctx = ctx.subset(idx, grads=[grads[i] for i in idx], shapes=[shapes[i] for i in idx])
+        res_out = run_chain(self.residual, res_ctx, rest, ctx.keymap)
+        ctx.plan.put(idx, res_ctx.plan)
+        for j, i in enumerate(idx):
+            result[i] = result[i] + res_out[j]

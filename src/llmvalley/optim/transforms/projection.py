@@ -499,15 +499,8 @@ class Subspace(InBasis):
         if scale != 1.0:
             result = [r * scale for r in result]
         if self.residual:
-            idx = [i for i, s in enumerate(shapes) if not self.projector.complete(s, ctx.group)]
-            if idx:
-                rest = [mats[i] - self.back(ctx, i, low[i], shapes[i]) for i in idx]
-                res_ctx = ctx.subset(idx, grads=[mats[i] for i in idx],
-                                     shapes=[shapes[i] for i in idx])
-                res_out = run_chain(self.residual, res_ctx, rest, ctx.keymap)
-                ctx.plan.put(idx, res_ctx.plan)
-                for j, i in enumerate(idx):
-                    result[i] = result[i] + res_out[j]
+            self.add_residual(ctx, result, mats, lambda i: self.back(ctx, i, low[i], shapes[i]),
+                              mats, shapes)
         return result
 
 

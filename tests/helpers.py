@@ -165,6 +165,8 @@ CONVERGENCE_LR = {
     "prodigy": 0.3, "dadapt_adam": 0.1, "dog": 1.0, "ldog": 1.0,
     "schedulefree_sgd": 0.5, "schedulefree_adamw": 0.03, "lookahead": 0.03,
     "galore": 0.1, "online_subspace_descent": 0.1, "soap": 0.03, "asgo": 0.03, "momo": 1.0,
+    # 1% Top-K keeps one coordinate a step on these tiny tensors
+    "microadam": 0.03,
 }
 
 

@@ -1,5 +1,5 @@
 """Catalogue entries: subspace and compressed-state methods: Subset-Norm / Subspace-Momentum
-(and their combination), DCT-AdamW, SMMF."""
+(and their combination), DCT-AdamW, SMMF, MicroAdam."""
 
 from llmvalley.optim.catalogue.entry import Entry, Paper
 
@@ -105,5 +105,38 @@ ENTRIES: dict[str, Entry] = {
                "The signs are packed 32 to a state element (1 bit each, the paper's memory "
                "count: a + b + ab/32 + a + b elements); the reference keeps one bool byte "
                "each. The reference's beta=None mode (no first moment) is not offered."),
+    ),
+    "microadam": Entry(
+        family="low-bit",
+        paper=Paper("MicroAdam: Accurate Adaptive Optimization with Low Space Overhead and "
+                    "Provable Convergence (Modoranu et al., NeurIPS 2024)", "2405.15593", 2024),
+        reference=("IST-DASLab/MicroAdam; ista-daslab-optimizers 1.1.15 (micro_adam.py over "
+                   "the CUDA kernels of ISTA-DASLab-Optimizers-CUDA, bf16 only); not runnable "
+                   "here: tested against an independent reference of Algorithm 1 with the "
+                   "kernels' conventions in tests/test_microadam.py"),
+        weight_decay="decoupled (p *= 1 - lr*wd), before the update, as the reference",
+        notes=("Adam's moments recomputed each step from a ring of the last m Top-K "
+               "gradients (int16 block-local indices, bf16 values; weights beta^age, the "
+               "newest row age 0) with c_j = (1-beta_j)/(1-beta_j^t) and eps outside the "
+               "root, as the reference's kernel; the Top-K residual is the error feedback, "
+               "4-bit asymmetric per bucket of quant_block_size (bf16 min/max, round half "
+               "up), added to the next gradient before Top-K. The update is sparse. "
+               "Defaults: m=10, k_init=0.01 (paper), quant_block_size=100000 and lr=1e-4 "
+               "(the official run scripts and README), betas/eps/weight_decay the reference "
+               "constructor's. topk_block_size=20864 is what the reference derives from an "
+               "A100's shared memory (half of it in floats); it picks another block on other "
+               "GPUs. State: 4mk + ceil(d/2) + 4*ceil(d/quant_block_size) bytes per tensor "
+               "(words of 4 bytes, exact for fp32/bf16 parameters when 8 divides d; float64 "
+               "parameters use 8-byte words). Departures: the reference computes in bf16 "
+               "(gradient, error sum, update); here in the compute dtype (float32 for bf16 "
+               "parameters), so Top-K values are rounded to bf16 when stored and that "
+               "rounding is not fed back. Codes are clamped to [0, 15] (the reference's "
+               "byte would wrap if bf16 rounding of a bucket's range excluded an element "
+               "by more than half a step) and a flat bucket gets code 0 (the reference "
+               "divides by zero; both decode to the bucket's min). Top-K ties may pick other "
+               "indices than the CUDA topk. The min/max arrays hold exactly ceil(d/B_q) "
+               "buckets (the reference allocates one spare). The reference's alpha options "
+               "(densifying the update with a fraction of the error feedback) are not "
+               "offered: alpha=0, the paper's algorithm."),
     ),
 }

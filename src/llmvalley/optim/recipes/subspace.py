@@ -9,6 +9,7 @@ combination), DCT-AdamW and SMMF.
   the columns of a fixed DCT basis chosen by alignment with the gradient, its moments rotated
   on a change of subspace (:class:`RotatingBasis`). Weight matrices only.
 - ``smmf`` (Park et al., AAAI'25): :class:`ScaleBySMMF`, for any tensor.
+- ``microadam`` (Modoranu et al., NeurIPS'24): :class:`ScaleByMicroAdam`, for any tensor.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from llmvalley.optim.recipes.common import require_betas, require_positive_int
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
+from llmvalley.optim.transforms.microadam import MAX_TOPK_BLOCK, ScaleByMicroAdam
 from llmvalley.optim.transforms.momentum import EMA
 from llmvalley.optim.transforms.subspace import (
     DCT_SIM_TYPES,
@@ -103,6 +105,24 @@ def _check_smmf(group: dict[str, Any]) -> None:
                          f"one of {SMMF_DECAY_MODES}")
 
 
+def _check_microadam(group: dict[str, Any]) -> None:
+    require_betas("microadam", 2)(group)
+    require_positive_int("microadam", group, "m")
+    density = group["k_init"]
+    if isinstance(density, bool) or not isinstance(density, (int, float)) \
+            or not 0 < density <= 1:
+        raise ValueError(f"microadam: invalid k_init={density!r}: a number in (0, 1] (the "
+                         "Top-K density: 0.01 keeps 1% of each block)")
+    block = group["topk_block_size"]
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_TOPK_BLOCK:
+        raise ValueError(f"microadam: invalid topk_block_size={block!r}: an integer in "
+                         f"[1, {MAX_TOPK_BLOCK}] (block-local indices are int16)")
+    size = group["quant_block_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2:
+        raise ValueError(f"microadam: invalid quant_block_size={size!r}: an even integer >= 2 "
+                         "(two 4-bit codes a byte)")
+
+
 def _subspace_momentum() -> list:
     """SM's numerator ``P m + (g - P P^T g)``, debiased by ``1 - beta1**t``."""
     return [CheckedBasis(MomentumSubspace(), [SubspaceEMA()], residual=[PassThrough()]),
@@ -159,5 +179,12 @@ SPECS = [
         build=lambda g: [ScaleBySMMF()],
         decay=lambda g: Decay("coupled" if g["weight_decay_mode"] == "adam" else "decoupled"),
         check=_check_smmf,
+    ),
+    OptimizerSpec(
+        name="microadam",
+        defaults=dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, m=10,
+                      k_init=0.01, topk_block_size=20864, quant_block_size=100_000),
+        build=lambda g: [ScaleByMicroAdam()],
+        check=_check_microadam,
     ),
 ]

@@ -167,6 +167,7 @@ CONVERGENCE_LR = {
     "galore": 0.1, "online_subspace_descent": 0.1, "soap": 0.03, "asgo": 0.03, "momo": 1.0,
     # 1% Top-K keeps one coordinate a step on these tiny tensors
     "microadam": 0.03,
+    "splus": 0.2,  # the value SPlus's README suggests for transformers
 }
 
 
@@ -182,6 +183,7 @@ ROSENBROCK_LR = {
     "sgdp": 2e-3, "tam": 5e-4, "adagrad": 1.0,
     "prodigy": 1.0, "dadapt_adam": 1.0, "dog": 3.0, "ldog": 3.0, "schedulefree_sgd": 3e-3,
     "adahessian": 1.0,
+    "splus": 10.0,  # a 1-D point takes the constant scale 0.001
 }
 
 # Methods whose update is degenerate on the 1 x 2 Rosenbrock matrix: SWAN's row

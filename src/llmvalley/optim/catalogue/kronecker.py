@@ -111,4 +111,34 @@ ENTRIES: dict[str, Entry] = {
                "zero norm). A non-finite root falls back to the identity, as the reference, "
                "with a RuntimeWarning; a non-finite V is also reset to zero."),
     ),
+    "splus": Entry(
+        family="curvature",
+        paper=Paper("A Stable Whitening Optimizer for Efficient Neural Network Training "
+                    "(Frans, Levine, Abbeel)", "2506.07254", 2025),
+        reference="kvfrans/splus (optax/splus.py, the JAX version the paper's experiments "
+                  "use); tested against an independent float64 reference written from it",
+        weight_decay="decoupled, scaled by the shape scale as the step (p -= lr*s*(u + "
+                     "wd*p): the reference adds wd*p before its shape scaling)",
+        notes=("M = EMA_b1(G); U = Q_L sign(Q_L^T M Q_R) Q_R^T with Q the eigenvectors "
+               "(eigh(F + eps I)) of L = EMA_b2(G G^T), R = EMA_b2(G^T G), recomputed after "
+               "the update at step 1 and every inverse_every steps (identity before); sides "
+               "of max_dim or more keep no factor and are not rotated. Step scale 2/(m+n) "
+               "for matrices with both sides below max_dim whose name contains none of "
+               "nonstandard_strings ('embed', 'layernorm', matched lower-cased in the "
+               "parameter's name, as the reference's paths); nonstandard_constant (0.001) "
+               "for everything else, including vectors and >2-D tensors, which take sign(M) "
+               "unrotated. Applies to every parameter, as the reference. Evaluation weights: "
+               "the EMA (ema_rate) of the weights each step starts from, bias-corrected "
+               "(splus_get_eval_params), through optimizer.eval()/train(); in eval mode the "
+               "state 'ema' holds the training weights (swapped back exactly by train()), so "
+               "no third weight copy is kept. Defaults: the reference's (b1 0.9, b2 0.999, "
+               "ema_rate 0.999, eps 1e-30, inverse_every 100, weight_decay 1e-2, max_dim "
+               "10000, nonstandard_constant 0.001) and lr 0.1, its PyTorch port's default "
+               "(the README suggests about 0.2 for transformers, or Adam's lr times twice the "
+               "width). The PyTorch port in the same repository departs from the JAX code "
+               "(EMA taken after the sign step, decay after the update, no name rule, "
+               "'> max_dim' in the scale test); the JAX code is followed. Departures: "
+               "unnamed parameters (a plain list) match no name rule; eigh runs in at least "
+               "float32. " + _NONFINITE),
+    ),
 }

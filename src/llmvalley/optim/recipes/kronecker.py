@@ -29,6 +29,7 @@ from llmvalley.optim.transforms.kronecker import (
     ScaleByShampoo,
 )
 from llmvalley.optim.transforms.momentum import EMA
+from llmvalley.optim.transforms.splus import EvalWeightAverage, ScaleBySPlus
 from llmvalley.optim.validation import is_number
 
 
@@ -186,4 +187,27 @@ ASGO = OptimizerSpec(
     fallback_hparams=dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0),
 )
 
-SPECS: list[OptimizerSpec] = [SOAP, SHAMPOO, PSGD_KRON, ASGO]
+# ---- SPlus ---------------------------------------------------------------------------------
+def _check_splus(group: dict[str, Any]) -> None:
+    name = "splus"
+    require_betas(name, 2)(group)
+    _require_range(name, group, "ema_rate", 0.0, 1.0, open_high=True)
+    for key in ("inverse_every", "max_dim"):
+        require_positive_int(name, group, key)
+    _require_range(name, group, "eps", 0.0, float("inf"))
+    _require_range(name, group, "nonstandard_constant", 0.0, float("inf"))
+    strings = group.get("nonstandard_strings", ())
+    if not isinstance(strings, (tuple, list)) or not all(isinstance(s, str) for s in strings):
+        raise _bad(name, "nonstandard_strings", strings, "must be a tuple of strings")
+
+
+SPLUS = OptimizerSpec(
+    name="splus",
+    defaults=dict(lr=0.1, betas=(0.9, 0.999), ema_rate=0.999, eps=1e-30, weight_decay=1e-2,
+                  inverse_every=100, max_dim=10000, nonstandard_constant=0.001,
+                  nonstandard_strings=("embed", "layernorm")),
+    build=lambda g: [EMA("momentum"), ScaleBySPlus(), EvalWeightAverage()],
+    check=_check_splus,
+)
+
+SPECS: list[OptimizerSpec] = [SOAP, SHAMPOO, PSGD_KRON, ASGO, SPLUS]

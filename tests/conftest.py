@@ -20,3 +20,15 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards box and jog".split()
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small plain-text corpus (12 files of 60 lines) for seconds-long training runs."""
+    from tests.helpers import write_corpus
+
+    return write_corpus(tmp_path / "corpus", WORDS, seed=0, files=12, lines=60,
+                        words_per_line=9)

@@ -13,11 +13,9 @@ from llmvalley.bench import trainer as trainer_module
 from llmvalley.bench.records import read_log
 from llmvalley.optim import ChainOptimizer
 from llmvalley.optim.transforms.base import SlotSpec, Transform
-from tests.helpers import write_corpus
+from tests.test_train import small as train_config
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards box and jog".split()
 
 
 class RecordLoss(Transform):
@@ -185,19 +183,26 @@ def test_hessian_vector_products_through_the_graph():
 
 
 # ------------------------------------------------------------------------------ valley train
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    return write_corpus(tmp_path / "corpus", WORDS, seed=0, files=12, lines=60,
-                        words_per_line=9)
-
-
 def small(corpus: Path, tmp_path: Path, **overrides) -> dict:
-    config = dict(data=str(corpus), val_fraction=0.25, model="nano", d_model=32, n_layers=1,
-                  n_heads=2, ffn_hidden=64, seq_len=32, batch_size=4, eval_batches=2,
-                  eval_every=5, log_every=1, steps=10, optimizer="adamw", lr=3e-3,
-                  progress=False, quiet=True, threads=1, out=str(tmp_path / "runs"))
-    config.update(overrides)
-    return config
+    """test_train's seconds-long run, with a registry optimizer and a record every step."""
+    return train_config(corpus, tmp_path, **{"optimizer": "adamw", "log_every": 1, **overrides})
+
+
+def interrupted_then_resumed(config: dict, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Run ``config`` to step 6 (its checkpoint is at 4), kill it, resume: the summary."""
+    original = Trainer._after_step
+
+    def crash_after_step_6(self, step, *args):
+        original(self, step, *args)
+        if step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_after_step", crash_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train({**config, "name": "interrupted"})
+    monkeypatch.setattr(Trainer, "_after_step", original)
+    return train(None, resume=tmp_path / "runs" / "interrupted")
 
 
 def with_chain(monkeypatch: pytest.MonkeyPatch, chain_factory) -> None:
@@ -235,18 +240,7 @@ def test_valley_train_evaluates_and_saves_on_the_eval_iterate(corpus, tmp_path, 
     ckpt = torch.load(Path(straight["run_dir"]) / "checkpoint.pt", weights_only=False)
     assert ckpt["optimizer"]["param_groups"][0]["train_mode"] is False
 
-    original = Trainer._after_step
-
-    def crash_after_step_6(self, step, *args):
-        original(self, step, *args)
-        if step == 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_after_step", crash_after_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train({**config, "name": "interrupted"})
-    monkeypatch.setattr(Trainer, "_after_step", original)
-    resumed = train(None, resume=tmp_path / "runs" / "interrupted")
+    resumed = interrupted_then_resumed(config, tmp_path, monkeypatch)
     again = torch.load(Path(resumed["run_dir"]) / "checkpoint.pt", weights_only=False)
     assert all(torch.equal(ckpt["model"][k], again["model"][k]) for k in ckpt["model"])
     assert straight["final_val_loss"] == resumed["final_val_loss"]
@@ -297,18 +291,7 @@ def test_methods_beyond_gradients_train_and_resume_exactly(corpus, tmp_path, mon
         assert calls == list(range(8))
     else:
         assert calls == []
-    original = Trainer._after_step
-
-    def crash_after_step_6(self, step, *args):
-        original(self, step, *args)
-        if step == 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_after_step", crash_after_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train({**config, "name": "interrupted"})
-    monkeypatch.setattr(Trainer, "_after_step", original)
-    resumed = train(None, resume=tmp_path / "runs" / "interrupted")
+    resumed = interrupted_then_resumed(config, tmp_path, monkeypatch)
     a = torch.load(Path(straight["run_dir"]) / "checkpoint.pt", weights_only=False)
     b = torch.load(Path(resumed["run_dir"]) / "checkpoint.pt", weights_only=False)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -14,18 +14,10 @@ from llmvalley.bench import TrainConfig, Trainer, coerce_config, lr_multiplier, 
 from llmvalley.bench.metrics import SpikeCounter, divergence_reason, tensor_state_bytes
 from llmvalley.bench.records import read_log
 from llmvalley.cli import UsageError
-from tests.helpers import write_corpus
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards box and jog".split()
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    return write_corpus(tmp_path / "corpus", WORDS, seed=0, files=12, lines=60,
-                        words_per_line=9)
 
 
 def small(corpus: Path, tmp_path: Path, **overrides) -> dict:

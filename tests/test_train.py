@@ -15,8 +15,6 @@ from llmvalley.bench.metrics import SpikeCounter, divergence_reason, tensor_stat
 from llmvalley.bench.records import read_log
 from llmvalley.cli import UsageError
 
-
-
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 

@@ -50,8 +50,10 @@ def references() -> dict[str, tuple[dict, Factory]]:
     import adamp
     import dadaptation
     import dog
+    import kron_torch
     import prodigyopt
     import schedulefree
+    import sophia_opt
     from apollo_torch import APOLLOAdamW
     from fira import FiraAdamW
     from galore_torch import GaLoreAdamW
@@ -64,6 +66,12 @@ def references() -> dict[str, tuple[dict, Factory]]:
         opt.train()
         return opt
 
+    class SophiaG(sophia_opt.SophiaG):
+        """sophia-opt's SophiaG with its batch-size argument fixed (ours: the ``bs`` key)."""
+
+        def step(self, closure=None):
+            return super().step(closure, bs=5120)
+
     rank = dict(rank=128, update_proj_gap=200)
     return {
         "adagrad": ({}, plain(lambda ps: torch.optim.Adagrad(ps, lr=1e-3, foreach=True))),
@@ -74,6 +82,9 @@ def references() -> dict[str, tuple[dict, Factory]]:
         "prodigy": ({}, plain(lambda ps: prodigyopt.Prodigy(ps, lr=1.0))),
         "dadapt_adam": ({}, plain(lambda ps: dadaptation.DAdaptAdam(ps, lr=1.0))),
         "dog": ({}, plain(lambda ps: dog.DoG(ps, lr=1.0))),
+        # kron-torch compiles its kernels with torch.compile (the first steps pay for it)
+        "psgd_kron": ({}, plain(lambda ps: kron_torch.Kron(ps, lr=1e-3))),
+        "sophia": ({}, plain(lambda ps: SophiaG(ps, lr=1e-4))),
         "galore": ({**rank, "scale": 0.25},
                    low_rank(GaLoreAdamW, **rank, scale=0.25, proj_type="std")),
         "fira": ({**rank, "scale": 0.25},

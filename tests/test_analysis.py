@@ -178,3 +178,8 @@ def test_complexity_comes_from_the_registry() -> None:
     assert conda.decompositions_per_step == pytest.approx(1 / 2000)
     assert conda.matrix_state == "2·mn + min(m,n)^2"
     assert fit_formula(lambda s: 3 * s[0] * s[1] + 7) == "3·mn + 7"
+    # the curvature and low-rank families' decompositions, amortized over their refreshes
+    assert complexity("shampoo").decompositions_per_step == 2.0  # two roots every step
+    assert complexity("soap").decompositions_per_step == pytest.approx(2 / 10)
+    assert complexity("splus").decompositions_per_step == pytest.approx(2 / 100)
+    assert complexity("galore").decompositions_per_step == pytest.approx(1 / 200)

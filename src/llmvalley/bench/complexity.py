@@ -68,6 +68,7 @@ DECOMPOSITIONS: dict[str, Callable[[Group], tuple[str, float]]] = {
     "KroneckerEigenbasis": _every("QR per Kronecker factor (2)", "precondition_frequency", 2.0),
     "ScaleByShampoo": _every("eigendecomposition per factor (2)", "precondition_frequency",
                              2.0),
+    "ScaleBySPlus": _every("eigendecomposition per factor (2)", "inverse_every", 2.0),
     "ScaleByASGO": lambda g: (f"Polar Express inverse root ({g.get('matalg_steps')} "
                               "iterations)", 1.0),
 }

@@ -42,7 +42,7 @@ from llmvalley.optim.options import chain_and_keys, is_plain
 from llmvalley.optim.spec import SHELL_DEFAULTS, SHELL_KEYS, OptimizerSpec, spec_from_chain
 from llmvalley.optim.state import ABSMAX, Codec, stochastic_round
 from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform
-from llmvalley.optim.transforms.combine import chain_slots, run_chain
+from llmvalley.optim.transforms.combine import call_bound, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -291,7 +291,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{group['optimizer']} needs the loss: call step(closure) or "
                     "step(loss=loss)")
-        found = find_nonfinite([(g, ps) for g, ps in work if g["nonfinite"] != "ignore"])
+        norms = GradNorms([p.grad for _, params in work for p in params])
+        found = find_nonfinite([(g, ps) for g, ps in work if g["nonfinite"] != "ignore"], norms)
         if found is not None:
             group, params, bad = found
             if group["nonfinite"] == "skip":
@@ -304,12 +305,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         loss_tensor = None
         if loss is not None:
             loss_tensor = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
-        norm = GlobalNorm([p.grad for _, params in work for p in params])
         if any(self._barrier(group) is not None for group, _ in work):
-            self._step_shared(work, loss_tensor, norm)
+            self._step_shared(work, loss_tensor, norms)
             return loss
         for group, params in work:
-            self._step_group(group, params, loss_tensor, norm)
+            self._step_group(group, params, loss_tensor, norms)
         return loss
 
     def _chain(self, group: Mapping[str, Any]) -> list[Transform]:
@@ -359,14 +359,21 @@ class ChainOptimizer(torch.optim.Optimizer):
             else:
                 p.copy_(w)
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor],
-                    loss: Tensor | None = None, norm: GlobalNorm | None = None) -> None:
-        spec = self.spec(group)
+    def _begin(self, group: dict[str, Any], params: list[Tensor], loss: Tensor | None,
+               norms: GradNorms | None) -> tuple[StepContext, list[Tensor]]:
+        """The context of a step (steps advanced, state created) with the step's loss and
+        global gradient norm."""
         ctx, working = self._context(group, params, None, count=True, created=set())
-        ctx.loss, ctx.global_grad_norm = loss, norm
-        chain, keys = chain_and_keys(spec, group)
+        ctx.loss, ctx.global_grad_norm = loss, norms
+        return ctx, working
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor],
+                    loss: Tensor | None = None, norms: GradNorms | None = None) -> None:
+        spec = self.spec(group)
+        ctx, working = self._begin(group, params, loss, norms)
         if not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
-            self._apply(group, ctx, working, run_chain(chain, ctx, ctx.grads, keys))
+            self._apply(group, ctx, working, run_chain(self._chain(group), ctx, ctx.grads,
+                                                       ctx.keymap))
         self._write_back(group, params, working, ctx.codec)
 
     def _apply(self, group: Mapping[str, Any], ctx: StepContext, working: list[Tensor],
@@ -380,7 +387,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         return next((i for i, t in enumerate(self._chain(group)) if t.shared_stats), None)
 
     def _step_shared(self, work: list[tuple[dict[str, Any], list[Tensor]]],
-                     loss: Tensor | None, norm: GlobalNorm) -> None:
+                     loss: Tensor | None, norms: GradNorms) -> None:
         """A step in two passes for methods whose statistics sum over every group: each
         group's chain runs up to its shared-stats transform, which gathers; the sums go to
         every group as ``ctx.totals``, and the chains finish."""
@@ -388,16 +395,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         for group, params in work:
             b = self._barrier(group)
             if b is None:
-                self._step_group(group, params, loss, norm)
+                self._step_group(group, params, loss, norms)
                 continue
-            ctx, working = self._context(group, params, None, count=True, created=set())
-            ctx.loss, ctx.global_grad_norm = loss, norm
-            chain, keys = chain_and_keys(self.spec(group), group)
+            ctx, working = self._begin(group, params, loss, norms)
+            chain, keys = self._chain(group), ctx.keymap
             updates = run_chain(chain[:b], ctx, ctx.grads, keys)
-            bound = ctx.bind(chain[b], keys.get(id(chain[b]), {}))
-            bound.keymap = keys
-            parts.append(chain[b].gather(bound, updates))
-            bound.flush()
+            parts.append(call_bound(chain[b], ctx, keys, chain[b].gather, updates))
             staged.append((group, params, ctx, working, chain, keys, b, updates))
         totals: dict[str, Any] = {}
         for part in parts:
@@ -429,11 +432,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if params:
                     ctx, working = self._context(group, params, params, count=False)
                     ctx.grads = list(ctx.params)
-                    keys = ctx.keymap
                     for t in hooks:
-                        bound = ctx.bind(t, keys.get(id(t), {}))
-                        values = t.set_mode(bound, mode)
-                        bound.flush()
+                        values = call_bound(t, ctx, ctx.keymap, t.set_mode, mode)
                         if values is not None:
                             for w, v in zip(working, values):
                                 w.copy_(v)
@@ -491,26 +491,36 @@ class ChainOptimizer(torch.optim.Optimizer):
                 ctx, _ = self._context(group, params, [p.grad for p in params], count=False)
                 if graph:
                     ctx.params = list(params)
-                keys = ctx.keymap
                 for t in hooks:
-                    bound = ctx.bind(t, keys.get(id(t), {}))
-                    t.update_curvature(bound)
-                    bound.flush()
+                    call_bound(t, ctx, ctx.keymap, t.update_curvature)
 
 
-class GlobalNorm:
-    """The 2-norm of a step's gradients over every group, computed on first call (in float32,
-    or float64 when a gradient is)."""
+class GradNorms:
+    """The 2-norms of a step's gradients, one fused ``_foreach_norm`` per device on first use:
+    the non-finite screen reads them per tensor, and calling the object gives their global norm
+    over every group (in float32, or float64 when a gradient is; AdaGC's warm-up)."""
 
     def __init__(self, grads: list[Tensor]) -> None:
-        self.grads, self.value = grads, None
+        self.grads = grads
+        self._norms: dict[int, Tensor] | None = None
+        self.value: Tensor | None = None
+
+    def of(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The norms of ``tensors`` (some of this step's gradients)."""
+        if self._norms is None:
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for g in self.grads:
+                by_device.setdefault(g.device, []).append(g)
+            self._norms = {id(g): n for gs in by_device.values()
+                           for g, n in zip(gs, torch._foreach_norm(gs))}
+        return [self._norms[id(t)] for t in tensors]
 
     def __call__(self) -> Tensor:
         if self.value is None:
             device = self.grads[0].device
             dtype = torch.float64 if any(g.dtype == torch.float64 for g in self.grads) \
                 else torch.float32
-            norms = [n.to(device=device, dtype=dtype) for n in torch._foreach_norm(self.grads)]
+            norms = [n.to(device=device, dtype=dtype) for n in self.of(self.grads)]
             self.value = torch.linalg.vector_norm(torch.stack(norms))
         return self.value
 
@@ -602,23 +612,23 @@ def _uniform(plan: StepPlan, wd: float) -> bool:
             and plan.weight_decay.count(wd) == len(plan.weight_decay))
 
 
-def find_nonfinite(work: list[tuple[Any, list[Tensor]]]) -> tuple[Any, list[Tensor], int] | None:
+def find_nonfinite(work: list[tuple[Any, list[Tensor]]], norms: GradNorms | None = None
+                   ) -> tuple[Any, list[Tensor], int] | None:
     """The first ``(group, params, index)`` whose gradient holds a NaN or inf, or None.
 
-    One screening pass for the whole step: the 2-norm of every gradient (one fused
-    ``_foreach_norm`` per device, a single host sync), which is non-finite when any element
-    is. On CPU this is about 4x cheaper than an inf-norm, which is not vectorised. A 2-norm
-    can also overflow on huge finite gradients (beyond ~1e19), so a flagged step is confirmed
-    element-wise before anything is reported.
+    One screening pass for the whole step: the 2-norm of every gradient (``norms``, one fused
+    ``_foreach_norm`` per device; a host sync per device), which is non-finite when any
+    element is. On CPU this is about 4x cheaper than an inf-norm, which is not vectorised. A
+    2-norm can also overflow on huge finite gradients (beyond ~1e19), so a flagged step is
+    confirmed element-wise before anything is reported.
     """
     grads = [p.grad for _, params in work for p in params]
     if not grads:
         return None
     by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    flags = [torch.stack(torch._foreach_norm(gs)).isfinite().all() for gs in by_device.values()]
-    if all(bool(f) for f in flags):
+    for g, n in zip(grads, (norms or GradNorms(grads)).of(grads)):
+        by_device.setdefault(g.device, []).append(n)
+    if all(bool(torch.stack(ns).isfinite().all()) for ns in by_device.values()):
         return None
     for group, params in work:
         bad = first_nonfinite([p.grad for p in params])

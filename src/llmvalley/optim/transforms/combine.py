@@ -58,14 +58,23 @@ def assign_keys(chain: Sequence[Transform]) -> KeyMap:
     return keys
 
 
+def call_bound(transform: Transform, ctx: StepContext, keys: KeyMap,
+               method: Callable[..., Any], *args: Any) -> Any:
+    """``method(bound_ctx, *args)`` with the context bound to ``transform``'s slot keys, its
+    decoded slots written back afterwards (a step, or a hook: ``gather``, ``set_mode``,
+    ``update_curvature``)."""
+    bound = ctx.bind(transform, keys.get(id(transform), {}))
+    bound.keymap = keys  # combinators run inner chains with the same map
+    out = method(bound, *args)
+    bound.flush()
+    return out
+
+
 def run_chain(chain: Sequence[Transform], ctx: StepContext, updates: list[Tensor],
               keys: KeyMap) -> list[Tensor]:
     """Run ``chain`` on ``updates``; each transform sees its own slot keys."""
     for t in chain:
-        bound = ctx.bind(t, keys.get(id(t), {}))
-        bound.keymap = keys  # combinators run inner chains with the same map
-        updates = t(bound, updates)
-        bound.flush()
+        updates = call_bound(t, ctx, keys, t, updates)
     return updates
 
 

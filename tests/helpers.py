@@ -104,11 +104,7 @@ def backward(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     request = getattr(opt, "curvature_request", lambda: None)()
     loss.backward(create_graph=request == "hessian_vector")
     if request == "hessian_vector":
-        opt.update_curvature()
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad = p.grad.detach()
+        opt.update_curvature()  # which detaches the gradients' graph
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, steps: int) -> list[float]:

@@ -296,10 +296,7 @@ class Trainer:
             (loss / cfg.grad_accum).backward(create_graph=hvp)
             loss_sum += loss.detach()
         if hvp:
-            self.optimizer.update_curvature()
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad = param.grad.detach()
+            self.optimizer.update_curvature()  # which detaches the gradients' graph
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self._loss = loss_sum / cfg.grad_accum

@@ -468,8 +468,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         ``valley train`` follows this protocol; see ``docs/train.md``.
         """
         for group in self.param_groups:
+            hooks = [t for t in self._chain(group) if t.curvature is not None]
+            if not hooks:  # the common case: no state scan on every step
+                continue
             done = self._group_step(group)
-            for t in self._chain(group):
+            for t in hooks:
                 if t.curvature == "hessian_vector" and t.curvature_due(done + 1, group):
                     return t.curvature
                 if t.curvature == "gauss_newton" and done > 0 and t.curvature_due(done, group):
@@ -478,7 +481,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def update_curvature(self) -> None:
         """Fold the curvature estimate in ``.grad`` (see :meth:`curvature_request`) into the
-        state of every method that consumes one."""
+        state of every method that consumes one. Gradients taken with ``create_graph=True``
+        are detached afterwards (their graph is freed; ``step()`` then uses their values)."""
         for group in self.param_groups:
             hooks = [t for t in self._chain(group) if t.curvature is not None]
             if not hooks:
@@ -493,6 +497,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                     ctx.params = list(params)
                 for t in hooks:
                     call_bound(t, ctx, ctx.keymap, t.update_curvature)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.requires_grad:
+                    p.grad = p.grad.detach()
 
 
 class GradNorms:

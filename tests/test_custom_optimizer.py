@@ -35,6 +35,7 @@ def python_blocks(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def doc():
     """The namespace after running every python block of the page (registry cleaned up)."""
+    llmvalley.list_optimizers()  # load the recipes first: the cleanup removes only the page's
     before = set(_REGISTRY)
     ns: dict = {"__name__": "custom_optimizer_doc"}
     _KEEP.append(ns)

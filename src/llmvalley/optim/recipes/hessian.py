@@ -7,9 +7,10 @@ not here: see :mod:`llmvalley.optim.catalogue.hessian`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from llmvalley.optim.recipes.common import require_betas, require_positive_int
+from llmvalley.optim.recipes.common import require_betas, require_number, require_positive_int
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.hessian import HutchinsonSecondMoment, SophiaClip
 from llmvalley.optim.transforms.momentum import EMA
@@ -17,12 +18,12 @@ from llmvalley.optim.validation import is_number
 
 
 def _positive(name: str, group: dict[str, Any], key: str, *, strict: bool = True) -> None:
-    value = group[key]
-    ok = is_number(value) and float(value) == float(value) and float(value) < float("inf") \
-        and (float(value) > 0 if strict else float(value) >= 0)
-    if not ok:
-        rule = "a finite number > 0" if strict else "a finite number >= 0"
-        raise ValueError(f"{name}: invalid {key}={value!r}: must be {rule}")
+    if strict:
+        require_number(name, group, key, "a finite number > 0",
+                       lambda v: math.isfinite(v) and v > 0)
+    else:
+        require_number(name, group, key, "a finite number >= 0",
+                       lambda v: math.isfinite(v) and v >= 0)
 
 
 # ---- Sophia ------------------------------------------------------------------------------

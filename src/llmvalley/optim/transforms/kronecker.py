@@ -111,6 +111,24 @@ def safe_eigh(mat: Tensor) -> tuple[Tensor, Tensor] | None:
             return None
 
 
+
+def factor_eigh(ctx: StepContext, i: int, factor: Tensor, eps: float, method: str, kept: str,
+                scale: float = 1.0) -> tuple[Tensor, Tensor] | None:
+    """The eigendecomposition of ``factor / scale + eps I`` (:func:`safe_eigh`), or None after
+    a warning naming the parameter: a non-finite factor is reset to zero, a failed (or
+    non-finite) decomposition leaves it; either way the caller keeps ``kept``."""
+    mat = factor / scale if scale != 1.0 else factor
+    if not bool(torch.isfinite(mat).all()):
+        warn_factor(ctx, i, f"non-finite {method} factor: reset to zero, {kept} kept")
+        factor.zero_()
+        return None
+    eye = torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
+    result = safe_eigh(mat + eps * eye)
+    if result is None or not bool(torch.isfinite(result[1]).all()):
+        warn_factor(ctx, i, f"{method} eigendecomposition failed: {kept} kept")
+        return None
+    return result
+
 # ---- SOAP: the Kronecker eigenbasis ---------------------------------------------------------
 def soap_merged_shape(shape: Shape, max_dim: int) -> Shape:
     """SOAP's ``merge_dims``: merge neighbouring dimensions while their product stays at most
@@ -210,17 +228,9 @@ class KroneckerEigenbasis(Projector):
             if f is None:
                 continue
             q.copy_(torch.eye(q.shape[0], dtype=q.dtype, device=q.device))  # fallback
-            if not bool(torch.isfinite(f).all()):
-                warn_factor(ctx, i, "non-finite SOAP factor at initialisation: reset to zero, "
-                            "identity basis kept")
-                f.zero_()
-                continue
-            eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
-            result = safe_eigh(f + 1e-30 * eye)
-            if result is None:
-                warn_factor(ctx, i, "SOAP eigendecomposition failed: identity basis kept")
-                continue
-            q.copy_(result[1].flip(1))
+            result = factor_eigh(ctx, i, f, 1e-30, "SOAP", "identity basis")
+            if result is not None:
+                q.copy_(result[1].flip(1))
 
     def due(self, ctx: StepContext, t: int) -> bool:
         return t > 0 and t % int(ctx.hp("precondition_frequency")) == 0
@@ -520,17 +530,8 @@ class ScaleByShampoo(Combinator):
             exponent = float(override) if override is not None else 1.0 / (2 * len(b))
             for _ in b:
                 f, r = next(it)
-                a = f / bc
-                if not bool(torch.isfinite(a).all()):
-                    warn_factor(ctx, i, "non-finite Shampoo factor: reset to zero, previous "
-                                "root kept")
-                    f.zero_()
-                    continue
-                eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-                result = safe_eigh(a + eps * eye)
+                result = factor_eigh(ctx, i, f, eps, "Shampoo", "previous root", scale=bc)
                 if result is None:
-                    warn_factor(ctx, i, "Shampoo eigendecomposition failed: previous root "
-                                "kept")
                     continue
                 vals, vecs = result
                 low = float(vals.min())

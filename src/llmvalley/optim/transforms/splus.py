@@ -19,7 +19,7 @@ the bias-corrected EMA of the weights taken before each step, ``E / (1 - ema_rat
 :class:`ScaleBySPlus` is the rotation and sign, :class:`EvalWeightAverage` the weight EMA
 (train/eval iterates through :meth:`~.base.Transform.set_mode`). The factor algebra
 (:func:`~.kronecker.apply_modes`, :func:`~.kronecker.flat_views`,
-:func:`~.kronecker.safe_eigh`) is Shampoo/SOAP's, from :mod:`.kronecker`.
+:func:`~.kronecker.factor_eigh`) is Shampoo/SOAP's, from :mod:`.kronecker`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from torch import Tensor
 from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
 from llmvalley.optim.transforms.kronecker import (
     apply_modes,
+    factor_eigh,
     flat_views,
-    safe_eigh,
     square_numel,
-    warn_factor,
 )
 
 Group = Mapping[str, Any]
@@ -129,17 +128,9 @@ class ScaleBySPlus(Transform):
         for f, q in zip(factors, qs):
             if f is None:
                 continue
-            if not bool(torch.isfinite(f).all()):
-                warn_factor(ctx, i, "non-finite SPlus factor: reset to zero, previous basis "
-                            "kept")
-                f.zero_()
-                continue
-            eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
-            result = safe_eigh(f + eps * eye)
-            if result is None or not bool(torch.isfinite(result[1]).all()):
-                warn_factor(ctx, i, "SPlus eigendecomposition failed: previous basis kept")
-                continue
-            q.copy_(result[1])
+            result = factor_eigh(ctx, i, f, eps, "SPlus", "previous basis")
+            if result is not None:
+                q.copy_(result[1])
 
 
 class EvalWeightAverage(Transform):

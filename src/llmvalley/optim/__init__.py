@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from llmvalley.optim.catalogue import Paper
-from llmvalley.optim.memory import state_bytes
+from llmvalley.optim.memory import global_state_bytes, state_bytes
 from llmvalley.optim.registry import get_spec, list_optimizers, register
 from llmvalley.optim.routing import Matcher, Rule, route
 from llmvalley.optim.shell import ChainOptimizer
@@ -80,5 +80,6 @@ __all__ = [
     "list_optimizers",
     "register",
     "spec_from_chain",
+    "global_state_bytes",
     "state_bytes",
 ]

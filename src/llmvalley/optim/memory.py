@@ -45,3 +45,19 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
             total += t.numel() * t.element_size()
     planned = getattr(optimizer, "planned_state_bytes", None)
     return total + (planned() if callable(planned) else 0)
+
+
+def global_state_bytes(optimizer: torch.optim.Optimizer, group: Any = None) -> int:
+    """:func:`state_bytes` summed over every rank of ``group`` (the default process group):
+    the optimizer state of a whole sharded or data-parallel job. In one process (no process
+    group) it equals :func:`state_bytes`. Collective: every rank must call it."""
+    import torch.distributed as dist
+
+    local = state_bytes(optimizer)
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    total = torch.tensor([local], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        total = total.cuda()
+    dist.all_reduce(total, group=group)
+    return int(total.item())

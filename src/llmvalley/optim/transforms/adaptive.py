@@ -33,6 +33,8 @@ class ScaleByAdam(Transform):
     moment, as torch.optim.Adam).
     """
 
+    elementwise = True
+
     def __init__(self, eps_form: str = "torch", first_moment: str = "ema") -> None:
         if eps_form not in ("torch", "hf"):
             raise ValueError(f"eps_form must be 'torch' or 'hf', got {eps_form!r}")
@@ -90,6 +92,8 @@ class ScaleByNAdam(Transform):
     ``mu_product`` (a Python float, so it adds no tensor memory).
     """
 
+    elementwise = True
+
     slot_names = ("exp_avg", "exp_avg_sq", "mu_product")
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
@@ -131,6 +135,8 @@ class ScaleByAdaBelief(Transform):
     reference ignores it in the rectified branch, which the paper does not intend).
     State: ``exp_avg``, ``exp_avg_var`` (+ ``max_exp_avg_var``).
     """
+
+    elementwise = True
 
     slot_names = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
 
@@ -183,6 +189,8 @@ class ScaleByLaProp(Transform):
     state), so the output, multiplied by ``lr`` later, is ``m / exp_avg_lr``.
     State: ``exp_avg``, ``exp_avg_sq`` (+ ``max_exp_avg_sq`` with amsgrad).
     """
+
+    elementwise = True
 
     slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_lr")
 
@@ -247,6 +255,8 @@ class ScaleByAdEMAMix(Transform):
     ``exp_avg_slow``, ``exp_avg_sq``.
     """
 
+    elementwise = True
+
     slot_names = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
@@ -294,6 +304,8 @@ class ScaleByAdan(Transform):
     ``(m / bc1 + b2 * d / bc2) / (sqrt(n / bc3) + eps)``.
     State: ``exp_avg``, ``exp_avg_diff``, ``exp_avg_sq``, ``prev_grad``.
     """
+
+    elementwise = True
 
     slot_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
 

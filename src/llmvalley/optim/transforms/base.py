@@ -130,6 +130,10 @@ class StepContext:
             when it runs alone (then it gathers its own tensors).
         stash: a dict the shell keeps for one group between :meth:`Transform.gather` and the
             call that follows it in the same step (what the second pass reuses).
+        positions: each tensor's index among the tensors its group steps, as one process
+            sees them. Seeds that depend on a tensor's ordinal (APOLLO, PSGD) use it, so that
+            a rank stepping only the tensors it owns (:mod:`llmvalley.optim.sharded`) draws
+            what one process would.
     """
 
     params: list[Tensor]
@@ -151,8 +155,11 @@ class StepContext:
     global_grad_norm: Any = None
     totals: dict[str, Any] | None = None
     stash: dict[str, Any] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.positions:
+            self.positions = list(range(len(self.grads)))
         if not self.shapes:
             self.shapes = [tuple(g.shape) for g in self.grads]
         if not self.dtypes:
@@ -175,7 +182,7 @@ class StepContext:
             steps=[self.steps[i] for i in idx],
             names=[self.names[i] for i in idx] if self.names else [],
             shapes=[self.shapes[i] for i in idx], dtypes=[self.dtypes[i] for i in idx],
-            plan=self.plan.take(idx),
+            plan=self.plan.take(idx), positions=[self.positions[i] for i in idx],
         )
         fields.update(changes)
         return replace(self, **fields, _loaded=[])
@@ -285,6 +292,20 @@ class Transform:
     #: D-Adaptation's d, MoMo's model terms): the shell calls :meth:`gather` on every group
     #: first, sums the results and hands them over as ``ctx.totals`` (top-level transforms)
     shared_stats: bool = False
+    #: each output element depends only on the same element of the inputs and of the state
+    #: (no reduction over a tensor, no shape rule, no random stream), so a rank can run the
+    #: transform on its own shard of a sharded parameter; chains with any other transform get
+    #: whole tensors (:mod:`llmvalley.optim.sharded`). Subclasses must re-declare it.
+    elementwise: bool = False
+    #: the transform's statistics sum over all tensors of its group (DoG's distance and
+    #: gradient sums): when the group's tensors are sharded, one rank owns all of them
+    whole_group: bool = False
+    #: the transform runs on row shards (dim 0 of the matrix view) of a sharded matrix: it
+    #: reads the whole shape from ``ctx.shapes[i].whole`` and completes its reductions over
+    #: ``ctx.shapes[i].group`` (:class:`llmvalley.optim.sharded.ShardedShape`; Dion)
+    row_shardable: bool = False
+    #: slot names kept whole and identical on every rank when running on row shards
+    replicated_slots: tuple[str, ...] = ()
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -356,6 +377,8 @@ def scalars(values: list[float]) -> float | list[float]:
 class StepScale(Transform):
     """Multiply the step by the hyperparameter ``group[key]`` (Conda's ``scale``), through the
     plan: the shell folds it into the step size."""
+
+    elementwise = True
 
     def __init__(self, key: str) -> None:
         self.key = key

@@ -16,6 +16,8 @@ from llmvalley.optim.transforms.base import StepContext, Transform
 class CoupledWeightDecay(Transform):
     """L2 regularisation folded into the gradient: ``u = g + wd * p`` (torch Adam/SGD)."""
 
+    elementwise = True
+
     def __init__(self, key: str = "weight_decay") -> None:
         self.key = key
 

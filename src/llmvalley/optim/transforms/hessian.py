@@ -128,6 +128,7 @@ class SophiaClip(ProbedTransform):
             raise ValueError(f"unknown Sophia estimator {estimator!r}")
         self.estimator = estimator
         self.curvature = "gauss_newton" if estimator == "gauss_newton" else "hessian_vector"
+        self.elementwise = estimator == "gauss_newton"  # Hutchinson draws probes per tensor
         self.bs_key = bs_key
         self.slot_names = ("exp_avg", "hessian") if estimator == "gauss_newton" \
             else ("exp_avg", "hessian", "probe_seed")

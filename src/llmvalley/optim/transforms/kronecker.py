@@ -712,7 +712,7 @@ class ScaleByKron(Transform):
                     self._balance(qs)
                 source = g if ctx.hp("momentum_into_precond_update") else \
                     ctx.grads[i].reshape(work).clone()
-                self._update(qs, source, kron_generator(seed, t, i, m.device),
+                self._update(qs, source, kron_generator(seed, t, ctx.positions[i], m.device),
                              float(ctx.hp("precond_lr")))
             pre = self._precondition(qs, g)
             rms = pre.square().mean().sqrt()

@@ -23,6 +23,8 @@ class HeavyBall(Transform):
     ``u + momentum * b`` with ``nesterov`` and ``b`` otherwise. No state when momentum is 0.
     """
 
+    elementwise = True
+
     slot_names = ("momentum_buffer",)
 
     def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
@@ -56,6 +58,8 @@ class EMA(Transform):
     the output is ``beta * m + (1 - beta) * u`` (the look-ahead used by Muon and NAdam-style
     methods); with ``debias`` it is ``m / (1 - beta^t)``; otherwise ``m`` itself.
     """
+
+    elementwise = True
 
     def __init__(self, key: str = "exp_avg", beta_index: int = 0, beta_key: str = "betas",
                  nesterov: bool = False, debias: bool = False) -> None:
@@ -93,6 +97,8 @@ class NesterovSum(Transform):
     ``(u + beta M) / (1 + beta (1 - beta^t) / (1 - beta))``, the look-ahead divided by the
     total weight it carries. State ``exp_avg``.
     """
+
+    elementwise = True
 
     slot_names = ("exp_avg",)
 

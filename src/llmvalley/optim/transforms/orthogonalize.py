@@ -51,9 +51,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, numel
+from llmvalley.optim.transforms.shards import (
+    ShardedShape,
+    all_reduce_sum,
+    shard_group,
+    whole_shape,
+)
 
 #: Keller Jordan's quintic Newton-Schulz coefficients (Muon, torch.optim.Muon)
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -378,6 +385,8 @@ class MuonMomentum(Transform):
     name torch.optim.Muon uses). Hyperparameters ``momentum``, ``nesterov``.
     """
 
+    elementwise = True
+
     slot_names = ("momentum_buffer",)
 
     def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
@@ -416,16 +425,30 @@ class ShapeScale(Transform):
     (``u * target * sqrt(mn) / ||u||_F``).
     """
 
+    row_shardable = True  # the whole shape from ctx.shapes; "rms" norms reduced over shards
+
     def __init__(self, key: str = "shape_scale") -> None:
         self.key = key
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         convention = ctx.hp(self.key)
         if convention == "rms":
+            groups = [shard_group(s) for s in ctx.shapes]
+            if any(g is not None for g in groups):
+                return [rms_rescale_shard(u, float(ctx.hp("rms_target")), whole_shape(s), g)
+                        for u, s, g in zip(updates, ctx.shapes, groups)]
             return rms_rescale(updates, float(ctx.hp("rms_target")))
         for i, u in enumerate(updates):
-            ctx.plan.scale[i] = ctx.plan.scale[i] * shape_scale(convention, tuple(u.shape))
+            s = ctx.shapes[i] if ctx.shapes else None
+            shape = s.whole if isinstance(s, ShardedShape) else tuple(u.shape)
+            ctx.plan.scale[i] = ctx.plan.scale[i] * shape_scale(convention, shape)
         return updates
+
+
+def rms_rescale_shard(u: Tensor, target: float, whole: tuple[int, ...], group: Any) -> Tensor:
+    """:func:`rms_rescale` of one shard, its norm completed over ``group``."""
+    sq = all_reduce_sum(u.square().sum().reshape(1), group)
+    return u * (target * math.sqrt(math.prod(whole)) / sq.sqrt().clamp_min(1e-30))
 
 
 def rms_rescale(updates: list[Tensor], target: float) -> list[Tensor]:
@@ -485,13 +508,23 @@ class DionUpdate(Transform):
     applies the ``sqrt(m / n)`` scale and weight decay). ``Q`` starts as ``randn(n, r)`` from
     torch's global generator, as the reference. State: ``momentum`` (m x n), ``Q`` (n x r).
     One QR per matrix, so this loops over parameters (the QR dominates the cost).
+
+    On row shards of a sharded matrix (FSDP2), Dion's distributed form: each rank keeps its
+    rows of ``M`` and the whole ``Q``, computes its rows of ``P = M Q``, and only low-rank
+    matrices cross ranks: ``P`` is all-gathered (``m x r``) for its QR, which every rank takes
+    alike (the paper's distributed orthogonalization is a Cholesky/randomized QR; a Householder
+    QR of the gathered ``P`` moves the same ``O(m r)`` numbers and keeps the single-process
+    result exactly, also where ``P`` is rank-deficient and its factor is not unique), and
+    ``R = M^T P`` is all-reduced (``n x r``). No full ``m x n`` matrix is communicated.
     """
 
     slot_names = ("momentum", "Q")
+    row_shardable = True
+    replicated_slots = ("Q",)
 
     def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
         m, n = matrix_dims(shape)
-        r = dion_rank(shape, float(group["rank_fraction"]))
+        r = dion_rank(whole_shape(shape), float(group["rank_fraction"]))
         return [SlotSpec("momentum", (m, n)), SlotSpec("Q", (n, r), "exact")]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
@@ -505,13 +538,37 @@ class DionUpdate(Transform):
             m.add_(gm.to(m.dtype))
             p = m @ q.to(m.dtype)
             qr_dtype = lapack_dtype(p.dtype)
-            p = torch.linalg.qr(p.to(qr_dtype)).Q.to(m.dtype)
-            r_mat = m.T @ p
+            shape = ctx.shapes[i]
+            if isinstance(shape, ShardedShape):
+                p = qr_of_rows(p, shape, qr_dtype).to(m.dtype)
+            else:
+                p = torch.linalg.qr(p.to(qr_dtype)).Q.to(m.dtype)
+            r_mat = all_reduce_sum(m.T @ p, shard_group(shape))
             m.addmm_(p, r_mat.T, alpha=-(1 - mu))
             r32 = r_mat.to(qr_dtype)
             q.copy_(r32 / (r32.norm(dim=0, keepdim=True) + eps))
             out.append((p @ q.T.to(p.dtype)).to(g.dtype).reshape(g.shape))
         return out
+
+
+def qr_of_rows(p: Tensor, shape: ShardedShape, dtype: torch.dtype) -> Tensor:
+    """This rank's rows of the orthonormal factor of the ``m x r`` matrix whose rows are split
+    over ``shape.group``: the rows are all-gathered (``m r`` numbers) and every rank takes the
+    same Householder QR of the whole, so the result is the single-process one exactly (even
+    for a rank-deficient ``P``, where the factor is not unique)."""
+    whole_rows = matrix_dims(shape.whole)[0]
+    world = dist.get_world_size(shape.group)
+    step = -(-whole_rows // world)
+    sizes = [max(0, min(step, whole_rows - r * step)) for r in range(world)]
+    padded = torch.zeros(step, p.shape[1], dtype=p.dtype, device=p.device)
+    padded[:p.shape[0]] = p
+    parts = torch.empty(world * step, p.shape[1], dtype=p.dtype, device=p.device)
+    dist.all_gather_into_tensor(parts, padded, group=shape.group)
+    whole = torch.cat([parts[r * step:r * step + n] for r, n in enumerate(sizes)])
+    q = torch.linalg.qr(whole.to(dtype)).Q
+    me = dist.get_rank(shape.group)
+    start = sum(sizes[:me])
+    return q[start:start + sizes[me]]
 
 
 class NAMOUpdate(Transform):

@@ -256,6 +256,7 @@ class DoGStep(Transform):
 
     def __init__(self, layerwise: bool = False) -> None:
         self.layerwise = layerwise
+        self.whole_group = not layerwise  # DoG's sums run over the whole group
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
         return [SlotSpec("x0", shape, "exact"), SlotSpec("rbar", None), SlotSpec("G", None)]

@@ -217,7 +217,7 @@ class RandomProjector(LowRankProjector):
 
     def draw(self, ctx, i, source, rank, side):
         if ctx.fresh("seed")[i]:
-            ctx.set_scalar("seed", i, i + 1)
+            ctx.set_scalar("seed", i, ctx.positions[i] + 1)
         seed = int(ctx.scalar("seed", i))
         ctx.set_scalar("seed", i, next_seed(seed))
         gen = seeded_generator(seed, source.device)
@@ -346,7 +346,7 @@ class CoordinateProjector(Projector):
         check_rank(self.optimizer, k, self.total(shape), ctx.name(i),
                    what=f"number of {self.choice} k")
         if ctx.fresh("seed")[i]:
-            ctx.set_scalar("seed", i, i + 1)
+            ctx.set_scalar("seed", i, ctx.positions[i] + 1)
         seed = int(ctx.scalar("seed", i))
         ctx.set_scalar("seed", i, next_seed(seed))
         gen = seeded_generator(seed, source.device)
@@ -389,6 +389,8 @@ class CoordinateProjector(Projector):
 class ScaleBy(Transform):
     """``u * group[key]``: a hyperparameter factor on one branch's direction (FRUGAL's
     ``inactive_lr_scale`` on its state-free part)."""
+
+    elementwise = True
 
     def __init__(self, key: str) -> None:
         self.key = key

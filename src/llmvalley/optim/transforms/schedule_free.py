@@ -33,6 +33,8 @@ class ScheduleFree(Transform):
     group; here each tensor keeps its copy, equal for tensors that step together).
     """
 
+    elementwise = True
+
     slot_names = ("z", "lr_max", "weight_sum")
     has_modes = True
 

@@ -14,6 +14,8 @@ from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transf
 class Sign(Transform):
     """``u = sign(u)``."""
 
+    elementwise = True
+
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         return torch._foreach_sign(updates)
 
@@ -25,6 +27,8 @@ class LionDirection(Transform):
     ``m = beta2 * m + (1 - beta2) * g`` with ``(beta1, beta2) = group["betas"]``.
     State: ``exp_avg``.
     """
+
+    elementwise = True
 
     slot_names = ("exp_avg",)
 
@@ -46,6 +50,8 @@ class GradSignTimesMagnitude(Transform):
 
     Applied to an Adam update it gives Grams (Cao et al., arXiv 2412.17107).
     """
+
+    elementwise = True
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         out = torch._foreach_abs(updates)

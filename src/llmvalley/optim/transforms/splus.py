@@ -149,6 +149,8 @@ class EvalWeightAverage(Transform):
     mode, the training weights in eval mode.
     """
 
+    elementwise = True
+
     slot_names = ("ema",)
     has_modes = True
 

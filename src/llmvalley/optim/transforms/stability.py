@@ -78,6 +78,8 @@ class ScaleBySpikeAwareAdam(ScaleByAdam):
     ``reset_interval == 0`` turns reset and warm-up off. State: ``exp_avg``, ``exp_avg_sq``.
     """
 
+    elementwise = True
+
     def __init__(self) -> None:
         super().__init__(eps_form="hf")
 
@@ -144,6 +146,8 @@ class ScaleByStableSPAM(ScaleByAdam):
     State: ``exp_avg``, ``exp_avg_sq`` and three per-tensor scalars (0-d tensors, no host sync)
     ``m_max``, ``m_norm``, ``v_norm``.
     """
+
+    elementwise = False  # max-clip and norm scaling reduce over the tensor
 
     STATS = ("m_max", "m_norm", "v_norm")
 

@@ -47,6 +47,8 @@ class Friction(Combinator):
     aliased it, which made the friction constant).
     """
 
+    elementwise = True
+
     slot_names = ("previous_grad",)
 
     def __init__(self, inner: list[Transform]) -> None:
@@ -74,6 +76,8 @@ class Friction(Combinator):
 class BiasCorrect(Transform):
     """Divide the update by ``1 - beta^t`` (``beta = group["betas"][beta_index]``)."""
 
+    elementwise = True
+
     def __init__(self, beta_index: int = 0) -> None:
         self.beta_index = beta_index
 
@@ -90,6 +94,8 @@ class DampedMomentum(Transform):
     ``nesterov``, else ``b``. Without momentum no state is kept and the output is
     ``(1 - dampening) u``. State: ``momentum_buffer``.
     """
+
+    elementwise = True
 
     slot_names = ("momentum_buffer",)
 
@@ -157,6 +163,8 @@ class ScaleByEXAdam(Transform):
     ``version=1`` (the first paper version's growing step size). State: ``exp_avg``,
     ``exp_avg_sq`` (the reference's ``m`` and ``v``).
     """
+
+    elementwise = True
 
     slot_names = ("exp_avg", "exp_avg_sq")
 
@@ -235,6 +243,8 @@ class ScaleByAdaMomentum(Transform):
     (+ ``max_exp_avg_var``).
     """
 
+    elementwise = True
+
     slot_names = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
@@ -297,6 +307,8 @@ class ScaleByAno(Transform):
     ``exp_avg_sq``.
     """
 
+    elementwise = True
+
     slot_names = ("exp_avg", "exp_avg_sq")
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
@@ -325,6 +337,8 @@ class ScaleByAdagrad(Transform):
     ``g / (sqrt(s) + eps) / (1 + (t - 1) lr_decay)``. State: ``sum``.
     """
 
+    elementwise = True
+
     slot_names = ("sum",)
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
@@ -352,6 +366,8 @@ class ScaleByRMSprop(Transform):
     ``b = momentum b + g / denom`` is the direction, else ``g / denom``. State:
     ``square_avg`` (+ ``grad_avg``, + ``momentum_buffer``).
     """
+
+    elementwise = True
 
     slot_names = ("square_avg", "grad_avg", "momentum_buffer")
 

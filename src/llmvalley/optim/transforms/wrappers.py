@@ -30,6 +30,8 @@ class Lookahead(Combinator):
     (slow step size). State: ``slow_param`` (``"exact"``: weights are never quantised).
     """
 
+    elementwise = True
+
     slot_names = ("slow_param",)
 
     def __init__(self, inner: list[Transform], decay_of: Callable[[Group], Any]) -> None:

@@ -1,0 +1,176 @@
+"""Rank functions for tests/test_sharded.py (module level, so spawned processes import them).
+
+Each builds the same tiny float64 model twice, one copy plain (the single-process run) and
+one under FSDP2's ``fully_shard`` over the gloo group (rows split unevenly: 5 and 7 rows over
+2 ranks), and drives both with identical batches, so the sharded run's gradients equal the
+plain run's and any difference comes from the optimizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+VOCAB, CLASSES = 10, 7
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(VOCAB, 6), nn.Linear(6, 5), nn.LayerNorm(5),
+                         nn.Linear(5, CLASSES, bias=False)).double()
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model)[:-1]:
+        fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def batch_loss(model: nn.Module, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randint(0, VOCAB, (8, 3), generator=gen)
+    y = torch.randint(0, CLASSES, (8, 3), generator=gen)
+    return nn.functional.cross_entropy(model(x).reshape(-1, CLASSES), y.reshape(-1))
+
+
+def train(model: nn.Module, opt: Any, steps: range) -> None:
+    for step in steps:
+        opt.zero_grad()
+        loss = batch_loss(model, step)
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def equivalence(names: list[str], steps: int) -> dict[str, str | float]:
+    """Largest parameter difference between the sharded and the plain run of each optimizer
+    after ``steps`` steps, or the error a sharded run raised."""
+    from llmvalley.optim import create_optimizer
+    from tests.helpers import TEST_HPARAMS
+
+    out: dict[str, str | float] = {}
+    for name in names:
+        plain, sharded = tiny_model(), shard(tiny_model())
+        hp = TEST_HPARAMS.get(name, {})
+        ref = create_optimizer(name, plain, **hp)
+        try:
+            opt = create_optimizer(name, sharded, **hp)
+            torch.manual_seed(1)  # the same global stream for both runs (Dion's random Q)
+            train(sharded, opt, range(steps))
+        except NotImplementedError as e:
+            out[name] = f"NotImplementedError: {e}"
+            continue
+        torch.manual_seed(1)
+        train(plain, ref, range(steps))
+        out[name] = max(float((a.detach() - full(b).detach()).abs().max())
+                        for a, b in zip(plain.parameters(), sharded.parameters()))
+    return out
+
+
+def nonfinite(name: str, policy: str, value: float) -> dict[str, Any]:
+    """Rank 1 alone puts ``value`` (nan/inf) in its shard of the first hidden matrix's
+    gradient; returns what ``step()`` did on this rank and whether anything changed."""
+    from llmvalley.optim import create_optimizer
+
+    model = shard(tiny_model())
+    opt = create_optimizer(name, model, nonfinite=policy)
+    train(model, opt, range(2))
+    before = [full(p).detach().clone() for p in model.parameters()]
+    state_before = {k: full(v).clone() for k, v in _flat_state(opt).items()}
+    opt.zero_grad()
+    batch_loss(model, 5).backward()
+    if dist.get_rank() == 1:
+        model[1].weight.grad.to_local()[0, 0] = value
+    result: dict[str, Any] = {"error": None, "skipped": None}
+    try:
+        opt.step()
+    except FloatingPointError as e:
+        result["error"] = str(e)
+    result["skipped"] = opt.skipped_steps
+    result["unchanged"] = all(torch.equal(a, full(p).detach())
+                              for a, p in zip(before, model.parameters()))
+    result["state_unchanged"] = all(torch.equal(v, full(_flat_state(opt)[k]))
+                                    for k, v in state_before.items())
+    return result
+
+
+def _flat_state(opt: Any) -> dict[str, torch.Tensor]:
+    return {f"{i}/{k}": v for i, st in enumerate(opt.state.values()) for k, v in st.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _dcp_save(model: nn.Module, opt: Any, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+
+
+def _dcp_load(model: nn.Module, opt: Any, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    opt.init_state()  # DCP fills the tensors the state dict already holds
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def checkpoint_run(name: str, folder: str, save_at: int, steps: int, mode: str,
+                   sharded: bool = True) -> list[Any]:
+    """``mode="save"``: train ``save_at`` steps, save a DCP checkpoint to ``folder``, train on
+    to ``steps``; ``mode="load"``: load ``folder`` into a fresh model and optimizer and train
+    from ``save_at`` to ``steps``. Returns the final whole parameters (numpy arrays)."""
+    from llmvalley.optim import create_optimizer
+    from tests.helpers import TEST_HPARAMS
+
+    model = tiny_model()
+    if sharded:
+        model = shard(model)
+    opt = create_optimizer(name, model, **TEST_HPARAMS.get(name, {}))
+    if mode == "save":
+        train(model, opt, range(save_at))
+        _dcp_save(model, opt, Path(folder))
+        if not sharded:  # also a plain torch.save checkpoint, as `valley train` writes
+            torch.save({"model": model.state_dict(), "optim": opt.state_dict()},
+                       Path(folder) / "plain.pt")
+    elif mode == "load_plain":  # a plain single-process checkpoint into sharded ranks
+        from llmvalley.bench.distributed import load_full
+
+        saved = torch.load(Path(folder) / "plain.pt", weights_only=False)
+        load_full(model, opt, saved["model"], saved["optim"])
+    else:
+        _dcp_load(model, opt, Path(folder))
+    train(model, opt, range(save_at, steps))
+    # numpy arrays travel back by value (tensors would go through shared memory)
+    return [full(p).detach().numpy().copy() for p in model.parameters()]
+
+
+def checkpoint_all(names: list[str], folder: str, save_at: int, steps: int, mode: str
+                   ) -> dict[str, list[Any]]:
+    """:func:`checkpoint_run` for each optimizer in ``names`` (a sub-folder each)."""
+    return {name: checkpoint_run(name, f"{folder}/{name}", save_at, steps, mode)
+            for name in names}
+
+
+def state_bytes_report(name: str) -> dict[str, int]:
+    """Local and global state bytes of an optimizer on the sharded model, after one step."""
+    from llmvalley.optim import create_optimizer
+    from llmvalley.optim.memory import global_state_bytes, state_bytes
+
+    model = shard(tiny_model())
+    opt = create_optimizer(name, model)
+    train(model, opt, range(1))
+    return {"local": state_bytes(opt), "global": global_state_bytes(opt)}

@@ -71,6 +71,7 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = F
 # 1 x 2 Rosenbrock point), where its defaults do not apply: low-rank methods' default ranks
 # are at or above these matrices' smaller side (the explicit ``hp`` of a test wins).
 TEST_HPARAMS: dict[str, dict] = {
+    "ranger21": {"total_steps": 1000, "centralize": False},
     "subspace_momentum": {"rank": 2},
     "snsm": {"rank": 2},
     "dct_adamw": {"rank": 2, "update_proj_gap": 10},
@@ -152,6 +153,7 @@ def roundtrip(obj):
 # Learning rates at which each method makes steady progress on the toy problems (sign and
 # normalised methods take fixed-size steps, so they need smaller rates than SGD).
 CONVERGENCE_LR = {
+    "ranger21": 0.05,
     "sgd": 0.05, "signum": 0.01, "lion": 0.01, "adafactor": 0.05, "came": 0.01,
     "adamuon": 0.1, "namo": 0.1, "namo_d": 0.1, "auon": 0.2,
     "auon_hybrid": 0.2, "conda": 0.1, "cosmos": 0.1, "polargrad": 0.1,
@@ -173,6 +175,7 @@ def convergence_lr(name: str) -> float:
 
 # Rosenbrock from (-1.5, 2) over 1000 steps: a rate in each method's working range.
 ROSENBROCK_LR = {
+    "ranger21": 0.1,
     "sgd": 1e-3, "mars": 1e-3, "adabelief": 1e-2, "adan": 1e-2, "adafactor": 1e-2,
     "lion": 1e-2, "grams": 1e-1, "sgd_sai": 1e-3, "polargrad": 2e-3,
     # plain SGD-type steps diverge at the default

@@ -17,6 +17,7 @@ from llmvalley.optim.catalogue import (
     hessian,
     kronecker,
     lowrank,
+    ranger,
     schedule_free,
     stability,
     subspace,
@@ -25,7 +26,7 @@ from llmvalley.optim.catalogue import (
 from llmvalley.optim.catalogue.entry import Entry, Paper
 
 _MODULES = [established, adaptive_variants, stability, schedule_free, wrappers, lowrank,
-            subspace, kronecker, hessian]
+            subspace, kronecker, hessian, ranger]
 
 
 def _merge() -> dict[str, Entry]:

@@ -15,6 +15,7 @@ from llmvalley.optim.recipes import (
     lowrank,
     matrix,
     normalized,
+    ranger,
     rotated,
     schedule_free,
     sign,
@@ -27,5 +28,5 @@ ALL_SPECS = [
     *classical.SPECS, *adaptive.SPECS, *sign.SPECS, *factored.SPECS, *matrix.SPECS,
     *normalized.SPECS, *rotated.SPECS, *adaptive_variants.SPECS, *stability.SPECS,
     *schedule_free.SPECS, *wrappers.SPECS, *lowrank.SPECS, *subspace.SPECS, *kronecker.SPECS,
-    *hessian.SPECS,
+    *hessian.SPECS, *ranger.SPECS,
 ]

@@ -13,10 +13,7 @@ spec. Bases that keep train/eval iterates (schedule-free) or take a curvature es
 AdaHessian) cannot be wrapped, nor can ``cautious=True`` be used (it would mask the
 synchronisation step).
 
-Ranger21 is not offered (see the report of issue 15): composing it faithfully needs
-group-wide statistics (its stable weight decay divides by the RMS of all second moments of the
-optimizer) and pieces this library does not have yet (positive-negative momentum, AGC,
-softplus denominator, its epoch-based warm-down).
+Ranger21 is :mod:`llmvalley.optim.recipes.ranger`.
 """
 
 from __future__ import annotations

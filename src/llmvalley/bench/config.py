@@ -62,6 +62,11 @@ class TrainConfig:
     tokens: int | None = None
     eval_every: int = 100
     eval_batches: int = 16
+    # the shifted held-out corpus (llmvalley.data.heldout): auto (prose for stdlib runs, Python
+    # source otherwise), none, or a --data source; its batches (default: a quarter of
+    # eval_batches)
+    shifted_data: str = "auto"
+    shifted_eval_batches: int | None = None
     log_every: int = 10
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0: none (not even on SIGINT/SIGTERM)
     seed: int = 0
@@ -83,7 +88,7 @@ class TrainConfig:
 FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(TrainConfig)}
 POSITIVE_INTS = ("batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
                  "steps", "tokens", "d_model", "n_layers", "n_heads", "ffn_hidden", "seq_len",
-                 "threads", "vocab_size")
+                 "threads", "vocab_size", "shifted_eval_batches")
 
 
 OPTION_NAMES = {"opt_args": "--opt-arg", "fallback_args": "--fallback-arg"}

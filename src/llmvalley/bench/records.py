@@ -8,7 +8,9 @@ A run folder holds:
 - ``log.jsonl``: one JSON object per log/eval step;
 - ``summary.json``: the final record, written when the run ends (diverged runs included);
 - ``checkpoint.pt``: the latest checkpoint, and ``checkpoint-previous.pt`` the one before it,
-  when checkpoints are enabled (the default).
+  when checkpoints are enabled (the default); under ``--parallel ddp|fsdp`` these are the DCP
+  folders ``checkpoint.dcp`` and ``checkpoint-previous.dcp`` (``torch.distributed.checkpoint``
+  shards of model and optimizer, and ``loop.pt``: the loop state rank 0 writes).
 
 torch is imported only to save and load checkpoints, so the other helpers stay cheap to import.
 """
@@ -33,6 +35,13 @@ CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint-previous.pt"
 #: what every checkpoint written by the trainer holds
 CHECKPOINT_KEYS = ("model", "optimizer", "progress", "spikes", "torch_rng")
+#: the DCP checkpoint folders of ``--parallel ddp|fsdp`` runs, and the loop state inside them
+DCP_CHECKPOINT = "checkpoint.dcp"
+PREVIOUS_DCP_CHECKPOINT = "checkpoint-previous.dcp"
+DCP_LOOP_FILE = "loop.pt"
+DCP_METADATA = ".metadata"
+#: what the loop file of a DCP checkpoint holds (model and optimizer are the DCP shards)
+DCP_LOOP_KEYS = ("progress", "spikes", "torch_rng")
 
 
 def json_safe(value: Any) -> Any:
@@ -172,18 +181,64 @@ def save_checkpoint(run_dir: Path, state: dict, *, keep_previous: bool = True) -
     os.replace(tmp, path)
 
 
+def is_dcp_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a DCP checkpoint folder (written under ``--parallel``)."""
+    return path.is_dir() and (path / DCP_LOOP_FILE).is_file()
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU; a :class:`CheckpointError` says why it cannot be."""
+    """Load a checkpoint onto the CPU; a :class:`CheckpointError` says why it cannot be.
+
+    For a DCP folder this is its loop state, with ``dcp`` set to the folder (the model and
+    optimizer are loaded from the shards into the live objects, see ``bench.distributed``)."""
     import torch
 
+    path = Path(path)
+    dcp = path.is_dir()
+    if dcp and not (path / DCP_METADATA).is_file():
+        raise CheckpointError(f"{path} is not a complete DCP checkpoint (no {DCP_METADATA})")
+    target = path / DCP_LOOP_FILE if dcp else path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(target, map_location="cpu", weights_only=False)
     except Exception as exc:  # zip, pickle and torch errors of a truncated or corrupt file
-        raise CheckpointError(f"{path} is truncated or corrupt ({first_sentence(exc)})") from None
-    if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= set(state):
-        raise CheckpointError(f"{path} is not a valley train checkpoint (it lacks "
-                              f"{', '.join(CHECKPOINT_KEYS)})")
+        raise CheckpointError(f"{target} is truncated or corrupt ({first_sentence(exc)})") \
+            from None
+    keys = DCP_LOOP_KEYS if dcp else CHECKPOINT_KEYS
+    if not isinstance(state, dict) or not set(keys) <= set(state):
+        raise CheckpointError(f"{target} is not a valley train checkpoint (it lacks "
+                              f"{', '.join(keys)})")
+    if dcp:
+        state["dcp"] = path
     return state
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The run's newest checkpoint: ``checkpoint.pt`` or ``checkpoint.dcp`` (a run resumed in
+    another ``--parallel`` mode can hold both; the one written last wins)."""
+    found = [p for p in (run_dir / CHECKPOINT_FILE, run_dir / DCP_CHECKPOINT) if p.exists()]
+    if not found:
+        return run_dir / CHECKPOINT_FILE
+
+    def written(p: Path) -> float:
+        return (p / DCP_LOOP_FILE if p.is_dir() and (p / DCP_LOOP_FILE).exists() else p) \
+            .stat().st_mtime
+
+    return max(found, key=written)
+
+
+def rotate_dcp(run_dir: Path, written: Path, *, keep_previous: bool = True) -> None:
+    """Make the just-written DCP folder ``written`` the run's ``checkpoint.dcp``; the one it
+    replaces becomes ``checkpoint-previous.dcp`` (or is removed, unless ``keep_previous``)."""
+    import shutil
+
+    current, previous = run_dir / DCP_CHECKPOINT, run_dir / PREVIOUS_DCP_CHECKPOINT
+    if current.exists():
+        if keep_previous:
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(current, previous)
+        else:
+            shutil.rmtree(current)
+    os.replace(written, current)
 
 
 def checkpoint_step(state: dict[str, Any]) -> int:

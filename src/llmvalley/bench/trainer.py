@@ -18,6 +18,11 @@ Checkpoints are written every ``checkpoint_every`` steps, at the end, and when S
 arrives: the signal is noted, the step under way finishes, the checkpoint is written and
 :class:`RunInterrupted` (a ``KeyboardInterrupt``) is raised, so ``--resume`` continues the run
 exactly; a second signal acts at once.
+
+Under ``torchrun`` with ``parallel="ddp"`` or ``"fsdp"`` (:mod:`llmvalley.bench.distributed`)
+each rank trains on its slice of the same global batch; losses, gradient norms and evaluations
+are global, only rank 0 writes the run folder and prints, and checkpoints are DCP folders that
+any number of ranks (one process without ``--parallel`` included) can resume.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmvalley.bench.config import TrainConfig, coerce_config
+from llmvalley.bench.distributed import (
+    DEFAULT_DIST_TIMEOUT_S,
+    Parallel,
+    load_dcp,
+    load_full,
+    save_dcp,
+)
 from llmvalley.bench.metrics import (
     DIVERGENCE_WINDOW,
     SPIKE_K,
@@ -55,7 +67,10 @@ from llmvalley.bench.records import (
     CHECKPOINT_FILE,
     COMMAND_FILE,
     CONFIG_FILE,
+    DCP_CHECKPOINT,
+    DCP_LOOP_FILE,
     PREVIOUS_CHECKPOINT_FILE,
+    PREVIOUS_DCP_CHECKPOINT,
     SUMMARY_FILE,
     CheckpointError,
     RunLog,
@@ -63,20 +78,34 @@ from llmvalley.bench.records import (
     check_writable_folder,
     checkpoint_step,
     first_sentence,
+    is_dcp_checkpoint,
+    latest_checkpoint,
     new_run_dir,
     read_checkpoint,
+    rotate_dcp,
     save_checkpoint,
     write_json,
 )
 from llmvalley.bench.schedules import lr_multiplier
 from llmvalley.bench.setup import Budget, Workload, load_workload, plan_budget, resolve_device
 from llmvalley.cli import UsageError
-from llmvalley.data import train_batch
+from llmvalley.data import cache_root, train_batch
+from llmvalley.data.heldout import ShiftedEval, load_shifted_eval, shifted_batches
 from llmvalley.models import Llama, build_model
 from llmvalley.optim.shell import ChainOptimizer
 
 #: signals that stop a run at the end of the step under way, after writing a checkpoint
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _NoLog:
+    """The log of ranks other than 0: they write nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -140,29 +169,36 @@ class Trainer:
                  resume: bool = False, command: str | None = None,
                  checkpoint: dict[str, Any] | None = None, checkpoint_path: Path | None = None,
                  on_start: Callable[[Trainer], None] | None = None,
-                 handle_signals: bool = True) -> None:
+                 handle_signals: bool = True, parallel: Parallel | None = None) -> None:
         """``resume``: continue ``run_dir`` from ``checkpoint`` (already read from
         ``checkpoint_path``; default: the folder's ``checkpoint.pt``). ``on_start`` is called
         with the trainer when training starts (the run folder exists then). ``handle_signals``:
         turn SIGINT and SIGTERM into a checkpoint and :class:`RunInterrupted` while
         :meth:`run` trains (main thread only, when checkpoints are on and the signals have
-        their default handlers)."""
+        their default handlers). ``parallel``: this process's part in a ``torchrun`` run
+        (its process group already formed; default: one process)."""
         self.config = config
+        self.par = parallel or Parallel()
         self.on_start = on_start
         self.handle_signals = handle_signals
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device, self.precision = resolve_device(config)
+        self.device = self.par.place(self.device)
         if not resume and run_dir is None:  # before the corpus is read, which can take minutes
             check_output_folder(config.out, config.name)
         check_optimizer_name(config.optimizer)
-        self.work: Workload = load_workload(config)
+        self.par.check_batch(config.batch_size)
+        with self.par.loading_lock(cache_root()):  # ranks fill the token cache one at a time
+            self.work: Workload = load_workload(config)
         self.budget: Budget = plan_budget(config, self.work.seq_len)
         torch.manual_seed(config.seed)  # same initial weights for every optimizer
         self.model: Llama = build_model(self.work.model_config, self.device)
+        # DDP wrapper or FSDP2 sharding (in place) before the optimizer sees the parameters
+        self.wrapped = self.par.wrap(self.model, self.device)
         self.optimizer = build_optimizer(
             config.optimizer, self.model, lr=config.lr, weight_decay=config.weight_decay,
-            opt_args=config.opt_args, fallback_args=config.fallback_args)
+            opt_args=self._run_length_args(config), fallback_args=config.fallback_args)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
             # Sophia-G's batch size B (tokens per step), unless the user set it
@@ -176,6 +212,7 @@ class Trainer:
         self._saved_step: int | None = None
         self._stop_signal: int | None = None
         self._loss: torch.Tensor | None = None  # the last step's mean loss (for step(loss=))
+        self._stop_agreed = False  # parallel: whether any rank had a stop signal at the step
         if resume:
             assert run_dir is not None
             self.run_dir = run_dir
@@ -186,22 +223,39 @@ class Trainer:
                 except CheckpointError as exc:
                     raise UsageError(f"--resume: {exc}") from None
             self._load(checkpoint, path)
-            self._checkpoint_good = path.name == CHECKPOINT_FILE
+            self._checkpoint_good = path.name in (CHECKPOINT_FILE, DCP_CHECKPOINT)
             self._saved_step = self.progress.step
         else:
             default_name = f"{config.model}-{config.optimizer}-lr{config.lr:g}-s{config.seed}"
-            self.run_dir = run_dir or new_run_dir(config.out, config.name, default_name)
-            write_json(self.run_dir / CONFIG_FILE,
-                       {"config": config.to_dict(), "resolved": self.resolved()})
-            if command:
-                (self.run_dir / COMMAND_FILE).write_text(command + "\n")
-        self.log = RunLog(self.run_dir, resume_step=self.progress.step if resume else None)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+            self.run_dir = run_dir or self.par.on_main(new_run_dir, config.out, config.name,
+                                                       default_name)
+            if self.par.is_main:
+                write_json(self.run_dir / CONFIG_FILE,
+                           {"config": config.to_dict(), "resolved": self.resolved()})
+                if command:
+                    (self.run_dir / COMMAND_FILE).write_text(command + "\n")
+        self.log = RunLog(self.run_dir, resume_step=self.progress.step if resume else None) \
+            if self.par.is_main else _NoLog()
+        self.forward = torch.compile(self.wrapped) if config.compile else self.wrapped
         self.eval_set = [(x.to(self.device), y.to(self.device)) for x, y in self.work.eval_set]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     # ----------------------------------------------------------------- description
+    def _run_length_args(self, config: TrainConfig) -> dict[str, Any] | None:
+        """The user's optimizer arguments, plus the run's length for methods with a schedule
+        of their own (Ranger21's ``total_steps``) unless the user gave it."""
+        from llmvalley.optim.registry import get_spec
+
+        args = dict(config.opt_args or {})
+        if config.optimizer != PEER_BASELINE and "total_steps" not in args:
+            try:
+                if "total_steps" in get_spec(config.optimizer).defaults:
+                    args["total_steps"] = self.budget.steps
+            except (KeyError, ValueError):
+                pass  # an unknown name is reported by build_optimizer
+        return args or config.opt_args
+
     def resolved(self) -> dict[str, Any]:
         """What the options resolved to, for ``config.json``."""
         return {
@@ -221,6 +275,8 @@ class Trainer:
             "optimizer_class": type(self.optimizer).__name__,
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "parallel": self.par.mode,
+            "world_size": self.par.world_size,
             "spike_rule": SPIKE_RULE,
         }
 
@@ -233,7 +289,10 @@ class Trainer:
         self._segment_start = time.perf_counter()
         p.peak_memory_bytes = self.peak_memory()
         with self.eval_weights():  # schedule-free: the checkpoint holds the evaluated weights
-            save_checkpoint(self.run_dir, self._state(), keep_previous=self._checkpoint_good)
+            if self.par.active:
+                self._save_dcp()
+            else:
+                save_checkpoint(self.run_dir, self._state(), keep_previous=self._checkpoint_good)
         self._checkpoint_good = True
         self._saved_step = p.step
 
@@ -250,10 +309,27 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
 
+    def _save_dcp(self) -> None:
+        """Every rank writes its shards to ``checkpoint.dcp.tmp``; rank 0 adds the loop state
+        and renames it ``checkpoint.dcp`` (the one it replaces kept as the previous one)."""
+        tmp = self.run_dir / (DCP_CHECKPOINT + ".tmp")
+        save_dcp(tmp, self.model, self.optimizer, self.par)
+        if self.par.is_main:
+            loop = {k: v for k, v in self._state().items() if k not in ("model", "optimizer")}
+            loop.update(parallel=self.par.mode, world_size=self.par.world_size)
+            torch.save(loop, tmp / DCP_LOOP_FILE)
+            rotate_dcp(self.run_dir, tmp, keep_previous=self._checkpoint_good)
+        self.par.barrier()
+
     def _load(self, state: dict[str, Any], path: Path) -> None:
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if "dcp" in state:  # written under --parallel, by any number of ranks
+                load_dcp(state["dcp"], self.model, self.optimizer)
+            elif self.par.active:  # written by one process: full tensors, sharded here
+                load_full(self.model, self.optimizer, state["model"], state["optimizer"])
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UsageError(f"--resume: {path} does not match the run's {CONFIG_FILE} "
                              f"({first_sentence(exc)})") from None
@@ -301,7 +377,13 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self._loss = loss_sum / cfg.grad_accum
         loss_value = self._loss.item()
-        grad_value = float(grad_norm)
+        grad_value = self.par.grad_norm(grad_norm)  # global under DDP and FSDP2 alike
+        if self.par.active:  # the global batch's loss, and whether any rank was signalled
+            loss_sum_all, stops = self.par.all_sum(
+                [loss_value, float(self._stop_signal is not None)])
+            loss_value = loss_sum_all / self.par.world_size
+            self._loss = torch.tensor(loss_value, dtype=self._loss.dtype, device=self.device)
+            self._stop_agreed = stops > 0
         self._sync()
         t2 = time.perf_counter()
         return loss_value, grad_value, (t1 - t0, t2 - t1, 0.0)
@@ -311,8 +393,9 @@ class Trainer:
         batches = [train_batch(self.work.train.tokens, seed=cfg.seed, step=step, micro=m,
                                batch_size=cfg.batch_size, seq_len=self.work.seq_len)
                    for m in range(cfg.grad_accum)]
-        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                for x, y in batches]
+        rows = self.par.rows  # this rank's share of the global batch (all of it in one process)
+        return [(rows(x).to(self.device, non_blocking=True),
+                 rows(y).to(self.device, non_blocking=True)) for x, y in batches]
 
     def _curvature_request(self) -> str | None:
         request = getattr(self.optimizer, "curvature_request", None)
@@ -327,7 +410,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(cfg.seed * 1_000_003 + step)
+        # each rank draws for its own rows (rank 0's stream is the single-process one)
+        generator.manual_seed(cfg.seed * 1_000_003 + step + 7_919_993 * self.par.rank)
         for x, _ in self._batches(step):
             with self._autocast():
                 logits = self.forward(x)
@@ -376,21 +460,61 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss (nats per token) over the fixed held-out set."""
+        """Mean loss (nats per token) over the fixed held-out set; the shifted corpus's mean
+        loss (fewer batches; :mod:`llmvalley.data.heldout`) goes to ``self.shifted_val``."""
         self.model.eval()
-        total, count = 0.0, 0
-        for x, y in self.eval_set:
+        total, count = 0.0, 0.0
+        for x, y in self.eval_set:  # under --parallel, each rank its share of every batch
+            x, y, weight = self.par.eval_rows(x, y)
             with self._autocast():
                 loss = self.forward(x, y)
-            total += loss.item() * y.numel()
-            count += y.numel()
+            total += loss.item() * y.numel() * weight
+            count += y.numel() * weight
+        total, count = self.par.all_sum([total, count])
+        shifted = self.shifted_eval()
+        if shifted is not None:  # the same way, on the shifted corpus's windows
+            parts = [0.0, 0.0]
+            for x, y in shifted.batches:
+                x, y, weight = self.par.eval_rows(x, y)
+                with self._autocast():
+                    parts[0] += self.forward(x, y).item() * y.numel() * weight
+                parts[1] += y.numel() * weight
+            shifted_total, shifted_count = self.par.all_sum(parts)
+            self.shifted_val = shifted_total / shifted_count
         self.model.train()
         return total / count
+
+    def shifted_eval(self) -> ShiftedEval | None:
+        """The shifted held-out corpus's fixed windows on the device, loaded at the first
+        evaluation (None: none configured; a corpus that fails to load is warned about once
+        and skipped, it must not stop the run)."""
+        if not hasattr(self, "_shifted"):
+            cfg, self._shifted = self.config, None
+            try:
+                with self.par.loading_lock(cache_root()):  # ranks fill the cache in turn
+                    self._shifted = load_shifted_eval(
+                        cfg.data, cfg.shifted_data, tokenizer=self.work.tokenizer,
+                        seq_len=self.work.seq_len, batch_size=cfg.batch_size,
+                        n_batches=shifted_batches(cfg.eval_batches, cfg.shifted_eval_batches),
+                        text_field=cfg.text_field)
+            except (UsageError, OSError, ValueError) as exc:
+                print(f"warning: no shifted held-out evaluation ({cfg.shifted_data}): {exc}",
+                      file=sys.stderr)
+            if self._shifted is not None:
+                self._shifted.batches = [(x.to(self.device), y.to(self.device))
+                                         for x, y in self._shifted.batches]
+        return self._shifted
 
     # ----------------------------------------------------------------- records
     def val_metrics(self, loss: float) -> dict[str, float]:
         tpb = self.work.val.tokens_per_byte
-        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_bpb": bits_per_byte(loss, tpb)}
+        metrics = {"val_loss": loss, "val_ppl": perplexity(loss),
+                   "val_bpb": bits_per_byte(loss, tpb)}
+        shifted = getattr(self, "shifted_val", None)
+        if shifted is not None:
+            metrics.update(shifted_val_loss=shifted, shifted_val_bpb=bits_per_byte(
+                shifted, self._shifted.tokens_per_byte))
+        return metrics
 
     def log_record(self, step: int, lr: float, grad_norm: float,
                    val_loss: float | None) -> dict[str, Any]:
@@ -417,8 +541,15 @@ class Trainer:
         return record
 
     def state_bytes(self) -> int:
-        return optimizer_state_bytes(self.optimizer,
-                                     from_registry=self.config.optimizer != PEER_BASELINE)
+        """Optimizer-state bytes of the whole run: under FSDP2 the sum of every rank's local
+        shards (the single-process count, plus any state each rank keeps whole, such as
+        step counters); under DDP one rank's full copy."""
+        if self.par.mode != "fsdp":
+            return optimizer_state_bytes(self.optimizer,
+                                         from_registry=self.config.optimizer != PEER_BASELINE)
+        from llmvalley.optim.memory import state_bytes as local_state_bytes
+
+        return int(self.par.all_sum([float(local_state_bytes(self.optimizer))])[0])
 
     def summary(self, status: str, diverged_step: int | None, reason: str | None,
                 final_val: float | None) -> dict[str, Any]:
@@ -426,6 +557,7 @@ class Trainer:
         n_params = self.model.num_parameters()
         state_bytes = self.state_bytes()
         best = p.best_val if p.best_val_step is not None else None
+        shifted_val = getattr(self, "shifted_val", None) if final_val is not None else None
         summary: dict[str, Any] = {
             "status": status,
             "run_dir": str(self.run_dir),
@@ -449,6 +581,12 @@ class Trainer:
             "best_val_step": p.best_val_step,
             "unigram_entropy": self.work.train.unigram_entropy,
             "val_unigram_entropy": self.work.val.unigram_entropy,
+            # the shifted held-out corpus (llmvalley.data.heldout), evaluated with the val set
+            "shifted_corpus": self._shifted.corpus_name if getattr(self, "_shifted", None)
+            else None,
+            "final_shifted_val_loss": shifted_val,
+            "final_shifted_val_bpb": bits_per_byte(shifted_val, self._shifted.tokens_per_byte)
+            if shifted_val is not None else None,
             "wall_clock_s": p.elapsed_s + time.perf_counter() - self._segment_start,
             "train_time_s": p.train_time_s,
             "tokens_per_s": p.step * self.budget.tokens_per_step / p.train_time_s
@@ -465,7 +603,8 @@ class Trainer:
             "diverged_step": diverged_step,
             "diverged_reason": reason,
         }
-        write_json(self.run_dir / SUMMARY_FILE, summary)
+        if self.par.is_main:
+            write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary
 
     # ----------------------------------------------------------------- loop
@@ -475,11 +614,12 @@ class Trainer:
 
         cfg, p = self.config, self.progress
         self._segment_start = time.perf_counter()
-        if self.on_start is not None:
+        if self.on_start is not None and self.par.is_main:
             self.on_start(self)
         self.model.train()
         bar = tqdm(total=self.budget.steps, initial=p.step, unit="step", dynamic_ncols=True,
-                   desc=f"{cfg.model} {cfg.optimizer}", disable=cfg.quiet or not cfg.progress,
+                   desc=f"{cfg.model} {cfg.optimizer}",
+                   disable=cfg.quiet or not cfg.progress or not self.par.is_main,
                    file=sys.stderr)
         restore = self._catch_signals()
         status, diverged_step, reason = "completed", None, None
@@ -506,17 +646,22 @@ class Trainer:
                 self._account(loss, grad_norm, data_s, fwd_bwd_s, optimizer_s)
                 bar.update(1)
                 self._after_step(step, lr, grad_norm, bar)
-                if self._stop_signal is not None and p.step < self.budget.steps:
+                if self._stopping() and p.step < self.budget.steps:
                     if self._saved_step != p.step:
                         self.save()
-                    raise RunInterrupted(self._stop_signal, p.step, self.budget.steps,
-                                         self.run_dir)
+                    raise RunInterrupted(self._stop_signal or signal.SIGTERM, p.step,
+                                         self.budget.steps, self.run_dir)
         finally:
             restore()
             bar.close()
             self.log.close()
         final_val = p.last_val if status == "completed" else None
         return self.summary(status, diverged_step, reason, final_val)
+
+    def _stopping(self) -> bool:
+        """Whether to stop after this step: a signal arrived (under --parallel: at any rank,
+        as agreed at the step's all-reduce, so that every rank stops at the same step)."""
+        return self._stop_agreed if self.par.active else self._stop_signal is not None
 
     def _account(self, loss: float, grad_norm: float, data_s: float, fwd_bwd_s: float,
                  optimizer_s: float) -> None:
@@ -611,9 +756,10 @@ def _finished(run_dir: Path) -> str | None:
 def _last_good_checkpoint(run_dir: Path, bad: Path) -> tuple[Path, int] | None:
     """The checkpoint of ``run_dir`` other than ``bad`` that loads, with its step."""
     good = []
-    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, DCP_CHECKPOINT,
+                 PREVIOUS_DCP_CHECKPOINT):
         path = run_dir / name
-        if path.is_file() and path.resolve() != bad.resolve():
+        if path.exists() and path.resolve() != bad.resolve():
             try:
                 good.append((path, checkpoint_step(read_checkpoint(path))))
             except (CheckpointError, AttributeError, TypeError, ValueError):
@@ -629,15 +775,15 @@ def open_resume(resume: str | Path) -> tuple[Path, Path, dict[str, Any], dict[st
     problem is a one-line UsageError that names the file (and the last good checkpoint, if any).
     """
     given = Path(resume).expanduser()
-    if given.is_file():
+    if given.is_file() or is_dcp_checkpoint(given):
         run_dir, path = given.parent, given
     else:
-        run_dir, path = given, given / CHECKPOINT_FILE
+        run_dir, path = given, latest_checkpoint(given)
     ending = _finished(run_dir) if run_dir.is_dir() else None
     if ending is not None:
         raise UsageError(f"--resume {resume}: the run has already finished ({ending}); its "
                          f"{SUMMARY_FILE} is kept as it is; start a new run to train more")
-    if not path.is_file():
+    if not path.exists():
         where = "no such folder" if not run_dir.is_dir() else (
             f"not a run folder: no {CONFIG_FILE}" if not (run_dir / CONFIG_FILE).is_file()
             else "the run stopped before its first checkpoint")
@@ -673,7 +819,8 @@ def open_resume(resume: str | Path) -> tuple[Path, Path, dict[str, Any], dict[st
 def train(config: TrainConfig | dict[str, Any] | None = None, *,
           resume: str | Path | None = None, command: str | None = None,
           on_start: Callable[[Trainer], None] | None = None,
-          handle_signals: bool = True) -> dict[str, Any]:
+          handle_signals: bool = True, parallel: str = "none",
+          dist_timeout: float = DEFAULT_DIST_TIMEOUT_S) -> dict[str, Any]:
     """Train one run and return its summary (also written to the run folder's summary.json).
 
     ``config`` is a :class:`TrainConfig` or a dict of its fields. With ``resume`` (a run folder
@@ -682,15 +829,29 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *,
     from ``config`` then. A finished run (one with a summary.json) is not resumed. ``on_start``
     and ``handle_signals``: see :class:`Trainer`. SIGINT or SIGTERM during training writes a
     checkpoint and raises :class:`RunInterrupted`.
+
+    ``parallel`` (``none``, ``ddp``, ``fsdp``) and ``dist_timeout`` (seconds a collective waits
+    for the other ranks) are how the run is executed, not what it is: they are not part of the
+    saved config, and a run may be resumed in another mode or on another number of ranks.
+    Under ``ddp``/``fsdp`` every process started by ``torchrun`` calls this; each returns the
+    summary, rank 0 writes it. A rank that stops ends the others with
+    :class:`~llmvalley.bench.distributed.PeerLost`.
     """
+    par = Parallel.from_launch(parallel, dist_timeout)
     if isinstance(config, dict):
         config = coerce_config(config)
     if resume is None:
-        return Trainer(config or TrainConfig(), command=command, on_start=on_start,
-                       handle_signals=handle_signals).run()
+        config = config or TrainConfig()
+        par.check_batch(config.batch_size)
+        with par.session(resolve_device(config)[0].type):
+            return Trainer(config, command=command, on_start=on_start,
+                           handle_signals=handle_signals, parallel=par).run()
     run_dir, path, state, saved = open_resume(resume)
     if config is not None:
         saved.update(quiet=config.quiet, progress=config.progress, threads=config.threads)
-    return Trainer(coerce_config(saved), run_dir=run_dir, resume=True, checkpoint=state,
-                   checkpoint_path=path, on_start=on_start,
-                   handle_signals=handle_signals).run()
+    resumed = coerce_config(saved)
+    par.check_batch(resumed.batch_size)
+    with par.session(resolve_device(resumed)[0].type):
+        return Trainer(resumed, run_dir=run_dir, resume=True, checkpoint=state,
+                       checkpoint_path=path, on_start=on_start,
+                       handle_signals=handle_signals, parallel=par).run()

@@ -4,6 +4,11 @@ Options override a ``--config`` file (YAML, TOML or JSON), which overrides the d
 :class:`llmvalley.bench.TrainConfig`. Numbers are parsed here rather than by argparse so a bad
 value is reported as one line (exit status 2) like every other user error. torch is imported
 only once the options and the output folder are known to be good.
+
+``--parallel ddp|fsdp`` and ``--dist-timeout`` say how the run is executed (under ``torchrun``,
+see ``docs/distributed.md``), not what it is: they stay out of the saved config and may be
+given with ``--resume``. Under torchrun only rank 0 prints; a user error is printed once (by
+rank 0) and every rank exits with status 2.
 """
 
 from __future__ import annotations
@@ -68,6 +73,16 @@ LIST_OPTIONS: tuple[tuple[str, str, str], ...] = (
      "that key of the method's documented fallback settings"),
 )
 RESUME_COMPATIBLE = {"quiet", "progress", "threads"}
+#: how the run is executed, not part of its config: (flag, key, metavar, help)
+LAUNCH_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("--parallel", "parallel", "MODE",
+     "none (default: one process), ddp or fsdp (FSDP2); ddp and fsdp run under torchrun: "
+     "torchrun --nproc_per_node=N -m llmvalley train ... --parallel ddp"),
+    ("--dist-timeout", "dist_timeout", "SECONDS",
+     "under --parallel: how long a collective waits for the other ranks before the run stops "
+     "with an error (600)"),
+)
+LAUNCH_KEYS = {key for _, key, *_ in LAUNCH_OPTIONS}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted run from its latest checkpoint (or from a "
                              "checkpoint file given instead of the folder)")
-    for flag, key, metavar, text in VALUE_OPTIONS:
+    for flag, key, metavar, text in (*VALUE_OPTIONS, *LAUNCH_OPTIONS):
         parser.add_argument(flag, dest=key, metavar=metavar, help=text)
     for flag, key, value, text in FLAG_OPTIONS:
         parser.add_argument(flag, dest=key, action="store_const", const=value, help=text)
@@ -93,8 +108,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def raw_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options given on the command line (config keys to raw values)."""
-    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "config",
-                                                             "resume")}
+    return {k: v for k, v in vars(args).items()
+            if k not in ("func", "command", "config", "resume", *LAUNCH_KEYS)}
+
+
+def launch_options(args: argparse.Namespace, from_file: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """``parallel`` and ``dist_timeout`` from the command line (or else the config file)."""
+    from llmvalley.bench.distributed import DEFAULT_DIST_TIMEOUT_S
+
+    given = {**(from_file or {}), **{k: v for k, v in vars(args).items() if k in LAUNCH_KEYS}}
+    timeout = given.get("dist_timeout", DEFAULT_DIST_TIMEOUT_S)
+    try:
+        timeout = float(timeout)
+    except (TypeError, ValueError):
+        raise UsageError(f"--dist-timeout: expected a number of seconds, got {timeout!r}") \
+            from None
+    return {"parallel": str(given.get("parallel", "none")), "dist_timeout": timeout}
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -103,8 +133,10 @@ def command_line(args: argparse.Namespace) -> str:
     for key in ("config", "resume"):
         if key in vars(args):
             words += [f"--{key}", getattr(args, key)]
-    flags = {key: flag for flag, key, *_ in (*VALUE_OPTIONS, *FLAG_OPTIONS, *LIST_OPTIONS)}
-    for key, value in raw_options(args).items():
+    flags = {key: flag for flag, key, *_ in (*VALUE_OPTIONS, *FLAG_OPTIONS, *LIST_OPTIONS,
+                                             *LAUNCH_OPTIONS)}
+    launch = {k: v for k, v in vars(args).items() if k in LAUNCH_KEYS}
+    for key, value in {**raw_options(args), **launch}.items():
         if isinstance(value, list):
             for item in value:
                 words += [flags[key], item]
@@ -120,6 +152,8 @@ def merged_config(args: argparse.Namespace) -> dict[str, Any]:
     from llmvalley.bench.config import load_config_file, parse_key_values
 
     merged = load_config_file(args.config) if "config" in vars(args) else {}
+    for key in LAUNCH_KEYS:  # read by launch_options
+        merged.pop(key, None)
     for key, value in raw_options(args).items():
         if key in ("opt_args", "fallback_args"):
             merged[key] = {**parse_key_values(key, merged.get(key)),
@@ -176,28 +210,48 @@ def announce(quiet: bool):
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``valley train``."""
-    from llmvalley.bench.config import coerce_config
+    from llmvalley.bench.distributed import launch_rank
+
+    rank = launch_rank()
+    try:
+        return _run(args, rank)
+    except UsageError:
+        if rank != 0:  # rank 0 prints the one line; every rank exits with status 2
+            return 2
+        raise
+
+
+def _run(args: argparse.Namespace, rank: int) -> int:
+    from llmvalley.bench.config import coerce_config, load_config_file
     from llmvalley.bench.records import check_output_folder
 
+    from_file = load_config_file(args.config) if "config" in vars(args) else {}
+    launch = launch_options(args, {k: v for k, v in from_file.items() if k in LAUNCH_KEYS})
     if "resume" in vars(args):
         extra = sorted(set(raw_options(args)) - RESUME_COMPATIBLE)
         if extra or "config" in vars(args):
             given = ", ".join(f"--{k.replace('_', '-')}" for k in extra) or "--config"
             raise UsageError(f"--resume continues a run with its saved config; drop {given} "
-                             "(accepted with --resume: --quiet, --no-progress, --threads)")
+                             "(accepted with --resume: --quiet, --no-progress, --threads, "
+                             "--parallel, --dist-timeout)")
         config = coerce_config(raw_options(args))
         options: dict[str, Any] = {"resume": args.resume}
     else:
         config = coerce_config(merged_config(args))
         check_output_folder(config.out, config.name)  # before torch and the corpus
         options = {"command": command_line(args)}
+    from llmvalley.bench.distributed import PeerLost
     from llmvalley.bench.trainer import RunInterrupted, train
 
     try:
-        summary = train(config, on_start=announce(config.quiet), **options)
+        summary = train(config, on_start=announce(config.quiet), **launch, **options)
     except RunInterrupted as exc:
-        print(f"valley train: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"valley train: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    if not config.quiet:
+    except PeerLost as exc:  # each surviving rank says why it stopped
+        print(f"valley train: error: {exc}", file=sys.stderr)
+        return 1
+    if not config.quiet and rank == 0:
         print(report(summary))
     return 0

@@ -12,6 +12,10 @@ deterministic, so two machines with the same data get the same split:
 - ``.jsonl`` / ``.parquet``: one document per record (field ``text_field``), split by record index.
 - ``hf:NAME[:CONFIG]``: a Hugging Face dataset read from the local cache (offline unless
   ``HF_DATASETS_OFFLINE=0``); its ``validation`` split when it has one, else a split by record.
+- ``pydoc-topics``: English prose that every Python installation carries offline, the help
+  topics of the language reference (``pydoc_data.topics``, what ``help("assert")`` prints),
+  one document per topic, split by the hash of the topic name. It is the shifted held-out
+  corpus of ``stdlib`` runs (:mod:`llmvalley.data.heldout`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from pathlib import Path
 from llmvalley.cli import UsageError
 
 ACCEPTED_SOURCES = (
-    "stdlib, a .txt file or a folder of .txt files, a .jsonl or .parquet file, or hf:NAME[:CONFIG]"
+    "stdlib, pydoc-topics, a .txt file or a folder of .txt files, a .jsonl or .parquet file, or "
+    "hf:NAME[:CONFIG]"
 )
+PYDOC_TOPICS = "pydoc-topics"
 SPLITS = ("train", "val")
 VAL_SPLIT_NAMES = ("validation", "valid", "val")
 
@@ -119,6 +125,32 @@ def stdlib_corpus(val_fraction: float) -> Corpus:
         raise UsageError(f"no standard-library sources found under {root}")
     version = sysconfig.get_python_version()
     return _file_corpus(f"stdlib-py{version}", root, files, val_fraction, strict_text=False)
+
+
+def pydoc_topics_corpus(val_fraction: float) -> Corpus:
+    """The running Python's help topics (``pydoc_data.topics``): English prose about the
+    language, one document per topic, split by the hash of the topic name. ``val_fraction``
+    1.0 holds out every topic (the shifted held-out corpus, which is never trained on)."""
+    try:
+        from pydoc_data import topics as module
+    except ImportError:
+        raise UsageError("pydoc-topics: this Python has no pydoc_data.topics module") from None
+    names = sorted(module.topics)
+    if not names:
+        raise UsageError("pydoc-topics: pydoc_data.topics holds no topics")
+    val = set(names) if val_fraction >= 1.0 else _split_ids(names, val_fraction)
+    path = Path(module.__file__ or "pydoc_data/topics.py")
+    stat = path.stat() if path.is_file() else None
+    version = sysconfig.get_python_version()
+    key = _fingerprint([PYDOC_TOPICS, version, str(stat.st_size if stat else 0),
+                        str(stat.st_mtime_ns if stat else 0), f"val={val_fraction}"])
+
+    def documents(split: str) -> Iterator[str]:
+        for name in names:
+            if (name in val) == (split == "val"):
+                yield module.topics[name]
+
+    return Corpus(name=f"{PYDOC_TOPICS}-py{version}", key=key, _documents=documents)
 
 
 def text_file_corpus(path: Path, val_fraction: float) -> Corpus:
@@ -277,6 +309,8 @@ def load_corpus(spec: str = "stdlib", *, text_field: str = "text",
         raise UsageError(f"val fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if spec == "stdlib":
         return stdlib_corpus(val_fraction)
+    if spec == PYDOC_TOPICS:
+        return pydoc_topics_corpus(val_fraction)
     if spec.startswith("hf:"):
         return hf_corpus(spec[3:], text_field, val_fraction)
     path = Path(spec).expanduser()

@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 
 from llmvalley.bench.analysis import analyse
-from llmvalley.bench.plots import FIGURES
+from llmvalley.bench.plots import FIGURES as ALL_FIGURES
+from llmvalley.bench.plots import NEEDS_BUDGETS
 from llmvalley.bench.report import COLUMNS, write_report
 from llmvalley.cli import main
 from tests.test_compare import run_fake_comparison
+
+# the figures of a comparison at one token budget (tests/test_scaling.py covers the others)
+FIGURES = tuple(f for f in ALL_FIGURES if f[0] not in NEEDS_BUDGETS)
 
 
 class PageParser(HTMLParser):

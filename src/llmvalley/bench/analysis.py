@@ -37,6 +37,14 @@ Everything here is a pure function of the numbers written by ``valley compare``:
   geometric-mean token speedup over AdamW.
 - **step-time ratio**: this optimizer's training-step time over AdamW's, from the optimizer
   share ``s`` measured inside each run: ``(1 - s_AdamW) / (1 - s)`` (load-independent).
+- **scales and budgets**: with several token budgets (``valley compare --budgets``) each
+  (model, budget) pair is a scale of its own (``nano``, ``nano@2x``...): the metrics above are
+  per scale. Across the budgets of one model, AdamW's loss is fitted against data and every
+  cell gets its **effective-data speedup** ``D_eff / D`` with a paired-bootstrap interval over
+  seeds (Wen et al. 2025; :mod:`llmvalley.bench.scaling`).
+- **shifted held-out corpus**: the mean over seeds of the final validation loss on the shifted
+  corpus (:mod:`llmvalley.data.heldout`), read from each seed run's ``summary.json``, and its
+  gap to AdamW's, beside the in-domain gap (older runs have none: left empty).
 """
 
 from __future__ import annotations
@@ -49,8 +57,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmvalley.bench.compare import BASELINE, load_compare
-from llmvalley.bench.records import LOG_FILE
+from llmvalley.bench.compare import BASELINE, load_compare, scale_key
+from llmvalley.bench.records import LOG_FILE, SUMMARY_FILE
+from llmvalley.bench.scaling import DataSpeedup, ScalingFit, data_speedups
 from llmvalley.bench.sweep import SWEEP_FILE, at_edge, merged_config
 
 SENSITIVITY_MARGIN = 0.02  # nats
@@ -229,6 +238,18 @@ class CellMetrics:
     search: str | None = None
     curves: list[Curve] = field(default_factory=list)
     mean: Curve | None = None
+    # the scale: model preset and token budget (a multiple of the workload's), its tokens
+    size: str | None = None
+    budget: float = 1.0
+    tokens: float | None = None
+    seed_losses: dict[int, float] = field(default_factory=dict)  # completed seeds' final loss
+    data_speedup: DataSpeedup | None = None  # effective-data speedup (several budgets)
+    # the shifted held-out corpus: its name, mean final loss over seeds, and gap to AdamW's
+    shifted_corpus: str | None = None
+    shifted_loss_mean: float | None = None
+    shifted_loss_std: float | None = None
+    shifted_bpb_mean: float | None = None
+    shifted_delta_vs_baseline: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -296,7 +317,35 @@ def cell_metrics(model: str, optimizer: str, sweep: dict[str, Any], folder: Path
         if curve is not None:
             m.curves.append(curve)
     m.mean = mean_curve(m.curves)
+    m.seed_losses = {int(s["seed"]): s["final_val_loss"] for s in done
+                     if s.get("seed") is not None}
+    m.tokens = mean_std([s["tokens"] for s in done if s.get("tokens")])[0]
+    add_shifted(m, [read_summary(folder, s) for s in done])
     return m
+
+
+def read_summary(folder: Path, seed: dict[str, Any]) -> dict[str, Any]:
+    """A seed run's own ``summary.json`` (fields ``sweep.json`` does not keep), or {}."""
+    path = folder / seed["run_dir"] / SUMMARY_FILE if seed.get("run_dir") else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+
+
+def add_shifted(m: CellMetrics, summaries: list[dict[str, Any]]) -> None:
+    """The shifted held-out corpus's final loss over the seed runs (runs recorded before it
+    existed have none)."""
+    done = [s for s in summaries if s.get("final_shifted_val_loss") is not None]
+    if not done:
+        return
+    m.shifted_corpus = done[0].get("shifted_corpus")
+    m.shifted_loss_mean, m.shifted_loss_std = mean_std([s["final_shifted_val_loss"]
+                                                        for s in done])
+    m.shifted_bpb_mean = mean_std([s["final_shifted_val_bpb"] for s in done
+                                   if s.get("final_shifted_val_bpb") is not None])[0]
 
 
 def add_baseline_metrics(cells: list[CellMetrics]) -> None:
@@ -321,6 +370,9 @@ def add_baseline_metrics(cells: list[CellMetrics]) -> None:
                                                 speedup(base_seconds, c.seconds_to_target))
         if c is not base:
             c.speedup_bound = speedup_bound(c.best_at_edge, base.best_at_edge)
+        if c.shifted_loss_mean is not None and base.shifted_loss_mean is not None \
+                and c.shifted_corpus == base.shifted_corpus:
+            c.shifted_delta_vs_baseline = c.shifted_loss_mean - base.shifted_loss_mean
         if c.final_loss_mean is not None:
             c.delta_vs_baseline = c.final_loss_mean - target
             if c is not base and c.final_loss_se is not None and base.final_loss_se is not None:
@@ -445,17 +497,48 @@ def weak_baseline(settings: dict[str, Any]) -> bool:
             and settings.get("weight_decay") == 0.01)
 
 
+def add_scaling(cells: list[CellMetrics]) -> ScalingFit | None:
+    """AdamW's loss-against-data fit over the budgets of one model size, and every cell's
+    effective-data speedup (None with one budget)."""
+    baseline = {c.tokens: c.seed_losses for c in cells
+                if c.optimizer == BASELINE and c.tokens and c.seed_losses}
+    if len({c.budget for c in cells}) < 2:
+        return None
+    methods = {f"{c.model}/{c.optimizer}": (c.tokens, c.seed_losses) for c in cells}
+    fit, speedups = data_speedups(baseline, methods)
+    for c in cells:
+        c.data_speedup = speedups[f"{c.model}/{c.optimizer}"]
+    return fit
+
+
 @dataclass
 class Results:
-    """A results folder's comparison, analysed: cells per scale in the compare's order."""
+    """A results folder's comparison, analysed: cells per scale in the compare's order.
+
+    A scale is a model size at one token budget; without ``--budgets`` the scales are the
+    models (``models`` holds the scale keys, ``sizes`` the model presets)."""
 
     folder: Path
     manifest: dict[str, Any]
-    models: list[str]
+    models: list[str]  # scale keys: nano, nano@2x, ...
     optimizers: list[str]
-    cells: dict[str, list[CellMetrics]]  # model -> one entry per optimizer with a sweep
+    cells: dict[str, list[CellMetrics]]  # scale key -> one entry per optimizer with a sweep
     margin: float
-    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> AdamW settings
+    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # scale -> AdamW settings
+    sizes: list[str] = field(default_factory=list)  # model presets
+    budgets: list[float] = field(default_factory=lambda: [1.0])
+    scales: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (size, budget)
+    fits: dict[str, ScalingFit] = field(default_factory=dict)  # size -> AdamW's fit
+
+    def size_keys(self) -> list[str]:
+        """One scale per model size, at the reference budget (1 when compared, else the
+        smallest): what the figures against model size show."""
+        reference = 1.0 if 1.0 in self.budgets else min(self.budgets)
+        return [scale_key(size, reference) for size in self.sizes]
+
+    def budget_keys(self, size: str) -> list[str]:
+        """The scales of one model size, budgets ascending."""
+        return [key for key, (s, _) in self.scales.items() if s == size]
 
     def peak_above_model(self, model: str, optimizer: str) -> float | None:
         """Peak memory above the model's own, in bytes: this optimizer's peak less AdamW's
@@ -501,20 +584,32 @@ def analyse(folder: str | Path, margin: float = SENSITIVITY_MARGIN) -> Results:
     folder = Path(folder)
     manifest = load_compare(folder)
     spec = manifest["spec"]
+    budgets = sorted(spec.get("budgets") or [1.0])  # results from before --budgets: one
+    scales = {scale_key(model, budget): (model, budget)
+              for model in spec["models"] for budget in budgets}
     cells: dict[str, list[CellMetrics]] = {}
     baseline: dict[str, dict[str, Any]] = {}
-    for model in spec["models"]:
-        cells[model] = []
+    for key, (model, budget) in scales.items():
+        cells[key] = []
         for optimizer in spec["optimizers"]:
-            sweep_folder = folder / model / optimizer
+            sweep_folder = folder / key / optimizer
             path = sweep_folder / SWEEP_FILE
             if not path.is_file():
                 continue
             sweep = json.loads(path.read_text())
-            cells[model].append(cell_metrics(model, optimizer, sweep, sweep_folder, margin))
+            cell = cell_metrics(key, optimizer, sweep, sweep_folder, margin)
+            cell.size, cell.budget = model, budget
+            cells[key].append(cell)
             if optimizer == BASELINE:
-                baseline[model] = baseline_settings(sweep)
-        add_baseline_metrics(cells[model])
-        add_tuning_cost(cells[model])
-    return Results(folder, manifest, list(spec["models"]), list(spec["optimizers"]), cells,
-                   margin, baseline)
+                baseline[key] = baseline_settings(sweep)
+        add_baseline_metrics(cells[key])
+        add_tuning_cost(cells[key])
+    fits = {}
+    for model in spec["models"]:
+        fit = add_scaling([c for key, (m, _) in scales.items() if m == model
+                           for c in cells[key]])
+        if fit is not None:
+            fits[model] = fit
+    return Results(folder, manifest, list(scales), list(spec["optimizers"]), cells,
+                   margin, baseline, sizes=list(spec["models"]), budgets=budgets,
+                   scales=scales, fits=fits)

@@ -11,12 +11,19 @@ Trials run in ``workers`` worker processes (a fresh process per run, so the peak
 run is its own); cells are scheduled concurrently so the workers stay busy, the baseline's
 trials first, seed runs last.
 
+With several token budgets (``budgets``: multiples of the workload's steps or tokens, e.g. 1, 2,
+4) every (model, budget) pair is a scale of its own, tuned and seeded like any other: its folder
+is ``MODEL`` at budget 1 and ``MODEL@Bx`` otherwise (``nano@2x``); its evaluation interval is
+scaled with the budget, so every budget has the same evaluation points. The report fits AdamW's
+loss against the budget (:mod:`llmvalley.bench.scaling`).
+
 The results folder::
 
     RESULTS/compare.json            the comparison: command, machine, workload, search, cells
     RESULTS/command.txt             the exact command
     RESULTS/optuna.db               every study (unless --storage names another database)
     RESULTS/MODEL/OPTIMIZER/        a sweep folder: sweep.json, trials/*, seeds/seed-*/
+    RESULTS/MODEL@2x/OPTIMIZER/     the same at twice the budget (with --budgets)
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ class Preset:
     untuned: tuple[str, ...] = ()  # zero tuning budget: default learning rate, seeds only
     # per-method arguments this scale needs (a rank below the model's width)
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # token budgets as multiples of the workload's (several: the scaling-law fit)
+    budgets: tuple[float, ...] = (1.0,)
 
 
 PRESETS: dict[str, Preset] = {
@@ -150,6 +159,26 @@ PRESETS: dict[str, Preset] = {
         lr_centers={"adamw": 2e-3, "shampoo": 2e-3, "soap": 4e-3, "psgd_kron": 1e-3,
                     "sophia": 1e-3},
     ),
+    "cpu-scale": Preset(
+        description="scale dependence on CPU: adamw, muon, lion, adafactor at nano (0.9M) and "
+                    "micro (4.9M parameters), byte-level stdlib sources, three token budgets "
+                    "(1x, 2x, 4x of 40 steps of 8 sequences: 41k tokens at nano, 82k at micro "
+                    "per 1x), cosine with 10% warmup, 5 evaluation points per run (4 batches; "
+                    "the shifted corpus 1); AdamW baseline betas (0.9, 0.95), weight decay "
+                    "0.1; a 3-point learning-rate grid + 3 seeds per optimizer, size and "
+                    "budget; the fit of AdamW's loss against data gives each method's "
+                    "effective-data speedup; two single-thread workers (about 90 minutes on 2 "
+                    "idle CPU cores; estimate in docs/benchmark.md)",
+        optimizers=("adamw", "muon", "lion", "adafactor"),
+        models=("nano", "micro"),
+        workload={"data": "stdlib", "steps": 40, "batch_size": 8, "schedule": "cosine",
+                  "eval_every": 8, "eval_batches": 4, "log_every": 4, "threads": 1,
+                  "device": "cpu"},
+        trials=3, grid_points=3, seeds=3, workers=2,
+        lr_centers={"adamw": 2e-3, "torch-adamw": 2e-3, "lion": 1e-3, "muon": 0.04,
+                    "adafactor": 0.04},
+        budgets=(1.0, 2.0, 4.0),
+    ),
     "gpu-ladder": Preset(
         description="llama-60m, llama-130m, llama-350m at 20 tokens per parameter (Chinchilla), "
                     "batch 64 x 256 tokens, cosine with 10% warmup, bf16 on one GPU; AdamW "
@@ -195,6 +224,14 @@ class CompareSpec:
     untuned: list[str] = field(default_factory=list)
     # per-method arguments every cell of that method runs with (a preset's method_args)
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # token budgets as multiples of the workload's steps/tokens; each (model, budget) is a
+    # scale of its own (see scale_key)
+    budgets: list[float] = field(default_factory=lambda: [1.0])
+
+    def scales(self) -> list[tuple[str, str, float]]:
+        """(scale key, model, budget) of every scale, model by model, budgets ascending."""
+        return [(scale_key(model, budget), model, budget)
+                for model in self.models for budget in sorted(self.budgets)]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -313,20 +350,55 @@ def model_parameters(model: str) -> int:
     return build_model(model_config(model), "meta").num_parameters()
 
 
-def scale_workload(spec: CompareSpec, model: str) -> dict[str, Any]:
-    """The workload of one scale: the shared one, the model, and its token budget."""
+def scale_key(model: str, budget: float = 1.0) -> str:
+    """The name (and folder) of a scale: ``nano`` at budget 1, ``nano@2x`` at twice it."""
+    return model if budget == 1 else f"{model}@{budget:g}x"
+
+
+def parse_budgets(text: str | list[Any] | tuple[Any, ...]) -> list[float]:
+    """``--budgets 1,2,4`` (or a list): distinct positive multiples, ascending."""
+    items = [str(v).strip().removesuffix("x") for v in (
+        text.split(",") if isinstance(text, str) else text)]
+    try:
+        values = [float(v) for v in items if v]
+    except ValueError:
+        raise UsageError(f"--budgets: expected comma-separated positive numbers (multiples of "
+                         f"the workload's budget), got {text!r}") from None
+    if not values or any(not (v > 0 and v != float("inf")) for v in values):
+        raise UsageError(f"--budgets: expected positive numbers, got {text!r}")
+    if len(set(values)) != len(values):
+        raise UsageError(f"--budgets: a budget is given twice in {text!r}")
+    return sorted(values)
+
+
+def scale_workload(spec: CompareSpec, model: str, budget: float = 1.0) -> dict[str, Any]:
+    """The workload of one scale: the shared one, the model, and its token budget (``budget``
+    times the workload's steps, tokens or tokens per parameter; the evaluation interval scales
+    with it, so every budget has the same evaluation points)."""
+    from llmvalley.bench.config import DEFAULT_STEPS
+
     workload = {**spec.workload, "model": model}
     if spec.tokens_per_param:
         workload.pop("steps", None)
-        workload["tokens"] = int(spec.tokens_per_param * model_parameters(model))
+        workload["tokens"] = int(budget * spec.tokens_per_param * model_parameters(model))
+    elif budget != 1:
+        if workload.get("tokens"):
+            workload["tokens"] = int(budget * workload["tokens"])
+        else:
+            workload["steps"] = max(1, round(budget * (workload.get("steps") or DEFAULT_STEPS)))
+    if budget != 1:
+        for key in ("eval_every", "log_every"):
+            if workload.get(key):
+                workload[key] = max(1, round(budget * workload[key]))
     return workload
 
 
-def cell_workload(spec: CompareSpec, model: str, optimizer: str) -> dict[str, Any]:
+def cell_workload(spec: CompareSpec, model: str, optimizer: str,
+                  budget: float = 1.0) -> dict[str, Any]:
     """The workload of one cell: the scale's, with the shared ``opt_args`` an optimizer does
     not accept left out (they reach a matrix method's fallback through the baseline, see
     :func:`fallback_from`) and the user's ``fallback_args`` kept for matrix methods only."""
-    workload = scale_workload(spec, model)
+    workload = scale_workload(spec, model, budget)
     if workload.get("opt_args"):
         accepted = accepted_keys(optimizer)
         workload["opt_args"] = {k: v for k, v in workload["opt_args"].items() if k in accepted}
@@ -384,8 +456,8 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         self.cells: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
-        self._baseline_done: dict[str, threading.Event] = {m: threading.Event()
-                                                           for m in spec.models}
+        self._baseline_done: dict[str, threading.Event] = {key: threading.Event()
+                                                           for key, _, _ in spec.scales()}
         self._baseline: dict[str, dict[str, Any]] = {}
         self.errors: list[str] = []
         check_shared_settings(spec.optimizers, spec.workload, spec.tune)
@@ -396,54 +468,58 @@ class Comparison:
         with self._lock:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    def sweep_spec(self, model: str, optimizer: str,
-                   fallback: dict[str, Any] | None) -> SweepSpec:
+    def sweep_spec(self, model: str, optimizer: str, fallback: dict[str, Any] | None,
+                   budget: float = 1.0) -> SweepSpec:
         """One cell's sweep: the cell's workload and settings, the shared search. Every cell
         searches the same way (TPE when the comparison tunes anything, over the ``--tune``
         names the optimizer has; coordinate descent over each method's own axes when asked;
         else the learning-rate grid), with the same budget."""
         storage = self.spec.storage or f"sqlite:///{(self.out / 'optuna.db').resolve()}"
         accepted = accepted_keys(optimizer)
+        key = scale_key(model, budget)
+        workload = cell_workload(self.spec, model, optimizer, budget)
         if optimizer in self.spec.untuned:
             return SweepSpec(
-                optimizer=optimizer, workload=cell_workload(self.spec, model, optimizer),
-                out=self.out / model / optimizer, lr_center=None, factor=self.spec.factor,
+                optimizer=optimizer, workload=workload,
+                out=self.out / key / optimizer, lr_center=None, factor=self.spec.factor,
                 grid_points=1, trials=1, seeds=self.spec.seeds,
                 fixed=cell_fixed(optimizer, fallback, self.spec.method_args.get(optimizer)),
                 search="grid", storage=storage,
-                study_name=f"{model}/{optimizer}", untuned=True)
+                study_name=f"{key}/{optimizer}", untuned=True)
         return SweepSpec(
-            optimizer=optimizer, workload=cell_workload(self.spec, model, optimizer),
-            out=self.out / model / optimizer, lr_center=self.spec.lr_centers.get(optimizer),
+            optimizer=optimizer, workload=workload,
+            out=self.out / key / optimizer, lr_center=self.spec.lr_centers.get(optimizer),
             factor=self.spec.factor, grid_points=self.spec.grid_points, trials=self.spec.trials,
             tune=tuple(t for t in self.spec.tune if t.name in accepted), seeds=self.spec.seeds,
             fixed=cell_fixed(optimizer, fallback, self.spec.method_args.get(optimizer)),
             search=self.spec.search or ("tpe" if self.spec.tune else "grid"),
-            storage=storage, study_name=f"{model}/{optimizer}")
+            storage=storage, study_name=f"{key}/{optimizer}")
 
-    def run_cell(self, model: str, optimizer: str, executor: Executor | None) -> None:
+    def run_cell(self, model: str, optimizer: str, executor: Executor | None,
+                 budget: float = 1.0) -> None:
         """One sweep; the baseline releases the matrix methods of its scale after its trials."""
-        cell = f"{model}/{optimizer}"
+        key = scale_key(model, budget)
+        cell = f"{key}/{optimizer}"
         try:
             fallback = None
             if is_matrix(optimizer):
-                self._baseline_done[model].wait()
-                if model not in self._baseline:
-                    raise RuntimeError(f"{model}/{BASELINE} failed, no fallback settings")
-                fallback = fallback_from(self._baseline[model])
-            sweep_spec = self.sweep_spec(model, optimizer, fallback)
+                self._baseline_done[key].wait()
+                if key not in self._baseline:
+                    raise RuntimeError(f"{key}/{BASELINE} failed, no fallback settings")
+                fallback = fallback_from(self._baseline[key])
+            sweep_spec = self.sweep_spec(model, optimizer, fallback, budget)
             settings = merged_config(sweep_spec.workload, sweep_spec.fixed)
             self.cells[cell] = {"status": "running", **cell_settings(settings, sweep_spec)}
             self.log(f"{cell}: " + ", ".join(f"{k} {v}" for k, v in self.cells[cell].items()
                                             if k != "status" and v))
             sweep = Sweep(sweep_spec, self.trial_fn)
-            sweep.log = lambda message: self.log(f"{model}: {message}")
+            sweep.log = lambda message: self.log(f"{key}: {message}")
             if optimizer == BASELINE:  # matrix methods wait for these trials
                 sweep.trial_priority = BASELINE_TRIALS
             sweep.run_trials(executor, parallel=max(1, self.spec.workers))
             if optimizer == BASELINE:
-                self._baseline[model] = sweep.write()
-                self._baseline_done[model].set()
+                self._baseline[key] = sweep.write()
+                self._baseline_done[key].set()
             result = sweep.run(executor, parallel=max(1, self.spec.workers))
             best = result["best"]
             self.log(f"{cell}: done; best lr {best['lr']:.3g}, final val loss "
@@ -456,7 +532,7 @@ class Comparison:
             self.log(f"{cell}: FAILED: {exc}")
         finally:
             if optimizer == BASELINE:
-                self._baseline_done[model].set()
+                self._baseline_done[key].set()
 
     def manifest(self, started: float, finished: float | None) -> dict[str, Any]:
         import torch
@@ -487,9 +563,10 @@ class Comparison:
         if self.spec.workers > 1 or self.trial_fn is run_training:
             executor = PriorityPool(self.spec.workers)
         order = sorted(self.spec.optimizers, key=lambda o: (o != BASELINE, is_matrix(o)))
-        threads = [threading.Thread(target=self.run_cell, args=(model, optimizer, executor),
-                                    name=f"{model}/{optimizer}")
-                   for model in self.spec.models for optimizer in order]
+        threads = [threading.Thread(target=self.run_cell,
+                                    args=(model, optimizer, executor, budget),
+                                    name=f"{key}/{optimizer}")
+                   for key, model, budget in self.spec.scales() for optimizer in order]
         try:
             for thread in threads:
                 thread.start()

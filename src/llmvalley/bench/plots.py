@@ -23,6 +23,7 @@ from llmvalley.bench.analysis import Results  # noqa: E402
 from llmvalley.bench.compare import BASELINE  # noqa: E402
 
 WIDTH = 11.0  # inches: every figure spans the page
+MAX_COLUMNS = 3  # panels per row; more scales (sizes x budgets) wrap onto further rows
 PALETTE = ("#222222", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
            "#e377c2", "#17becf", "#bcbd22")
 MB = 1024**2
@@ -42,6 +43,8 @@ def workload_note(results: Results) -> str:
     w = spec["workload"]
     budget = (f"{spec['tokens_per_param']:g} tokens/param" if spec.get("tokens_per_param")
               else f"{w.get('steps') or w.get('tokens')} {'steps' if w.get('steps') else 'tokens'}")
+    if (spec.get("budgets") or [1.0]) != [1.0]:
+        budget += " x " + "/".join(f"{b:g}" for b in spec["budgets"])
     return (f"data {w.get('data', 'stdlib')}, batch {w.get('batch_size', 32)}, {budget}, "
             f"{w.get('schedule', 'cosine')} schedule; {spec['trials']} trials + "
             f"{spec['seeds']} seed(s) per optimizer")
@@ -50,11 +53,17 @@ def workload_note(results: Results) -> str:
 def _figure(n_panels: int, title: str, results: Results) -> tuple[Figure, list[Any]]:
     """A page-wide row of ``n_panels`` axes; ``title`` is the report's caption (kept as the
     figure's label only, not drawn, so the caption shows once)."""
-    fig, axes = plt.subplots(1, n_panels, figsize=(WIDTH, 4.6), squeeze=False)
+    columns = min(n_panels, MAX_COLUMNS)
+    rows = -(-n_panels // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(WIDTH, 4.6 + 3.4 * (rows - 1)),
+                             squeeze=False)
     fig.set_label(title)
     fig.text(0.5, 0.005, workload_note(results), ha="center", va="bottom", fontsize=8,
              color="#555555")
-    return fig, list(axes[0])
+    panels = [ax for row in axes for ax in row]
+    for ax in panels[n_panels:]:  # the unused end of the last row
+        fig.delaxes(ax)
+    return fig, panels[:n_panels]
 
 
 def _finish(fig: Figure) -> Figure:
@@ -232,7 +241,7 @@ def speedup_vs_size(results: Results) -> Figure:
         labels: list[tuple[float, float, str, str]] = []
         for optimizer in results.optimizers:
             xs, ys, missed = [], [], []
-            for model in results.models:
+            for model in results.size_keys() or results.models:
                 cell = results.cell(model, optimizer)
                 if cell is None or not cell.n_params:
                     continue
@@ -258,8 +267,66 @@ def speedup_vs_size(results: Results) -> Figure:
         ax.set_ylim(floor, max(values) * 1.15)
         if sizes:
             ax.set_xlim(min(sizes) / 2, max(sizes) * 2)
-        if len(results.models) == 1:
+        if len(results.size_keys() or results.models) == 1:
             ax.set_title("one model size: add sizes (--models) to see the trend", fontsize=8)
+        elif results.budgets != [1.0]:
+            ax.set_title(f"at the {results.size_keys()[0].partition('@')[2] or '1x'} budget",
+                         fontsize=8)
+        ax.grid(alpha=0.3)
+        spread_labels(ax, labels)
+    return _finish(fig)
+
+
+def data_speedup_vs_size(results: Results) -> Figure | None:
+    """Effective-data speedup ``D_eff / D`` (AdamW's fitted loss against data) against
+    parameters, one panel per budget, with the bootstrap interval as error bars; a lower bound
+    (beyond AdamW's asymptote) is an upward triangle. None without a fit (one budget)."""
+    if not results.fits:
+        return None
+    colour = colours(results)
+    fig, axes = _figure(len(results.budgets), "Effective-data speedup against model size",
+                        results)
+    for ax, budget in zip(axes, results.budgets):
+        values, sizes = [1.0], []
+        labels: list[tuple[float, float, str, str]] = []
+        for optimizer in results.optimizers:
+            if optimizer == BASELINE:
+                continue
+            points, bounds = [], []
+            for size in results.sizes:
+                key = next((k for k, (s, b) in results.scales.items()
+                            if s == size and b == budget), None)
+                cell = results.cell(key, optimizer) if key else None
+                d = cell.data_speedup if cell else None
+                if cell is None or not cell.n_params or d is None or d.value is None:
+                    continue
+                sizes.append(cell.n_params)
+                values.append(d.value)
+                (bounds if d.bound else points).append((cell.n_params, d))
+            if points:
+                xs = [x for x, _ in points]
+                ys = [d.value for _, d in points]
+                lows = [max(0.0, d.value - d.low) if d.low is not None else 0.0
+                        for _, d in points]
+                highs = [max(0.0, (d.high if d.high is not None and d.high != float("inf")
+                                   else d.value) - d.value) for _, d in points]
+                values += [y + h for y, h in zip(ys, highs)]
+                ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3,
+                            color=colour[optimizer], label=optimizer)
+                labels += [(x, y, f"{y:.2f}x", colour[optimizer]) for x, y in zip(xs, ys)]
+            if bounds:
+                ax.scatter([x for x, _ in bounds], [d.value for _, d in bounds], marker="^",
+                           facecolors="none", edgecolors=colour[optimizer], s=60,
+                           label=f"{optimizer}: lower bound (beyond AdamW's asymptote)")
+        ax.axhline(1.0, color="#777777", ls="--", lw=0.9)
+        ax.set_xscale("log")
+        if sizes:
+            ax.set_xlim(min(sizes) / 2, max(sizes) * 2)
+        ax.set_ylim(0.0, max(values) * 1.15)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("effective-data speedup D_eff/D (x)")
+        ax.set_title(f"budget {budget:g}x" + (" (one model size)" if len(results.sizes) == 1
+                                              else ""), fontsize=9)
         ax.grid(alpha=0.3)
         spread_labels(ax, labels)
     return _finish(fig)
@@ -317,6 +384,8 @@ def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
+#: figures that need several token budgets (valley compare --budgets)
+NEEDS_BUDGETS = frozenset({"data-speedup-vs-size"})
 #: (file stem, title, builder) of every figure in the report, in order
 FIGURES = (
     ("loss-vs-tokens", "Validation loss against tokens (line: seed mean of the best "
@@ -328,6 +397,9 @@ FIGURES = (
     ("lr-sensitivity", "Final loss against learning rate", sensitivity),
     ("memory", "Memory", memory),
     ("speedup-vs-size", "Speedup against model size", speedup_vs_size),
+    ("data-speedup-vs-size", "Effective-data speedup D_eff/D against model size (AdamW's loss "
+     "fitted against data, L(D) = a·D^-b + c, over the budgets; bars: 5–95% paired bootstrap "
+     "over seeds)", data_speedup_vs_size),
     ("tuning-cost", "Tuning cost: expected best final loss after k trials", tuning_cost),
     ("performance-profile", "Performance profile across workloads (sizes)",
      performance_profile),

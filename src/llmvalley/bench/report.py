@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,11 @@ from llmvalley.bench.records import json_safe
 
 MB = 1024**2
 TIME_COLUMN = "time to target (AdamW-step units; raw wall-clock)"
+DATA_COLUMN = "data speedup D_eff/D [90% CI]"
+SHIFTED_COLUMN = "shifted-corpus loss (vs AdamW)"
 COLUMNS = (
-    "optimizer", "final val loss", "vs AdamW", "bits/byte", "tokens speedup",
-    "wall-clock speedup", TIME_COLUMN, "best lr", "LR width (log2)", "state MiB",
+    "optimizer", "final val loss", "vs AdamW", SHIFTED_COLUMN, "bits/byte", DATA_COLUMN,
+    "tokens speedup", "wall-clock speedup", TIME_COLUMN, "best lr", "LR width (log2)", "state MiB",
     "state B/param", "peak MiB", "optimizer share", "spikes", "max grad norm", "diverged",
 )
 
@@ -61,6 +63,43 @@ def speedup_text(value: float | None, reached_curve: bool, bound: str | None) ->
     # an under-tuned optimizer might reach the target once tuned; an under-tuned baseline
     # only lowers the target, so "did not reach" stays true
     return "did not reach (edge)" if bound in ("lower", "unknown") else "did not reach"
+
+
+def _times(value: float) -> str:
+    return "∞" if value == float("inf") else f"{value:.2f}x"
+
+
+def data_speedup_text(c: CellMetrics) -> str:
+    """The effective-data speedup ``D_eff / D`` with its bootstrap interval; marked as a bound
+    when the loss is beyond AdamW's fitted asymptote (a lower bound) or a best learning rate
+    sits at a grid edge (as the tokens speedup); flagged when extrapolated from the fit."""
+    d = c.data_speedup
+    if d is None:
+        return "–"
+    if d.value is None:
+        return "–" if c.optimizer == BASELINE else f"– ({d.note})"
+    if c.optimizer == BASELINE:
+        return f"baseline (fit {d.value:.2f}x)"
+    bounds = {b for b in (d.bound, c.speedup_bound) if b}
+    bound = ("unknown" if "unknown" in bounds or bounds == {"lower", "upper"}
+             else next(iter(bounds), None))
+    text = f"{BOUND_MARKS.get(bound or '', '')}{d.value:.2f}x"
+    if d.low is not None and d.high is not None:
+        text += f" [{_times(d.low).removesuffix('x')}–{_times(d.high)}]"
+    if d.bound == "lower":
+        text += " (beyond AdamW's asymptote)"
+    elif d.extrapolated:
+        text += " (extrapolated)"
+    return text
+
+
+def shifted_text(c: CellMetrics) -> str:
+    """The shifted corpus's mean final loss over seeds, and its gap to AdamW's."""
+    if c.shifted_loss_mean is None:
+        return "–"
+    if c.optimizer == BASELINE:
+        return f"{c.shifted_loss_mean:.4f} (baseline)"
+    return f"{c.shifted_loss_mean:.4f} ({_num(c.shifted_delta_vs_baseline, '+.4f')})"
 
 
 def leaderboard_rows(results: Results, model: str) -> list[dict[str, str]]:
@@ -94,7 +133,9 @@ def row(c: CellMetrics) -> dict[str, str]:
         "optimizer": c.optimizer,
         "final val loss": loss,
         "vs AdamW": delta,
+        SHIFTED_COLUMN: shifted_text(c),
         "bits/byte": _num(c.final_bpb_mean, ".4f"),
+        DATA_COLUMN: data_speedup_text(c),
         "tokens speedup": token,
         "wall-clock speedup": wall,
         TIME_COLUMN: time_to_target_text(c),
@@ -158,6 +199,26 @@ def header_facts(results: Results) -> list[tuple[str, str]]:
                      "for betas (0.9, 0.95) and weight decay 0.1; speedups against it overstate "
                      "the gains)")
         facts.append((f"AdamW baseline ({model})", text))
+    if results.budgets != [1.0]:
+        facts.append(("token budgets", ", ".join(f"{b:g}x" for b in results.budgets)
+                      + " of the workload's, each size tuned and seeded at each budget "
+                        "(scales " + ", ".join(results.models) + ")"))
+    for size, fit in results.fits.items():
+        budgets = ", ".join(f"{d:,.0f}" for d in fit.budgets)
+        if fit.law is None:
+            facts.append((f"AdamW's loss against data ({size})",
+                          f"no fit: {fit.reason} (budgets {budgets} tokens)"))
+            continue
+        law = fit.law
+        facts.append((f"AdamW's loss against data ({size})",
+                      f"L(D) = {law.a_tokens:.4g} D^-{law.b:.3f} + {law.c:.4f} nats/token over "
+                      f"D = {budgets} tokens (mean over seeds; rms residual {fit.rms:.4f})"))
+    corpora = sorted({c.shifted_corpus for cells in results.cells.values() for c in cells
+                      if c.shifted_corpus})
+    if corpora:
+        facts.append(("shifted held-out corpus", ", ".join(corpora) + " (final validation "
+                      "loss on another kind of text than the training corpus, tokenized alike; "
+                      "fewer evaluation batches than the in-domain set)"))
     fallbacks = {cell: v["fallback_args"] for cell, v in m.get("cells", {}).items()
                  if v.get("fallback_args")}
     if fallbacks:
@@ -189,16 +250,35 @@ NOTES = [
     "the run's process peak RSS on CPU (the memory figure shows the peak above the model's "
     "own instead: this peak less AdamW's peak without its state); spikes: loss spikes over all "
     "trials and seeds; max grad norm: largest pre-clipping gradient norm over the seed runs.",
+    f"{SHIFTED_COLUMN}: mean final validation loss over the seeds on the shifted held-out "
+    "corpus (another kind of text, e.g. English prose for a model trained on Python source; "
+    "see the facts above), and its difference to AdamW's; – when the runs did not record one.",
     "Caveats: tuning trials use seed 0 and the seed runs fresh seeds, so the seed mean carries "
-    "no selection bias from picking the best trial; the speedups are measured at one token "
-    "budget per size (no fitted scaling law); wall-clock numbers depend on the machine's load.",
+    "no selection bias from picking the best trial; wall-clock numbers depend on the machine's "
+    "load.",
 ]
+ONE_BUDGET_NOTE = (
+    f"{DATA_COLUMN}: needs three or more token budgets per size (valley compare --budgets "
+    "1,2,4); here every speedup is measured at one budget per size (tokens-to-target, no "
+    "fitted scaling law).")
+DATA_NOTE = (
+    f"{DATA_COLUMN} (Wen et al. 2025): AdamW's mean final loss at each budget of a size is "
+    "fitted by L(D) = a D^-b + c; D_eff is the data AdamW would need to reach this optimizer's "
+    "mean final loss, D the data it used. In brackets the 5–95% range of a paired bootstrap "
+    "over seeds (the same seed draw for every series; ∞: some resamples fall beyond AdamW's "
+    "asymptote). \"beyond AdamW's asymptote\": the loss is at or below the fitted c, so no "
+    "finite D_eff exists on the fit; shown is the lower bound AdamW's largest budget / D "
+    "(AdamW did not reach that loss there). \"extrapolated\": D_eff lies outside AdamW's "
+    "budgets, so it rests on the fitted form only. AdamW's own row shows the fit's value at "
+    "its budget (1.00x up to the fit's residual).")
 
 
 def notes(results: Results) -> list[str]:
     """The notes under the leaderboards (the bound note when a speedup is a bound)."""
-    bounded = any(c.speedup_bound for cells in results.cells.values() for c in cells)
-    return NOTES + ([BOUND_NOTE] if bounded else [])
+    bounded = any(c.speedup_bound or (c.data_speedup and c.data_speedup.bound)
+                  for cells in results.cells.values() for c in cells)
+    return NOTES + [DATA_NOTE if results.fits else ONE_BUDGET_NOTE] + (
+        [BOUND_NOTE] if bounded else [])
 
 
 @dataclass
@@ -301,10 +381,38 @@ def complexity_section(results: Results) -> Section:
         rows)
 
 
+def scaling_sections(results: Results) -> list[Section]:
+    """Per model size with several budgets: each optimizer's effective-data speedup at each
+    budget, beside its tokens-to-target speedup."""
+    sections = []
+    for size, fit in results.fits.items():
+        keys = results.budget_keys(size)
+        rows = []
+        for optimizer in results.optimizers:
+            cells = [results.cell(key, optimizer) for key in keys]
+            if not any(cells):
+                continue
+            rows.append([optimizer] + [
+                "–" if c is None else f"{data_speedup_text(c)}; tokens "
+                f"{speedup_text(c.token_speedup, c.mean is not None, c.speedup_bound)}"
+                for c in cells])
+        intro = ("Effective-data speedup D_eff/D over AdamW at each token budget [5–95% paired "
+                 "bootstrap over seeds], then the tokens-to-target speedup at that budget. ")
+        intro += (f"No fit: {fit.reason}." if fit.law is None else
+                  f"AdamW's fit: L(D) = {fit.law.a_tokens:.4g} D^-{fit.law.b:.3f} + "
+                  f"{fit.law.c:.4f} (rms residual {fit.rms:.4f} nats).")
+        sections.append(Section(
+            f"Scale dependence: {size}", intro, "scaling",
+            ["optimizer"] + [f"{key} ({c.tokens:,.0f} tokens)" if (c := next(
+                (x for x in results.cells[key] if x.tokens), None)) else key for key in keys],
+            rows, size))
+    return sections
+
+
 def sections(results: Results) -> list[Section]:
     """Every table after the leaderboards, in order."""
-    return [*tuning_cost_sections(results), *profile_sections(results),
-            complexity_section(results)]
+    return [*scaling_sections(results), *tuning_cost_sections(results),
+            *profile_sections(results), complexity_section(results)]
 
 
 def markdown(results: Results, figures: list[tuple[str, str]]) -> str:
@@ -411,5 +519,9 @@ def write_report(folder: str | Path, margin: float | None = None) -> list[Path]:
     html_path.write_text(html_page(results, rendered), encoding="utf-8")
     metrics: dict[str, Any] = {model: [c.to_dict() for c in cells]
                                for model, cells in results.cells.items()}
+    if results.fits:  # AdamW's loss-against-data fit per model size (several budgets)
+        metrics["scaling_fits"] = {size: {**asdict(fit), "a_tokens": fit.law.a_tokens
+                                          if fit.law else None}
+                                   for size, fit in results.fits.items()}
     (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1) + "\n")
     return [md_path, html_path]

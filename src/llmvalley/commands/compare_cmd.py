@@ -62,6 +62,7 @@ def build_spec(args: argparse.Namespace):
         check_models,
         check_optimizers,
         check_shared_settings,
+        parse_budgets,
     )
     from llmvalley.bench.sweep import TuneSpec
 
@@ -108,6 +109,8 @@ def build_spec(args: argparse.Namespace):
     tune = tuple(TuneSpec.parse(t) for t in args.tune or ())
     search = check_search(args.search, tune)
     check_shared_settings(available, workload, tune)
+    budgets = (parse_budgets(args.budgets) if args.budgets is not None
+               else list(preset.budgets) if preset else [1.0])
     return CompareSpec(
         optimizers=available, models=models, workload=workload, out=args.out,
         trials=pick(args.trials, "--trials", preset.trials if preset else 0, 5),
@@ -120,7 +123,8 @@ def build_spec(args: argparse.Namespace):
         preset=args.preset, search=search, command=shlex.join(["valley", "compare", *sys.argv[2:]]),
         untuned=untuned_names(args.untuned, preset, available),
         method_args={k: v for k, v in (preset.method_args if preset else {}).items()
-                     if k in available})
+                     if k in available},
+        budgets=budgets)
 
 
 def untuned_names(option: str | None, preset: Any, available: list[str]) -> list[str]:
@@ -144,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped (not registered): {', '.join(spec.skipped)}")
     for line in routing_summary(spec.optimizers, spec.workload, spec.tune):
         print(line)
-    print(f"comparing {', '.join(spec.optimizers)} on {', '.join(spec.models)}: "
+    budgets = (f" at budgets {', '.join(f'{b:g}x' for b in spec.budgets)}"
+               if spec.budgets != [1.0] else "")
+    print(f"comparing {', '.join(spec.optimizers)} on {', '.join(spec.models)}{budgets}: "
           f"{spec.trials} trials + {spec.seeds} seeds each, {spec.workers} worker(s); "
           f"results in {spec.out}", flush=True)
     started = time.time()
@@ -172,8 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "unless the workload says otherwise. A shared --opt-arg goes to every "
                     "optimizer that accepts it; matrix methods train embeddings, head and norms "
                     "with AdamW at the tuned AdamW baseline's settings (--fallback-arg wins).")
-    parser.add_argument("--preset", help="cpu-quick, cpu-families, cpu-curvature, memory or "
-                        "gpu-ladder (options below override it)")
+    parser.add_argument("--preset", help="cpu-quick, cpu-families, cpu-curvature, memory, "
+                        "cpu-scale or gpu-ladder (options below override it)")
     parser.add_argument("--optimizers", help="comma-separated, adamw included, e.g. "
                                              "adamw,muon,lion,adafactor")
     parser.add_argument("--models", help="comma-separated model presets, e.g. nano,micro")
@@ -195,6 +201,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "methods; cpu-families: prodigy)")
     parser.add_argument("--seeds", help="fresh seeds for each best configuration (3)")
     parser.add_argument("--workers", help="worker processes (1; cpu-quick: 2)")
+    parser.add_argument("--budgets", metavar="B1,B2,...",
+                        help="token budgets as multiples of the workload's steps or tokens, "
+                             "e.g. 1,2,4: every size is compared at each (tuned and seeded "
+                             "anew), and AdamW's loss is fitted against data, L(D) = a D^-b + c, "
+                             "for each method's effective-data speedup (3 or more budgets; "
+                             "cpu-scale: 1,2,4)")
     parser.add_argument("--tokens-per-param", help="token budget per size as a multiple of "
                                                    "its parameters (gpu-ladder: 20)")
     parser.add_argument("--storage", help="Optuna database URL (default: OUT/optuna.db)")

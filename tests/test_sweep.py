@@ -117,22 +117,39 @@ def test_resume_after_kill_reruns_only_the_interrupted_trial(tmp_path: Path) -> 
             raise Killed
         return fake(config)
 
-    options = {"heartbeat_s": 1, "grace_s": 1, "trials": 5}
+    options = {"trials": 5}  # the default heartbeat grace (90 s): not waited for
     with pytest.raises(Killed):
         sweep = make_sweep(tmp_path, fake, **options)
         sweep.trial_fn = dies_on_third_trial
         sweep.run()
     assert [r.state for r in sweep.records()] == ["COMPLETE", "COMPLETE", "RUNNING"]
-    time.sleep(1.2)  # the killed trial's heartbeat goes stale
 
+    # the killed trial's owner (this process's first sweep) has ended: failed at once
+    started = time.time()
     restarted = make_sweep(tmp_path, fake, **options)
     before = len(fake.calls)
     result = restarted.run()
+    assert time.time() - started < 30
     assert len(fake.calls) - before == 3  # the interrupted point and two more, nothing repeated
     assert result["trials_counted"] == 5 and result["interrupted"] == 1
-    # the interrupted point runs again once its heartbeat is stale (the database clock has
-    # one-second resolution, so it may come after the next grid point)
-    assert sorted(exponents(restarted)) == [-2, -1, 0, 1, 2]
+    assert exponents(restarted) == [-2, -1, 0, 1, 2]  # the interrupted point first
+
+
+def test_a_stale_heartbeat_fails_a_trial_owned_elsewhere(tmp_path: Path) -> None:
+    """A trial of another machine (its owner cannot be checked here) is failed once its
+    heartbeat is older than the grace period, and its point runs again."""
+    from llmvalley.bench.study_lock import OWNER_ATTR
+
+    fake = SyntheticTraining()
+    options = {"heartbeat_s": 1, "grace_s": 1, "trials": 4, "poll_s": 0.2}
+    sweep = make_sweep(tmp_path, fake, **options)
+    with sweep.lock.hold():
+        trial = sweep._ask(sweep.records())[0]
+    trial.set_user_attr(OWNER_ATTR, {"machine": "elsewhere/boot", "pid": 1, "run": "x"})
+    assert [r.state for r in sweep.records()] == ["RUNNING"]
+    result = make_sweep(tmp_path, fake, **options).run()  # waits for the heartbeat to go stale
+    assert result["trials_counted"] == 4 and result["interrupted"] == 1
+    assert sorted(exponents(sweep)) == [-2, -1, 0, 1] and len(fake.calls) == 4
 
 
 def test_best_configuration_is_rerun_with_fresh_seeds_once(tmp_path: Path) -> None:
@@ -172,6 +189,7 @@ def test_bad_tune_specs_are_usage_errors(text: str) -> None:
     ["sweep", "--optimizer", "adamw", "--trials", "2", "--grid-points", "4"],
     ["sweep", "--optimizer", "adamw", "--factor", "1"],
     ["sweep", "--optimizer", "adamw", "--steps", "-5"],
+    ["sweep", "--optimizer", "adamw", "--storage", "postgresql://valley@127.0.0.1:1/none"],
 ])
 def test_sweep_cli_user_errors_are_one_line(argv: list[str], tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:

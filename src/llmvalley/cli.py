@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "llmvalley.commands.sweep_cmd",
     "llmvalley.commands.compare_cmd",
     "llmvalley.commands.report_cmd",
+    "llmvalley.commands.eval_cmd",
 )
 
 

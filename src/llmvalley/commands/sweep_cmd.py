@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         factor=positive_float("--factor", args.factor),
         grid_points=positive_int("--grid-points", args.grid_points),
         trials=positive_int("--trials", args.trials),
-        tune=tune, search=search, seeds=args.seeds, storage=args.storage, study_name=args.study)
+        tune=tune, search=search, seeds=args.seeds, storage=args.storage, study_name=args.study,
+        keep_checkpoints=args.keep_checkpoints)
     sweep = Sweep(spec)
     sweep.log = lambda message: print(message, flush=True)
     (spec.out / "command.txt").write_text(shlex.join(["valley", "sweep", *sys.argv[2:]]) + "\n")
@@ -68,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the best value is at an edge, or several hyperparameters with TPE "
                     "(--tune), under a fixed trial budget; then re-run the best configuration "
                     "with fresh seeds. Trials are kept in an Optuna database, so a killed sweep "
-                    "continues where it stopped and several machines can share one study.")
+                    "continues where it stopped, and several processes or machines started "
+                    "on one --storage share the study: each trial and seed runs once, within "
+                    "the budget.")
     parser.add_argument("--optimizer", required=True, help="a registry name or torch-adamw")
     parser.add_argument("--out", default="sweeps/sweep", help="sweep folder (sweeps/sweep)")
     parser.add_argument("--trials", default="5", help="trial budget (5)")
@@ -89,5 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--storage", help="Optuna database URL or SQLite path "
                                           "(default: OUT/optuna.db)")
     parser.add_argument("--study", help="study name (default: MODEL/OPTIMIZER)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="seed runs keep their final checkpoint (for valley eval)")
     add_workload_options(parser)
     parser.set_defaults(func=run)

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ["adamw", "lion", "muon", "adamuon", "adafactor", "soap", "shampoo", "galore", "dion",
+METHODS = ["adamw", "lion", "muon", "adamuon", "adafactor", "soap", "shampoo", "dion",
            "prodigy"]
 RANKS = (8, 64, 512)
 STEPS = 2

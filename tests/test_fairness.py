@@ -441,3 +441,12 @@ def test_a_single_point_grid_is_at_its_edge(tmp_path: Path) -> None:
                             lr_center=4e-3, grid_points=1, trials=1, seeds=0),
                   SyntheticTraining())
     assert sweep.run()["best_at_edge"]  # nothing brackets it: not a tuned value
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_compare_passes_keep_checkpoints_to_every_cell(keep: bool, tmp_path: Path) -> None:
+    argv = ["compare", "--preset", "cpu-quick", "--out", str(tmp_path)]
+    spec = build_spec(build_parser().parse_args(argv + (["--keep-checkpoints"] if keep else [])))
+    comparison = Comparison(spec)
+    for name in spec.optimizers:
+        assert comparison.sweep_spec(spec.models[0], name, None).keep_checkpoints is keep

@@ -227,6 +227,8 @@ class CompareSpec:
     # token budgets as multiples of the workload's steps/tokens; each (model, budget) is a
     # scale of its own (see scale_key)
     budgets: list[float] = field(default_factory=lambda: [1.0])
+    # seed runs keep their final checkpoint (for valley eval)
+    keep_checkpoints: bool = False
 
     def scales(self) -> list[tuple[str, str, float]]:
         """(scale key, model, budget) of every scale, model by model, budgets ascending."""
@@ -485,7 +487,8 @@ class Comparison:
                 grid_points=1, trials=1, seeds=self.spec.seeds,
                 fixed=cell_fixed(optimizer, fallback, self.spec.method_args.get(optimizer)),
                 search="grid", storage=storage,
-                study_name=f"{key}/{optimizer}", untuned=True)
+                study_name=f"{key}/{optimizer}", untuned=True,
+                keep_checkpoints=self.spec.keep_checkpoints)
         return SweepSpec(
             optimizer=optimizer, workload=workload,
             out=self.out / key / optimizer, lr_center=self.spec.lr_centers.get(optimizer),
@@ -493,7 +496,8 @@ class Comparison:
             tune=tuple(t for t in self.spec.tune if t.name in accepted), seeds=self.spec.seeds,
             fixed=cell_fixed(optimizer, fallback, self.spec.method_args.get(optimizer)),
             search=self.spec.search or ("tpe" if self.spec.tune else "grid"),
-            storage=storage, study_name=f"{key}/{optimizer}")
+            storage=storage, study_name=f"{key}/{optimizer}",
+            keep_checkpoints=self.spec.keep_checkpoints)
 
     def run_cell(self, model: str, optimizer: str, executor: Executor | None,
                  budget: float = 1.0) -> None:

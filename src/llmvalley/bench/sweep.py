@@ -66,6 +66,7 @@ KEPT_SUMMARY = (
     "wall_clock_s", "train_time_s", "tokens_per_s", "optimizer_share", "peak_memory_bytes",
     "state_bytes", "state_bytes_per_param", "n_params", "loss_spikes", "max_grad_norm",
     "diverged", "diverged_step", "diverged_reason",
+    "shifted_corpus", "final_shifted_val_loss", "final_shifted_val_bpb",
 )
 
 

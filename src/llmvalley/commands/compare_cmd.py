@@ -124,7 +124,7 @@ def build_spec(args: argparse.Namespace):
         untuned=untuned_names(args.untuned, preset, available),
         method_args={k: v for k, v in (preset.method_args if preset else {}).items()
                      if k in available},
-        budgets=budgets)
+        budgets=budgets, keep_checkpoints=bool(getattr(args, "keep_checkpoints", False)))
 
 
 def untuned_names(option: str | None, preset: Any, available: list[str]) -> list[str]:
@@ -211,5 +211,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                    "its parameters (gpu-ladder: 20)")
     parser.add_argument("--storage", help="Optuna database URL (default: OUT/optuna.db)")
     parser.add_argument("--no-report", action="store_true", help="skip valley report")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="seed runs keep their final checkpoint (for valley eval)")
     add_workload_options(parser, with_model=False)
     parser.set_defaults(func=run)

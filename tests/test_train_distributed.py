@@ -207,3 +207,20 @@ def test_valley_train_under_torchrun(runs: dict) -> None:
     assert proc.stdout.strip().splitlines() == [str(out / "tr")]
     assert [r["step"] for r in read_log(out / "tr")] == [1, 2]
     assert "--parallel ddp" in (out / "tr" / "command.txt").read_text()
+
+
+@pytest.mark.parametrize("optimizer, opt_args", [("muon", []), ("dion", ["rank_fraction=0.5"])])
+def test_fsdp_matrix_methods_match_one_process(runs: dict, optimizer: str,
+                                               opt_args: list[str]) -> None:
+    """Methods that need whole matrices (the owner plan: Muon) or run on row shards (Dion)
+    under `valley train --parallel fsdp` give the single-process curve. (Dion at full rank is
+    left out: where ``M Q`` is rank-deficient its orthonormal completion amplifies fp32
+    rounding, in one process too, so no two summation orders agree closely.)"""
+    from llmvalley.bench import train
+
+    out = runs["root"] / f"runs-{optimizer}"
+    settings = dict(optimizer=optimizer, lr=0.02, opt_args=opt_args)
+    single = train(small(runs["corpus"], out, name="single", **settings))
+    sharded = run_ranks(train_rank, 2, small(runs["corpus"], out, name="fsdp", **settings),
+                        "fsdp", timeout=120)
+    assert_same_curve(curve(sharded[0]["run_dir"]), curve(single["run_dir"]), rel=1e-4)

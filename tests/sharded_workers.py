@@ -24,13 +24,22 @@ def tiny_model() -> nn.Module:
                          nn.Linear(5, CLASSES, bias=False)).double()
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, mesh: Any = None) -> nn.Module:
+    """FSDP2 over the default group, or over ``mesh`` (a 2-D mesh: HSDP)."""
     from torch.distributed.fsdp import fully_shard
 
     for module in list(model)[:-1]:
-        fully_shard(module)
-    fully_shard(model)
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
+
+
+def hsdp_mesh() -> Any:
+    """A (replicate 1, shard W) mesh: HSDP's 2-D layout on the ranks there are."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (1, dist.get_world_size()),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def batch_loss(model: nn.Module, step: int) -> torch.Tensor:
@@ -52,21 +61,34 @@ def full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-def equivalence(names: list[str], steps: int) -> dict[str, str | float]:
-    """Largest parameter difference between the sharded and the plain run of each optimizer
-    after ``steps`` steps, or the error a sharded run raised."""
+def wrap(model: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
+    """(the module to run, the module whose parameters the optimizer takes) for ``mode``:
+    ``fsdp``, ``hsdp`` (FSDP2 on a 2-D mesh) or ``ddp``."""
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model), model
+    model = shard(model, hsdp_mesh() if mode == "hsdp" else None)
+    return model, model
+
+
+def equivalence(names: list[str], steps: int, mode: str = "fsdp") -> dict[str, str | float]:
+    """Largest parameter difference between the distributed (``mode``, see :func:`wrap`) and
+    the plain run of each optimizer after ``steps`` steps, or the error the distributed run
+    raised."""
     from llmvalley.optim import create_optimizer
     from tests.helpers import TEST_HPARAMS
 
     out: dict[str, str | float] = {}
     for name in names:
-        plain, sharded = tiny_model(), shard(tiny_model())
+        plain = tiny_model()
+        runner, sharded = wrap(tiny_model(), mode)
         hp = TEST_HPARAMS.get(name, {})
         ref = create_optimizer(name, plain, **hp)
         try:
             opt = create_optimizer(name, sharded, **hp)
             torch.manual_seed(1)  # the same global stream for both runs (Dion's random Q)
-            train(sharded, opt, range(steps))
+            train(runner, opt, range(steps))
         except NotImplementedError as e:
             out[name] = f"NotImplementedError: {e}"
             continue

@@ -34,6 +34,30 @@ def sharded_results() -> dict[str, str | float]:
     return run_ranks(w.equivalence, 2, names, STEPS, init_group=True, timeout=600)[0]
 
 
+@pytest.fixture(scope="module")
+def ddp_results() -> dict[str, str | float]:
+    names = sorted(s.name for s in list_optimizers())
+    return run_ranks(w.equivalence, 2, names, 5, "ddp", init_group=True, timeout=600)[0]
+
+
+@pytest.mark.parametrize("name", sorted(s.name for s in list_optimizers()))
+def test_ddp_run_equals_one_process(name: str, ddp_results) -> None:
+    """Under DDP every rank steps the whole (replicated) parameters with averaged gradients:
+    every method, Hessian-vector ones included, equals one process."""
+    got = ddp_results[name]
+    assert not isinstance(got, str), got
+    assert got <= TOLERANCE.get(name, 1e-10), f"{name}: DDP parameters differ by {got:.3g}"
+
+
+def test_hsdp_two_dimensional_mesh_equals_one_process() -> None:
+    """FSDP2 on a (replicate, shard) mesh: the owner plan and Dion use the shard dimension."""
+    got = run_ranks(w.equivalence, 2, ["adamw", "muon", "dion", "adafactor"], 5, "hsdp",
+                    init_group=True, timeout=300)[0]
+    for name, diff in got.items():
+        assert not isinstance(diff, str), (name, diff)
+        assert diff <= TOLERANCE.get(name, 1e-10), (name, diff)
+
+
 @pytest.mark.parametrize("name", sorted(s.name for s in list_optimizers()))
 def test_sharded_run_equals_one_process(name: str, sharded_results) -> None:
     got = sharded_results[name]

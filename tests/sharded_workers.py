@@ -126,6 +126,11 @@ def nonfinite(name: str, policy: str, value: float) -> dict[str, Any]:
     return result
 
 
+def nonfinite_cases(cases: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """:func:`nonfinite` for each ``(name, policy, "nan" or "inf")``."""
+    return [nonfinite(name, policy, float(value)) for name, policy, value in cases]
+
+
 def _flat_state(opt: Any) -> dict[str, torch.Tensor]:
     return {f"{i}/{k}": v for i, st in enumerate(opt.state.values()) for k, v in st.items()
             if isinstance(v, torch.Tensor)}
@@ -180,10 +185,10 @@ def checkpoint_run(name: str, folder: str, save_at: int, steps: int, mode: str,
     return [full(p).detach().numpy().copy() for p in model.parameters()]
 
 
-def checkpoint_all(names: list[str], folder: str, save_at: int, steps: int, mode: str
-                   ) -> dict[str, list[Any]]:
+def checkpoint_all(names: list[str], folder: str, save_at: int, steps: int, mode: str,
+                   sharded: bool = True) -> dict[str, list[Any]]:
     """:func:`checkpoint_run` for each optimizer in ``names`` (a sub-folder each)."""
-    return {name: checkpoint_run(name, f"{folder}/{name}", save_at, steps, mode)
+    return {name: checkpoint_run(name, f"{folder}/{name}", save_at, steps, mode, sharded)
             for name in names}
 
 

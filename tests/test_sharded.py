@@ -69,19 +69,26 @@ def test_sharded_run_equals_one_process(name: str, sharded_results) -> None:
     assert got <= limit, f"{name}: sharded parameters differ by {got:.3g} after {STEPS} steps"
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_bad_shard_raises_on_every_rank_and_changes_nothing(name: str, value: float) -> None:
-    results = run_ranks(w.nonfinite, 2, name, "raise", value, init_group=True, timeout=120)
-    for r in results:
+NONFINITE = [(name, "raise", value) for name in ("adamw", "muon") for value in ("nan", "inf")
+             ] + [("muon", "skip", "nan")]
+
+
+@pytest.fixture(scope="module")
+def nonfinite_results() -> dict[tuple[str, str, str], list[dict]]:
+    """Each case's result on each rank (one pair of processes for all cases)."""
+    per_rank = run_ranks(w.nonfinite_cases, 2, NONFINITE, init_group=True, timeout=300)
+    return {case: [rank[i] for rank in per_rank] for i, case in enumerate(NONFINITE)}
+
+
+@pytest.mark.parametrize("case", [c for c in NONFINITE if c[1] == "raise"], ids=str)
+def test_bad_shard_raises_on_every_rank_and_changes_nothing(case, nonfinite_results) -> None:
+    for r in nonfinite_results[case]:
         assert r["error"] is not None and "non-finite gradient in 1.weight" in r["error"], r
         assert r["unchanged"] and r["state_unchanged"], r
 
 
-def test_bad_shard_skips_on_every_rank() -> None:
-    results = run_ranks(w.nonfinite, 2, "muon", "skip", float("nan"), init_group=True,
-                        timeout=120)
-    for r in results:
+def test_bad_shard_skips_on_every_rank(nonfinite_results) -> None:
+    for r in nonfinite_results[("muon", "skip", "nan")]:
         assert r["error"] is None and r["skipped"] == 1, r
         assert r["unchanged"] and r["state_unchanged"], r
 
@@ -106,24 +113,33 @@ def test_distributed_checkpoint_resumes_bit_exactly(name: str, resumed_runs) -> 
         assert (a == b).all(), f"{name}: resumed run differs from the uninterrupted one"
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon", "dion"])
-def test_checkpoints_reshard_between_one_and_two_processes(name: str, tmp_path) -> None:
-    two = str(tmp_path / "two")
-    whole = run_ranks(w.checkpoint_run, 2, name, two, 3, 6, "save", init_group=True,
-                      timeout=120)[0]
-    one = run_ranks(w.checkpoint_run, 1, name, two, 3, 6, "load", sharded=False,
-                    timeout=120)[0]  # a 2-rank checkpoint into one plain process
-    for a, b in zip(whole, one):
-        numpy.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE.get(name, 1e-12))
-    single = str(tmp_path / "one")
-    run_ranks(w.checkpoint_run, 1, name, single, 3, 6, "save", sharded=False, timeout=120)
-    spread = run_ranks(w.checkpoint_run, 2, name, single, 3, 6, "load", init_group=True,
-                       timeout=120)[0]  # a one-process checkpoint into 2 ranks
-    for a, b in zip(whole, spread):
-        numpy.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE.get(name, 1e-12))
-    plain = run_ranks(w.checkpoint_run, 2, name, single, 3, 6, "load_plain", init_group=True,
-                      timeout=120)[0]  # a torch.save'd one-process state_dict into 2 ranks
-    for a, b in zip(whole, plain):
+RESHARDED = ["adamw", "muon", "dion"]
+
+
+@pytest.fixture(scope="module")
+def resharded_runs(tmp_path_factory) -> dict[str, dict]:
+    """The uninterrupted 2-rank runs, and their continuations after a reshard: a 2-rank
+    checkpoint into one plain process, a one-process DCP checkpoint into 2 ranks, and a
+    torch.save'd one-process state_dict into 2 ranks."""
+    root = tmp_path_factory.mktemp("reshard")
+    two, one = str(root / "two"), str(root / "one")
+    out = {"whole": run_ranks(w.checkpoint_all, 2, RESHARDED, two, 3, 6, "save",
+                              init_group=True, timeout=300)[0]}
+    out["2->1"] = run_ranks(w.checkpoint_all, 1, RESHARDED, two, 3, 6, "load", sharded=False,
+                            timeout=300)[0]
+    run_ranks(w.checkpoint_all, 1, RESHARDED, one, 3, 6, "save", sharded=False, timeout=300)
+    out["1->2"] = run_ranks(w.checkpoint_all, 2, RESHARDED, one, 3, 6, "load",
+                            init_group=True, timeout=300)[0]
+    out["plain->2"] = run_ranks(w.checkpoint_all, 2, RESHARDED, one, 3, 6, "load_plain",
+                                init_group=True, timeout=300)[0]
+    return out
+
+
+@pytest.mark.parametrize("route", ["2->1", "1->2", "plain->2"])
+@pytest.mark.parametrize("name", RESHARDED)
+def test_checkpoints_reshard_between_one_and_two_processes(name: str, route: str,
+                                                           resharded_runs) -> None:
+    for a, b in zip(resharded_runs["whole"][name], resharded_runs[route][name]):
         numpy.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE.get(name, 1e-12))
 
 

@@ -153,6 +153,7 @@ def roundtrip(obj):
 # Learning rates at which each method makes steady progress on the toy problems (sign and
 # normalised methods take fixed-size steps, so they need smaller rates than SGD).
 CONVERGENCE_LR = {
+    "adafisher": 1e-2, "adafisherw": 1e-2,
     "ranger21": 0.05,
     "sgd": 0.05, "signum": 0.01, "lion": 0.01, "adafactor": 0.05, "came": 0.01,
     "adamuon": 0.1, "namo": 0.1, "namo_d": 0.1, "auon": 0.2,
@@ -175,6 +176,7 @@ def convergence_lr(name: str) -> float:
 
 # Rosenbrock from (-1.5, 2) over 1000 steps: a rate in each method's working range.
 ROSENBROCK_LR = {
+    "adafisher": 1e-3, "adafisherw": 1e-3,
     "ranger21": 0.1,
     "sgd": 1e-3, "mars": 1e-3, "adabelief": 1e-2, "adan": 1e-2, "adafactor": 1e-2,
     "lion": 1e-2, "grams": 1e-1, "sgd_sai": 1e-3, "polargrad": 2e-3,

@@ -16,6 +16,18 @@ import torch.distributed as dist
 from torch import nn
 
 VOCAB, CLASSES = 10, 7
+#: methods whose model hooks refuse LayerNorm (AdaFisher): its parameters go to AdamW
+ROUTE_LAYERNORM = {"adafisher", "adafisherw"}
+
+
+def options(name: str) -> dict[str, Any]:
+    """``create_optimizer`` arguments of ``name`` on the tiny model."""
+    from tests.helpers import TEST_HPARAMS
+
+    hp = dict(TEST_HPARAMS.get(name, {}))
+    if name in ROUTE_LAYERNORM:
+        hp["rules"] = [(nn.LayerNorm, "adamw")]
+    return hp
 
 
 def tiny_model() -> nn.Module:
@@ -77,15 +89,14 @@ def equivalence(names: list[str], steps: int, mode: str = "fsdp") -> dict[str, s
     the plain run of each optimizer after ``steps`` steps, or the error the distributed run
     raised."""
     from llmvalley.optim import create_optimizer
-    from tests.helpers import TEST_HPARAMS
 
     out: dict[str, str | float] = {}
     for name in names:
         plain = tiny_model()
         runner, sharded = wrap(tiny_model(), mode)
-        hp = TEST_HPARAMS.get(name, {})
+        hp = options(name)
         ref = create_optimizer(name, plain, **hp)
-        try:
+        try:  # (AdaFisher refuses sharded parameters when it hooks the model)
             opt = create_optimizer(name, sharded, **hp)
             torch.manual_seed(1)  # the same global stream for both runs (Dion's random Q)
             train(runner, opt, range(steps))
@@ -161,12 +172,11 @@ def checkpoint_run(name: str, folder: str, save_at: int, steps: int, mode: str,
     to ``steps``; ``mode="load"``: load ``folder`` into a fresh model and optimizer and train
     from ``save_at`` to ``steps``. Returns the final whole parameters (numpy arrays)."""
     from llmvalley.optim import create_optimizer
-    from tests.helpers import TEST_HPARAMS
 
     model = tiny_model()
     if sharded:
         model = shard(model)
-    opt = create_optimizer(name, model, **TEST_HPARAMS.get(name, {}))
+    opt = create_optimizer(name, model, **options(name))
     if mode == "save":
         train(model, opt, range(save_at))
         _dcp_save(model, opt, Path(folder))
@@ -201,3 +211,17 @@ def state_bytes_report(name: str) -> dict[str, int]:
     opt = create_optimizer(name, model)
     train(model, opt, range(1))
     return {"local": state_bytes(opt), "global": global_state_bytes(opt)}
+
+
+def ddp_replica(name: str, steps: int) -> list[Any]:
+    """Parameters after ``steps`` DDP steps in which each rank sees its own batches (as data
+    parallelism does): the replicas must stay identical."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from llmvalley.optim import create_optimizer
+
+    model = tiny_model()
+    runner = DistributedDataParallel(model)
+    opt = create_optimizer(name, model, **options(name))
+    train(runner, opt, range(1000 * dist.get_rank(), 1000 * dist.get_rank() + steps))
+    return [p.detach().numpy().copy() for p in model.parameters()]

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
 
 #: methods documented as unable to run sharded, with the reason their error gives
-UNSUPPORTED = {"adahessian": "Hessian-vector", "sophia_h": "Hessian-vector"}
+UNSUPPORTED = {"adahessian": "Hessian-vector", "sophia_h": "Hessian-vector",
+               "adafisher": "FSDP2-sharded", "adafisherw": "FSDP2-sharded"}
 STEPS = 20
 #: Dion's P = M Q is rank-deficient on these layers (LayerNorm makes the gradients' rows sum
 #: to zero), so its orthonormal completion follows rounding: one-ulp differences in the shard
@@ -148,3 +149,11 @@ def test_state_bytes_local_and_global() -> None:
     # adamw keeps two float64 moments per element: 8 * 2 * (60 + 30 + 5 + 5 + 5 + 35)
     assert sum(r["local"] for r in reports) == 16 * 140
     assert all(r["global"] == 16 * 140 for r in reports)
+
+
+def test_adafisher_replicas_agree_under_ddp_with_their_own_batches() -> None:
+    """AdaFisher's hooked statistics are averaged over the data-parallel ranks, so replicas
+    that see different batches still take the same step."""
+    ranks = run_ranks(w.ddp_replica, 2, "adafisher", 12, init_group=True, timeout=120)
+    for a, b in zip(*ranks):
+        assert (a == b).all()

@@ -66,7 +66,12 @@ def create_optimizer(
             fallback_decay_keys=get_spec(fallback).decay_keys if fallback else (),
             rules=(*rules, *spec.rules), no_decay=no_decay, matrix_ndim=matrix_ndim,
         )
-        return ChainOptimizer(groups, spec, **hparams)
+        optimizer = ChainOptimizer(groups, spec, **hparams)
+        attached = {id(optimizer.spec(g)): optimizer.spec(g) for g in optimizer.param_groups}
+        for group_spec in attached.values():  # methods that hook the model (AdaFisher)
+            if group_spec.attach is not None:
+                group_spec.attach(optimizer, model_or_params)
+        return optimizer
     return ChainOptimizer(model_or_params, spec, **hparams)
 
 

@@ -37,16 +37,14 @@ except ImportError:  # pragma: no cover - builds without distributed support
 
 from llmvalley.optim.transforms.base import Transform
 from llmvalley.optim.transforms.combine import chain_paths
-from llmvalley.optim.transforms.shards import ShardedShape, all_reduce_sum, shard_group, whole_shape
-
-
-def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def is_sharded(p: Tensor) -> bool:
-    """Whether ``p`` is a DTensor split across ranks (not merely replicated)."""
-    return is_dtensor(p) and any(not pl.is_replicate() for pl in p.placements)
+from llmvalley.optim.transforms.shards import (
+    ShardedShape,
+    all_reduce_sum,
+    is_dtensor,
+    is_sharded,
+    shard_group,
+    whole_shape,
+)
 
 
 def local(t: Tensor) -> Tensor:

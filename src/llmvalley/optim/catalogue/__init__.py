@@ -14,6 +14,7 @@ from __future__ import annotations
 from llmvalley.optim.catalogue import (
     adaptive_variants,
     established,
+    fisher,
     hessian,
     kronecker,
     lowrank,
@@ -26,7 +27,7 @@ from llmvalley.optim.catalogue import (
 from llmvalley.optim.catalogue.entry import Entry, Paper
 
 _MODULES = [established, adaptive_variants, stability, schedule_free, wrappers, lowrank,
-            subspace, kronecker, hessian, ranger]
+            subspace, kronecker, hessian, ranger, fisher]
 
 
 def _merge() -> dict[str, Entry]:

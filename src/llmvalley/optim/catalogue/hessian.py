@@ -1,10 +1,7 @@
 """Catalogue entries: Hessian-based methods: Sophia (G and H), AdaHessian.
 
-AdaFisher (Gomes et al., arXiv 2405.16397) is not registered: its Kronecker factors are the
-diagonals of layer-input and output-gradient covariances, collected by forward and full-backward
-hooks on ``Linear``/``Conv2d``/``BatchNorm2d``/``LayerNorm`` modules and matched to parameters
-by their position in ``model.parameters()``. An optimizer over parameters never sees those
-activations, and the curvature protocol hands transforms parameter gradients only.
+AdaFisher is in :mod:`llmvalley.optim.catalogue.fisher` (its statistics come from module
+hooks that ``create_optimizer`` attaches).
 
 ARC-LSR1 (Ranganath, Singhal, Marcia, arXiv 2502.12298) is not registered yet: its memory size
 and its acceptance and regularisation thresholds (eta1, eta2, gamma1, gamma2, the initial

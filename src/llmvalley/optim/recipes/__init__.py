@@ -10,6 +10,7 @@ from llmvalley.optim.recipes import (
     adaptive_variants,
     classical,
     factored,
+    fisher,
     hessian,
     kronecker,
     lowrank,
@@ -28,5 +29,5 @@ ALL_SPECS = [
     *classical.SPECS, *adaptive.SPECS, *sign.SPECS, *factored.SPECS, *matrix.SPECS,
     *normalized.SPECS, *rotated.SPECS, *adaptive_variants.SPECS, *stability.SPECS,
     *schedule_free.SPECS, *wrappers.SPECS, *lowrank.SPECS, *subspace.SPECS, *kronecker.SPECS,
-    *hessian.SPECS, *ranger.SPECS,
+    *hessian.SPECS, *ranger.SPECS, *fisher.SPECS,
 ]

@@ -1,8 +1,9 @@
 """Hessian-based methods: Sophia (G and H) and AdaHessian.
 
 Each needs more than the step's gradient: a curvature estimate through the shell's protocol
-(:meth:`~llmvalley.optim.shell.ChainOptimizer.curvature_request`). AdaFisher and ARC-LSR1 are
-not here: see :mod:`llmvalley.optim.catalogue.hessian`.
+(:meth:`~llmvalley.optim.shell.ChainOptimizer.curvature_request`). AdaFisher is in
+:mod:`llmvalley.optim.recipes.fisher`; ARC-LSR1 is not registered (see
+:mod:`llmvalley.optim.catalogue.hessian`).
 """
 
 from __future__ import annotations

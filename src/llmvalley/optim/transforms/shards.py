@@ -12,6 +12,20 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
+try:  # DTensor is public since torch 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - builds without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def is_sharded(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor split across ranks (not merely replicated)."""
+    return is_dtensor(p) and any(not pl.is_replicate() for pl in p.placements)
+
 
 class ShardedShape(tuple):
     """The shape a transform works on for one rank's shard of a sharded parameter: the local

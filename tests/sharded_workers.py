@@ -96,7 +96,7 @@ def equivalence(names: list[str], steps: int, mode: str = "fsdp") -> dict[str, s
         runner, sharded = wrap(tiny_model(), mode)
         hp = options(name)
         ref = create_optimizer(name, plain, **hp)
-        try:  # (AdaFisher refuses sharded parameters when it hooks the model)
+        try:
             opt = create_optimizer(name, sharded, **hp)
             torch.manual_seed(1)  # the same global stream for both runs (Dion's random Q)
             train(runner, opt, range(steps))

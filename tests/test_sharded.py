@@ -20,8 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
 
 #: methods documented as unable to run sharded, with the reason their error gives
-UNSUPPORTED = {"adahessian": "Hessian-vector", "sophia_h": "Hessian-vector",
-               "adafisher": "FSDP2-sharded", "adafisherw": "FSDP2-sharded"}
+UNSUPPORTED = {"adahessian": "Hessian-vector", "sophia_h": "Hessian-vector"}
 STEPS = 20
 #: Dion's P = M Q is rank-deficient on these layers (LayerNorm makes the gradients' rows sum
 #: to zero), so its orthonormal completion follows rounding: one-ulp differences in the shard

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from llmvalley.optim.transforms.base import SlotSpec, StepContext, Transform
-from llmvalley.optim.transforms.shards import is_sharded
 
 #: module class names the official code hooks whose statistics are implemented here
 SUPPORTED = ("Linear",)
@@ -127,7 +126,7 @@ class FisherHooks:
                   if _runs_adafisher(optimizer, g)}
         owners: dict[int, set[str]] = {}
         for module in model.modules():
-            kind = type(module).__name__
+            kind = module_kind(module)
             if kind in NOT_IMPLEMENTED and any(id(p) in groups for p in
                                                module.parameters(recurse=False)):
                 raise ValueError(
@@ -138,16 +137,11 @@ class FisherHooks:
             for p in module.parameters(recurse=False):
                 owners.setdefault(id(p), set()).add(kind)
         for module in model.modules():
-            if type(module).__name__ not in SUPPORTED or not isinstance(module, nn.Linear):
+            if module_kind(module) not in SUPPORTED or not isinstance(module, nn.Linear):
                 continue
             weight, bias = module.weight, module.bias
             if id(weight) not in groups or owners[id(weight)] != {"Linear"}:
                 continue  # not ours, or tied to an embedding: the F = 1 fallback
-            if is_sharded(weight):
-                raise NotImplementedError(
-                    "adafisher: FSDP2-sharded parameters are not supported (its hooks capture "
-                    "whole-layer statistics that the owner of each sharded matrix would have to "
-                    "gather); use DDP, or one process")
             targets = [(weight, groups[id(weight)], slice(None, -1) if bias is not None
                         else slice(None))]
             if bias is not None and id(bias) in groups:
@@ -196,6 +190,12 @@ class FisherHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+def module_kind(module: nn.Module) -> str:
+    """The module's class name as the official code matches it; FSDP2's ``fully_shard``
+    renames the class (``FSDPLinear``), which is still the same layer."""
+    return type(module).__name__.removeprefix("FSDP")
 
 
 def _runs_adafisher(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> bool:

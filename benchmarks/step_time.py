@@ -7,6 +7,10 @@ router (hidden matrices to the method, the rest to AdamW), as users would.
 
     python benchmarks/step_time.py                      # CPU, LLaMA d=512 x 4 layers
     python benchmarks/step_time.py --device cuda --layers 8 --markdown
+    python benchmarks/step_time.py --compiled --only adamw,lion   # + implementation="compiled"
+
+With ``--compiled`` each method is also timed with ``implementation="compiled"`` (its
+compile time, spent in the warm-up steps, is excluded from the step time and reported apart).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 import llmvalley
+from llmvalley.optim.compiled import compile_stats
 
 
 class LlamaShapedParams(nn.Module):
@@ -124,6 +129,8 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--bytes-only", action="store_true",
                         help="print only the state bytes per parameter by precision")
+    parser.add_argument("--compiled", action="store_true",
+                        help='also time implementation="compiled" (compile time apart)')
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -145,13 +152,19 @@ def main() -> None:
         variants = [(name, {})]
         if name in ("adam", "adamw"):
             variants.append((f"{name} (fused=False)", {"fused": False}))
+        if args.compiled:
+            variants.append((f"{name} (compiled)", {"implementation": "compiled"}))
         for label, kw in variants:
             opt = llmvalley.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **kw)
+            # the compiled tier compiles at its second step: two warm-up steps at least
+            warmup = max(args.warmup, 2) if "implementation" in kw else args.warmup
             fused, foreach, t = time_interleaved([fused_opt, foreach_opt, opt], args.device,
-                                                 args.warmup, args.reps)
+                                                 warmup, args.reps)
             fused_all.append(fused)
             foreach_all.append(foreach)
-            rows.append((label, t, t / fused, t / foreach, llmvalley.state_bytes(opt) / n_params))
+            compile_s = compile_stats(opt).seconds if "implementation" in kw else None
+            rows.append((label, t, t / fused, t / foreach, llmvalley.state_bytes(opt) / n_params,
+                         compile_s))
             del opt
     fused, foreach = statistics.median(fused_all), statistics.median(foreach_all)
 
@@ -163,15 +176,22 @@ def main() -> None:
               "(medians over the paired runs; each ratio is against the peers timed "
               "round-robin with that optimizer, minimum of the repetitions)")
     print(header)
+    def compile_cell(c: float | None) -> str:
+        return "" if c is None else f"{c:.1f}"
+
     if args.markdown:
-        print("\n| optimizer | ms/step | vs fused AdamW | vs foreach AdamW | state bytes/param |")
-        print("|---|---:|---:|---:|---:|")
-        for label, t, r1, r2, b in rows:
-            print(f"| {label} | {t * 1e3:.1f} | {r1:.2f}x | {r2:.2f}x | {b:.2f} |")
+        print("\n| optimizer | ms/step | vs fused AdamW | vs foreach AdamW | state bytes/param "
+              "| compile s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, t, r1, r2, b, c in rows:
+            print(f"| {label} | {t * 1e3:.1f} | {r1:.2f}x | {r2:.2f}x | {b:.2f} "
+                  f"| {compile_cell(c)} |")
     else:
-        print(f"{'optimizer':24} {'ms/step':>9} {'vs fused':>9} {'vs foreach':>10} {'B/param':>8}")
-        for label, t, r1, r2, b in rows:
-            print(f"{label:24} {t * 1e3:9.1f} {r1:8.2f}x {r2:9.2f}x {b:8.2f}")
+        print(f"{'optimizer':28} {'ms/step':>9} {'vs fused':>9} {'vs foreach':>10} "
+              f"{'B/param':>8} {'compile s':>9}")
+        for label, t, r1, r2, b, c in rows:
+            print(f"{label:28} {t * 1e3:9.1f} {r1:8.2f}x {r2:9.2f}x {b:8.2f} "
+                  f"{compile_cell(c):>9}")
 
 
 if __name__ == "__main__":

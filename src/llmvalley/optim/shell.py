@@ -22,6 +22,13 @@ unless a group sets its own:
 - ``master_weights`` (bf16/fp16 parameters): ``None`` (default) updates through a float32
   working copy rounded to nearest, as torch.optim does; ``True`` keeps a float32 master copy in
   the state (``master_weight``); ``False`` rounds stochastically, with no copy.
+- ``implementation``, the execution tier (:func:`~llmvalley.optim.spec.execution_tier`):
+  ``"foreach"`` (the transform chain, ``torch._foreach_*`` calls), ``"compiled"`` (the chain
+  and the write compiled with ``torch.compile``, :mod:`llmvalley.optim.compiled`),
+  ``"fused"`` (a kernel computing the same math: torch's fused Adam for adam/adamw; other
+  recipes raise) and ``"auto"`` (default): fused where the recipe has a kernel and no shell
+  option changes the chain, else foreach; never compiled unless asked (no first-step
+  compile). adam/adamw's ``fused=False`` means foreach, ``fused=True`` fused.
 
 State is declared by the transforms and created at a parameter's first step (the skipped
 steps of ``nonfinite="skip"`` create nothing); :meth:`ChainOptimizer.init_state` creates it
@@ -31,6 +38,7 @@ exist yet, so it is right before training starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -39,10 +47,23 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys, is_plain
+from llmvalley.optim.sharded import (
+    OwnerPlan,
+    chain_is_elementwise,
+    chain_runs_on_rows,
+    is_dtensor,
+    is_sharded,
+    local,
+    local_state,
+    replicated_keys,
+    sharded_shape,
+    store_local_state,
+    sum_over_shards,
+)
 from llmvalley.optim.spec import SHELL_DEFAULTS, SHELL_KEYS, OptimizerSpec, spec_from_chain
 from llmvalley.optim.state import ABSMAX, Codec, stochastic_round
 from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform
-from llmvalley.optim.transforms.combine import call_bound, chain_slots, run_chain
+from llmvalley.optim.transforms.combine import call_bound, chain_paths, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -95,6 +116,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._shell = {k: hparams[k] for k in SHELL_KEYS if k in hparams}
         self.skipped_steps = 0
         self._names: dict[int, str] = {}
+        # sharded parameters (llmvalley.optim.sharded): the whole tensors of an owner-plan
+        # step, the local state views to store back, and the cached owner plan
+        self._views: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._shard_views: list[tuple[Tensor, dict[str, Any], dict[str, Any], set[str]]] = []
+        self._plan: tuple[tuple[int, ...], OwnerPlan] | None = None
+        self._positions: dict[int, int] = {}
+        self.compile_seconds = 0.0  # time spent compiling (implementation="compiled")
         super().__init__(params, defaults)
 
     # ---- groups -------------------------------------------------------------------------
@@ -150,32 +178,43 @@ class ChainOptimizer(torch.optim.Optimizer):
         return name if name is not None else f"parameter of shape {tuple(p.shape)}"
 
     # ---- state ----------------------------------------------------------------------------
-    def _declared(self, group: Mapping[str, Any], p: Tensor):
-        """``(key, slot)`` of every slot declared for ``p`` by its group's full chain."""
+    def _declared(self, group: Mapping[str, Any], p: Tensor, shape: tuple[int, ...] | None = None):
+        """``(key, slot)`` of every slot declared for ``p`` (worked on in ``shape``, by default
+        its own) by its group's full chain."""
         spec = self.spec(group)
         chain, keys = chain_and_keys(spec, group)
         name = self._names.get(id(p), "")
         out = []
         if p.numel() == 0:
             return out
-        for owner, slot in chain_slots(chain, tuple(p.shape), group, name):
+        shape = tuple(p.shape) if shape is None else shape  # a ShardedShape stays one
+        for owner, slot in chain_slots(chain, shape, group, name):
             out.append((keys.get(id(owner), {}).get(slot.name, slot.name), slot))
         return out
 
     def _materialize(self, group: Mapping[str, Any], p: Tensor, codec: Codec,
-                     created: set | None = None) -> dict[str, Any]:
+                     created: set | None = None, value: Tensor | None = None,
+                     shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """The state of ``p``, its declared slots created (as zeros) when missing. ``value``
+        is the tensor the step works on (a local shard, or the whole tensor on its owner),
+        whose shape the slots take (``shape``: a :class:`ShardedShape` for a shard). State
+        created ahead of the first step
+        (:meth:`init_state`) still counts as fresh at that step."""
         st = self.state[p]
+        value = local(p) if value is None else value
         if "step" in st:
+            if st["step"] == 0 and created is not None:
+                created.update((id(st), k) for k in st if k != "step")
             return st
         st["step"] = 0
         dtype = compute_dtype(p)
-        for key, slot in self._declared(group, p):
+        for key, slot in self._declared(group, p, value.shape if shape is None else shape):
             if key not in st:
-                codec.create(st, key, slot, dtype, p.device)
+                codec.create(st, key, slot, dtype, value.device)
                 if created is not None:
                     created.add((id(st), key))
         if self._uses_master(group, p):
-            st[MASTER] = p.detach().to(torch.float32, copy=True)
+            st[MASTER] = value.detach().to(torch.float32, copy=True)
         return st
 
     @staticmethod
@@ -185,23 +224,49 @@ class ChainOptimizer(torch.optim.Optimizer):
     def init_state(self) -> None:
         """Create every parameter's declared state now (zeros, step 0), e.g. before a
         distributed checkpoint is loaded into it. Otherwise it is created at the first step."""
+        plan = self.owner_plan()
+        wholes: dict[int, list[Tensor]] = {}
+        if plan is not None:  # collective: the owners get the whole values (master weights)
+            moving = [p for g in self.param_groups for p in g["params"]
+                      if p.numel() > 0 and self._needs_owner(g, p)]
+            wholes = plan.gather(moving, [moving])
         for group in self.param_groups:
             codec = _codec(group)
             for p in group["params"]:
-                self._materialize(group, p, codec)
+                shape = self._stored_shape(group, p, plan)
+                if shape is None:  # another rank owns it: this one only counts its steps
+                    self.state[p].setdefault("step", 0)
+                    continue
+                whole = wholes.get(id(p))
+                st = self._materialize(group, p, codec, value=whole[0] if whole else None,
+                                       shape=None if whole else shape)
+                if is_dtensor(p) and whole is None:
+                    store_local_state(st, dict(st), p, self._replicated(group))
+
+    def _stored_shape(self, group: Mapping[str, Any], p: Tensor, plan: OwnerPlan | None
+                      ) -> torch.Size | None:
+        """The shape this rank keeps ``p``'s state in: the whole tensor's on its owner, the
+        local shard's for element-wise groups, None when another rank owns it."""
+        if p.numel() > 0 and self._needs_owner(group, p):
+            assert plan is not None
+            return p.shape if plan.owns(p) else None
+        return sharded_shape(p, self.param_name(p))
 
     def planned_state_bytes(self) -> int:
         """Bytes of declared state that does not exist yet (see :func:`state_bytes`)."""
         total = 0
+        plan = self.owner_plan()
         for group in self.param_groups:
             codec = _codec(group)
             for p in group["params"]:
-                if "step" in self.state.get(p, {}):
+                shape = self._stored_shape(group, p, plan)
+                if "step" in self.state.get(p, {}) or shape is None:
                     continue
                 dtype = compute_dtype(p)
-                total += sum(codec.nbytes(k, s, dtype) for k, s in self._declared(group, p))
+                total += sum(codec.nbytes(k, s, dtype)
+                             for k, s in self._declared(group, p, shape))
                 if self._uses_master(group, p):
-                    total += 4 * p.numel()
+                    total += 4 * math.prod(shape)
         return total
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -258,6 +323,26 @@ class ChainOptimizer(torch.optim.Optimizer):
                     state[key] = value.reshape(slot.shape)
                 codec.convert(state, key, slot, compute_dtype(p))
             self.state[p] = state
+        self._settle_owned_state()
+
+    def _settle_owned_state(self) -> None:
+        """State loaded as DTensors (a full state dict set by ``set_state_dict``) for sharded
+        parameters that are stepped whole: the owner rank keeps whole tensors, the others drop
+        them. Collective when there is any (every rank loads the same keys then)."""
+        plan = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st or not (p.numel() > 0 and self._needs_owner(group, p)):
+                    continue
+                plan = plan or self.owner_plan()
+                assert plan is not None
+                for k in sorted(k for k, v in st.items() if is_dtensor(v)):
+                    whole = st[k].full_tensor()
+                    if plan.owns(p):
+                        st[k] = whole
+                    else:
+                        del st[k]
 
     # ---- step -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -291,8 +376,13 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{group['optimizer']} needs the loss: call step(closure) or "
                     "step(loss=loss)")
-        norms = GradNorms([p.grad for _, params in work for p in params])
-        found = find_nonfinite([(g, ps) for g, ps in work if g["nonfinite"] != "ignore"], norms)
+        flat = [p for _, params in work for p in params]
+        norms = GradNorms([p.grad for p in flat], flat)
+        checked = [(g, ps) for g, ps in work if g["nonfinite"] != "ignore"]
+        found = find_nonfinite(checked, norms)
+        sharded = any(is_sharded(p) for p in flat)
+        if sharded:  # every rank takes the same decision on the same parameter
+            found = _agree(checked, found)
         if found is not None:
             group, params, bad = found
             if group["nonfinite"] == "skip":
@@ -305,12 +395,87 @@ class ChainOptimizer(torch.optim.Optimizer):
         loss_tensor = None
         if loss is not None:
             loss_tensor = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
-        if any(self._barrier(group) is not None for group, _ in work):
-            self._step_shared(work, loss_tensor, norms)
-            return loss
-        for group, params in work:
-            self._step_group(group, params, loss_tensor, norms)
+        shared = any(self._barrier(group) is not None for group, _ in work)
+        moving = self._gather_owned(work) if sharded else []
+        if moving:  # each rank steps the whole tensors it owns, plus its local shards
+            kept = []
+            for g, ps in work:
+                mine = [(i, p) for i, p in enumerate(ps)
+                        if id(p) in self._views or not self._needs_owner(g, p)]
+                self._positions.update((id(p), i) for i, p in mine)
+                kept.append((g, [p for _, p in mine]))
+            work = kept
+        try:
+            if shared:
+                self._step_shared(work, loss_tensor, norms, reduce=sharded)
+            else:
+                for group, params in work:
+                    if params:
+                        self._step_group(group, params, loss_tensor, norms)
+            self._store_shard_views()
+            if moving:
+                assert self._plan is not None
+                self._plan[1].scatter(moving, {k: v[0] for k, v in self._views.items()})
+        finally:
+            self._views.clear()
+            self._shard_views.clear()
+            self._positions.clear()
         return loss
+
+    # ---- sharded parameters (llmvalley.optim.sharded) -------------------------------------
+    def _needs_owner(self, group: Mapping[str, Any], p: Tensor) -> bool:
+        """Whether sharded ``p`` is stepped whole on an owner rank: its group's chain is not
+        element-wise, or its state or parameter is rounded in ways tied to whole tensors."""
+        if not is_sharded(p):
+            return False
+        codec, chain = _codec(group), self._chain(group)
+        on_shards = chain_is_elementwise(chain) or (
+            chain_runs_on_rows(chain) and getattr(sharded_shape(p), "dim", None) == 0)
+        return (not on_shards or codec.default is not None or bool(codec.by_slot)
+                or (group.get("master_weights") is False and p.dtype in LOW_PRECISION))
+
+    def owner_plan(self) -> OwnerPlan | None:
+        """The plan that assigns each sharded parameter needing whole tensors to an owner
+        rank (None when there is none); rebuilt when the parameter groups change."""
+        members, bundles = [], []
+        for k, g in enumerate(self.param_groups):
+            whole = any(t.whole_group for path in chain_paths(self._chain(g)) for t in path)
+            for p in g["params"]:
+                if p.numel() > 0 and self._needs_owner(g, p):
+                    members.append(p)
+                    bundles.append(k if whole else None)
+        if not members:
+            return None
+        key = tuple(id(p) for p in members)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, OwnerPlan(members, [self.param_name(p) for p in members],
+                                         bundles))
+        return self._plan[1]
+
+    def _gather_owned(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> list[Tensor]:
+        """Send the shards of the parameters needing whole tensors (and their gradients) to
+        their owners; the owners' whole tensors become this step's views. Non-owners only
+        count the step. Returns the parameters moved (for the scatter after the step)."""
+        plan = self.owner_plan()
+        if plan is None:
+            return []
+        moving = [p for g, ps in work for p in ps if self._needs_owner(g, p)]
+        for g, ps in work:
+            if any(t.curvature == "hessian_vector" for t in self._chain(g)) \
+                    and any(self._needs_owner(g, p) for p in ps):
+                raise NotImplementedError(
+                    f"{g['optimizer']}: Hessian-vector curvature is not supported on sharded "
+                    "parameters (FSDP2's reduce-scattered gradients carry no graph to "
+                    "differentiate); use Sophia-G, or run unsharded")
+        wholes = plan.gather(moving, [[p.grad for p in moving], moving])
+        for p in moving:
+            if id(p) in wholes:
+                grad, value = wholes[id(p)]
+                self._views[id(p)] = (value, grad)
+            else:
+                st = self.state[p]
+                st["step"] = st.get("step", 0) + 1
+        return moving
 
     def _chain(self, group: Mapping[str, Any]) -> list[Transform]:
         return chain_and_keys(self.spec(group), group)[0]
@@ -321,17 +486,26 @@ class ChainOptimizer(torch.optim.Optimizer):
         ``count``) and the working tensors (master weights, or compute-dtype copies) the
         shell writes back. ``grads=None`` uses the parameters' ``.grad``."""
         codec = _codec(group)
-        working, gs, states, steps, dtypes = [], [], [], [], []
+        created = created if created is not None else set()
+        working, gs, states, steps, dtypes, shapes = [], [], [], [], [], []
         for i, p in enumerate(params):
-            st = self._materialize(group, p, codec, created)
+            value, g = self._view(p, None if grads is None else grads[i])
+            shard = is_dtensor(p) and value is not self._views.get(id(p), (None,))[0]
+            shape = sharded_shape(p, self.param_name(p)) if shard else value.shape
+            st = self._materialize(group, p, codec, created, value, shape)
             if count:
                 st["step"] += 1
+            if shard:
+                view = local_state(st)  # transforms work on this rank's shards of the state
+                created.update((id(view), k) for k in st if (id(st), k) in created)
+                self._shard_views.append((p, st, view, self._replicated(group)))
+                st = view
+            shapes.append(shape)
             dtype = compute_dtype(p)
             if MASTER in st:
                 working.append(st[MASTER])
             else:
-                working.append(p if p.dtype == dtype else p.detach().to(dtype))
-            g = p.grad if grads is None else grads[i]
+                working.append(value if value.dtype == dtype else value.detach().to(dtype))
             gs.append(g if g.dtype == dtype else g.to(dtype))
             states.append(st)
             steps.append(st["step"])
@@ -341,17 +515,38 @@ class ChainOptimizer(torch.optim.Optimizer):
             gs = torch._foreach_neg(gs)
         decay = self.spec(group).decay_for(group)
         ctx = StepContext(
-            params=working, grads=gs, states=states, steps=steps, group=group,
+            params=working, grads=gs, states=states, steps=steps, group=group, shapes=shapes,
             names=[self.param_name(p) for p in params], dtypes=dtypes, codec=codec,
             plan=StepPlan.default(len(params), float(group.get(decay.key, 0.0) or 0.0)),
-            created=created if created is not None else set(),
+            created=created,
             keymap=chain_and_keys(self.spec(group), group)[1],
+            positions=[self._positions.get(id(p), i) for i, p in enumerate(params)],
         )
         return ctx, working
+
+    def _view(self, p: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The tensor a step works on for ``p`` and its gradient: the whole tensor on its
+        owner rank during an owner-plan step, this rank's shard of a sharded parameter, or
+        the parameter itself."""
+        view = self._views.get(id(p))
+        if view is not None:
+            return view
+        g = p.grad if grad is None else grad
+        return local(p), (local(g) if g is not None else g)
+
+    def _store_shard_views(self) -> None:
+        """Put the state that transforms updated through local views back as DTensors."""
+        for p, st, view, replicated in self._shard_views:
+            store_local_state(st, view, p, replicated)
+        self._shard_views.clear()
+
+    def _replicated(self, group: Mapping[str, Any]) -> set[str]:
+        return replicated_keys(*chain_and_keys(self.spec(group), group))
 
     def _write_back(self, group: Mapping[str, Any], params: list[Tensor],
                     working: list[Tensor], codec: Codec) -> None:
         for i, (p, w) in enumerate(zip(params, working)):
+            p = self._view(p)[0]
             if w is p:
                 continue
             if group.get("master_weights") is False and p.dtype == torch.bfloat16:
@@ -371,13 +566,24 @@ class ChainOptimizer(torch.optim.Optimizer):
                     loss: Tensor | None = None, norms: GradNorms | None = None) -> None:
         spec = self.spec(group)
         ctx, working = self._begin(group, params, loss, norms)
-        if not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
+        # the compiled tier (llmvalley.optim.compiled): chain and write compiled
+        if group.get("implementation") == "compiled":
+            from llmvalley.optim.compiled import compiled_step
+
+            compiled_step(self, group, ctx, working)
+        elif not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
             self._apply(group, ctx, working, run_chain(self._chain(group), ctx, ctx.grads,
                                                        ctx.keymap))
         self._write_back(group, params, working, ctx.codec)
 
     def _apply(self, group: Mapping[str, Any], ctx: StepContext, working: list[Tensor],
                directions: list[Tensor]) -> None:
+        # the compiled tier: the write alone compiled (shared-stats groups)
+        if group.get("implementation") == "compiled":
+            from llmvalley.optim.compiled import compiled_apply
+
+            compiled_apply(self, group, ctx, working, directions)
+            return
         decay = self.spec(group).decay_for(group)
         apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
                    decay.scaled(group))
@@ -387,12 +593,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         return next((i for i, t in enumerate(self._chain(group)) if t.shared_stats), None)
 
     def _step_shared(self, work: list[tuple[dict[str, Any], list[Tensor]]],
-                     loss: Tensor | None, norms: GradNorms) -> None:
+                     loss: Tensor | None, norms: GradNorms, reduce: bool = False) -> None:
         """A step in two passes for methods whose statistics sum over every group: each
         group's chain runs up to its shared-stats transform, which gathers; the sums go to
-        every group as ``ctx.totals``, and the chains finish."""
+        every group as ``ctx.totals``, and the chains finish. With ``reduce`` (sharded
+        parameters) the sums are also taken over every rank."""
         staged, parts = [], []
         for group, params in work:
+            if not params:
+                continue
             b = self._barrier(group)
             if b is None:
                 self._step_group(group, params, loss, norms)
@@ -406,6 +615,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         for part in parts:
             for k, v in part.items():
                 totals[k] = totals[k] + v if k in totals else v
+        if reduce:
+            totals = _sum_over_ranks(totals)
         for group, params, ctx, working, chain, keys, b, updates in staged:
             ctx.totals = totals
             directions = run_chain(chain[b:], ctx, updates, keys)
@@ -508,8 +719,9 @@ class GradNorms:
     the non-finite screen reads them per tensor, and calling the object gives their global norm
     over every group (in float32, or float64 when a gradient is; AdaGC's warm-up)."""
 
-    def __init__(self, grads: list[Tensor]) -> None:
-        self.grads = grads
+    def __init__(self, grads: list[Tensor], params: list[Tensor] | None = None) -> None:
+        self.grads = [local(g) for g in grads]  # this rank's shards of sharded gradients
+        self.params = params
         self._norms: dict[int, Tensor] | None = None
         self.value: Tensor | None = None
 
@@ -521,7 +733,7 @@ class GradNorms:
                 by_device.setdefault(g.device, []).append(g)
             self._norms = {id(g): n for gs in by_device.values()
                            for g, n in zip(gs, torch._foreach_norm(gs))}
-        return [self._norms[id(t)] for t in tensors]
+        return [self._norms[id(local(t))] for t in tensors]
 
     def __call__(self) -> Tensor:
         if self.value is None:
@@ -529,6 +741,8 @@ class GradNorms:
             dtype = torch.float64 if any(g.dtype == torch.float64 for g in self.grads) \
                 else torch.float32
             norms = [n.to(device=device, dtype=dtype) for n in self.of(self.grads)]
+            if self.params is not None and any(is_sharded(p) for p in self.params):
+                norms = [n.sqrt() for n in sum_over_shards([n * n for n in norms], self.params)]
             self.value = torch.linalg.vector_norm(torch.stack(norms))
         return self.value
 
@@ -630,7 +844,7 @@ def find_nonfinite(work: list[tuple[Any, list[Tensor]]], norms: GradNorms | None
     2-norm can also overflow on huge finite gradients (beyond ~1e19), so a flagged step is
     confirmed element-wise before anything is reported.
     """
-    grads = [p.grad for _, params in work for p in params]
+    grads = [local(p.grad) for _, params in work for p in params]
     if not grads:
         return None
     by_device: dict[torch.device, list[Tensor]] = {}
@@ -639,10 +853,42 @@ def find_nonfinite(work: list[tuple[Any, list[Tensor]]], norms: GradNorms | None
     if all(bool(torch.stack(ns).isfinite().all()) for ns in by_device.values()):
         return None
     for group, params in work:
-        bad = first_nonfinite([p.grad for p in params])
+        bad = first_nonfinite([local(p.grad) for p in params])
         if bad is not None:
             return group, params, bad
     return None  # the norm overflowed on finite values
+
+
+def _agree(checked: list[tuple[Any, list[Tensor]]],
+           found: tuple[Any, list[Tensor], int] | None) -> tuple[Any, list[Tensor], int] | None:
+    """The first non-finite gradient over every rank (one all-reduce of an index), so that
+    each rank skips or raises on the same parameter even when only one shard holds it."""
+    import torch.distributed as dist
+
+    flat = [(g, ps, i) for g, ps in checked for i in range(len(ps))]
+    mine = len(flat) if found is None else next(
+        k for k, (g, ps, i) in enumerate(flat) if ps is found[1] and i == found[2])
+    device = local(flat[0][1][0]).device if flat else torch.device("cpu")
+    index = torch.tensor([mine], device=device)
+    dist.all_reduce(index, op=dist.ReduceOp.MIN)
+    k = int(index.item())
+    return None if k >= len(flat) else flat[k]
+
+
+def _sum_over_ranks(totals: dict[str, Any]) -> dict[str, Any]:
+    """Shared statistics summed over every rank, in rank order (the same on each rank)."""
+    import torch.distributed as dist
+
+    mine = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in totals.items()}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    out: dict[str, Any] = {}
+    for part in everyone:
+        for k, v in part.items():
+            out[k] = out[k] + v if k in out else v
+    device = next((v.device for v in totals.values() if isinstance(v, Tensor)), None)
+    return {k: v.to(device) if isinstance(v, Tensor) and device is not None else v
+            for k, v in out.items()}
 
 
 def first_nonfinite(tensors: list[Tensor]) -> int | None:

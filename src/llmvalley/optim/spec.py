@@ -7,8 +7,9 @@ spec need not be registered: ``ChainOptimizer(params, spec)`` runs any spec, and
 
 Shell options (:data:`SHELL_DEFAULTS`) are accepted by every spec and reach every group:
 ``maximize``, ``nonfinite``, ``state_precision`` (alias ``state_dtype``), ``master_weights``,
-``cautious``, ``mars`` (with ``mars_gamma``) and ``adagc`` (with ``adagc_lambda_rel``,
-``adagc_beta``, ``adagc_lambda_abs``, ``adagc_warmup``).
+``cautious``, ``mars`` (with ``mars_gamma``), ``adagc`` (with ``adagc_lambda_rel``,
+``adagc_beta``, ``adagc_lambda_abs``, ``adagc_warmup``) and ``implementation`` (the execution
+tier, :func:`execution_tier`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ SHELL_DEFAULTS: dict[str, Any] = {
     "adagc_beta": 0.99,
     "adagc_lambda_abs": 1.0,
     "adagc_warmup": 100,
+    # execution tier (see execution_tier): "auto", "foreach", "compiled" or "fused"
+    "implementation": "auto",
 }
 SHELL_KEYS = tuple(SHELL_DEFAULTS)
+IMPLEMENTATIONS = ("auto", "foreach", "compiled", "fused")
 
 DECAY_FORMS = ("none", "coupled", "decoupled", "decoupled_after", "proximal")
 
@@ -108,6 +112,9 @@ class OptimizerSpec:
     legacy_keys: dict[str, str] = field(default_factory=dict)
     legacy_defaults: dict[str, Any] = field(default_factory=dict)
     about: Entry | None = None
+    #: called as ``attach(optimizer, model)`` when ``create_optimizer`` builds the optimizer
+    #: from a model: methods that need more than parameters (AdaFisher's module hooks)
+    attach: Callable[[Any, Any], Any] | None = None
     _chains: dict[tuple, list[Transform]] = field(default_factory=dict, repr=False)
     _full_chains: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
@@ -165,6 +172,7 @@ class OptimizerSpec:
         """Raise ``ValueError`` naming the first invalid hyperparameter of ``group``."""
         validate_common(self.name, group)
         validate_shell(self.name, group)
+        execution_tier(self, group)  # raises on a tier this spec or group cannot run
         if self.check is not None:
             self.check(group)
 
@@ -200,6 +208,50 @@ def validate_shell(name: str, group: Mapping[str, Any]) -> None:
             raise ValueError(f"{name}: invalid mars=True: MARS needs a momentum method "
                              "(betas or momentum)")
     validate_adagc(name, group)
+
+
+def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
+    """The tier a group runs in: ``"foreach"``, ``"compiled"`` or ``"fused"``.
+
+    ``implementation="auto"`` (default) is the fastest tier that is exact and never compiles:
+    ``"fused"`` where the spec has a fused kernel (adam, adamw) and no shell option changes
+    the chain or its storage, else ``"foreach"``; the
+    compiled tier runs only when asked for. A spec's ``fused`` hyperparameter (adam, adamw)
+    maps onto the tier: ``fused=False`` is ``"foreach"`` (or ``"compiled"`` when asked),
+    ``fused=True`` is ``"fused"``. Raises ``ValueError`` naming ``implementation`` for an
+    unknown value, ``"fused"`` on a spec without a fused kernel or with a shell option that
+    changes the chain or its storage, and a ``fused`` value that contradicts it.
+    """
+    impl = group.get("implementation", "auto")
+    if not isinstance(impl, str) or impl not in IMPLEMENTATIONS:
+        raise ValueError(f"{spec.name}: invalid implementation={impl!r}: one of "
+                         f"{', '.join(map(repr, IMPLEMENTATIONS))}")
+    fused = group.get("fused")
+    if fused is not None and "fused" in spec.defaults:
+        if not isinstance(fused, bool):
+            raise ValueError(f"{spec.name}: invalid fused={fused!r}: None, True or False")
+        wanted = "fused" if fused else "foreach"
+        if impl == "auto":
+            impl = wanted
+        elif (impl == "fused") != fused:
+            raise ValueError(f"{spec.name}: invalid implementation={impl!r} with "
+                             f"fused={fused}: they contradict; pass one of them")
+    from llmvalley.optim.options import is_plain
+
+    if impl == "fused":
+        if spec.fused is None:
+            raise ValueError(
+                f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
+                "kernel (adam and adamw have one); use 'auto', 'foreach' or 'compiled'")
+        if not is_plain(group):
+            raise ValueError(
+                f"{spec.name}: invalid implementation='fused': the fused kernel computes the "
+                "plain method, and a shell option (mars, cautious, adagc, state_precision, "
+                "state_dtype or master_weights) changes it; use 'foreach' or 'compiled'")
+        return "fused"
+    if impl == "auto":
+        return "fused" if spec.fused is not None and is_plain(group) else "foreach"
+    return impl
 
 
 def validate_adagc(name: str, group: Mapping[str, Any]) -> None:

@@ -28,14 +28,16 @@ _ADAM = ScaleByAdam()  # declares the slots the fused kernel updates
 
 def _fused_adam(decoupled: bool):
     """Fast path: torch's fused Adam/AdamW kernel, which computes exactly the chain and the
-    step. Used unless ``fused=False``, a shell option changes the chain or its storage, or the
-    tensors are not all on one CPU/CUDA device in one floating dtype; the differential tests
-    run both paths.
+    step: the ``"fused"`` execution tier (:func:`~llmvalley.optim.spec.execution_tier`), which
+    ``implementation="auto"`` picks. Not used with ``fused=False`` or
+    ``implementation="foreach"``/``"compiled"``, when a shell option changes the chain or its
+    storage, or when the tensors are not all on one CPU/CUDA device in one floating dtype (then
+    the foreach chain runs); the differential tests run both paths.
     """
 
     def run(ctx: StepContext) -> bool:
         group = ctx.group
-        if group["fused"] is False:
+        if group["fused"] is False or group.get("implementation") in ("foreach", "compiled"):
             return False
         first = ctx.params[0]
         if first.device.type not in FUSED_DEVICES or not first.is_floating_point():

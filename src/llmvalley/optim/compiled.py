@@ -1,0 +1,285 @@
+"""The compiled execution tier: ``implementation="compiled"``.
+
+A group's step (its transform chain and the parameter write) is compiled with
+``torch.compile`` (inductor) into a few kernels, instead of one pass over memory per
+``torch._foreach_*`` call of the foreach tier. It computes the foreach tier's math; results
+agree to float rounding (inductor fuses and reorders element-wise arithmetic).
+
+What is compiled, and what is not:
+
+- the first step of a group (state being created, first-step initialisation), and any step
+  where the shell has just created state, runs eagerly (the foreach code);
+- every later step runs the chain as *segments*: maximal runs of top-level transforms that
+  compile, each one compiled function, with the parameter write folded into the last one.
+  A top-level transform (a combinator with all it contains) runs eagerly between segments
+  when it keeps Python-float state (a slot of shape ``None``: schedule-free's weight sum,
+  Prodigy's ``d``: their values change every step and would recompile), has statistics shared
+  over groups, or sets ``compiled = False`` (a class attribute a transform may declare). A
+  chain without such a transform is one compiled function;
+- inside a segment, what dynamo cannot trace (a host sync such as ``.item()``, a random
+  generator) is a graph break: that piece runs eagerly and the rest stays compiled
+  (:func:`compile_stats` counts the graphs);
+- groups with statistics shared over every group (Prodigy, D-Adaptation, MoMo) run their
+  chain in the shell's two passes, eagerly; only their parameter write is compiled;
+- a group holding a 0-d float64 CPU tensor runs eagerly: inductor (torch 2.13, CPU) drops
+  in-place updates of 0-d float64 inputs (:func:`_zero_dim_float64_cpu`).
+
+Recompilation: one compilation per chain, dtype and shape set. Step counts (``ctx.steps``,
+the state's ``step``) are symbolic integers from the first compilation, so the next step does
+not recompile; the learning rate reaches the parameter write as a 0-d tensor, so an LR
+schedule does not recompile a chain that does not read ``lr`` itself. Other hyperparameters
+are Python floats that dynamo specialises (``torch._foreach_*`` scalar arguments cannot be
+symbolic in torch 2.13): changing one recompiles that segment once per new value, up to
+dynamo's ``recompile_limit`` per segment (then the segment runs eagerly, still exact).
+Chains that read ``lr`` (schedule-free, Prodigy-style, MoMo, Ranger21 and a few others)
+recompile on an lr change for the same reason.
+
+Compile time is measured: ``optimizer.compile_seconds`` (set after the first compiled step)
+and :func:`compile_stats`.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmvalley.optim.options import chain_and_keys
+from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform
+from llmvalley.optim.transforms.combine import KeyMap, chain_slots, run_chain
+from llmvalley.optim.transforms.orthogonalize import matrix_view
+
+#: integer sources dynamo treats as symbolic from the first compilation (step counts), so
+#: that the next step reuses the graph (``torch.compiler.config.dynamic_sources`` syntax)
+STEP_SOURCES = r".*(steps('\])?\[\d+\]|\['step'\]|\.step)$"
+
+
+@dataclass
+class CompileStats:
+    """What the compiled tier has compiled for one optimizer."""
+
+    #: wall seconds of the calls that compiled (tracing and code generation; the step they
+    #: also ran is a negligible part)
+    seconds: float = 0.0
+    #: graphs compiled (one per segment and dtype/shape set; more after a graph break or a
+    #: recompilation)
+    graphs: int = 0
+    #: compiled functions created (segments over all groups, dtypes and shapes)
+    functions: int = 0
+    #: how each recipe's chain runs: recipe name (``"write"`` for a write alone) -> the
+    #: distinct layouts of its groups, each a list of ("compiled" | "eager", transform names)
+    segments: dict[str, list[list[tuple[str, tuple[str, ...]]]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Segment:
+    compiled: bool
+    transforms: tuple[Transform, ...]
+    write: bool = False
+    fn: Callable[..., Any] | None = None
+
+
+_STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_stats(optimizer: Any) -> CompileStats:
+    """The compile statistics of ``optimizer`` (zeros before its first compiled step)."""
+    stats = _STATS.get(optimizer)
+    if stats is None:
+        stats = _STATS[optimizer] = CompileStats()
+    return stats
+
+
+def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
+                  working: list[Tensor]) -> None:
+    """The compiled tier's step of one group: its chain and the parameter write on
+    ``working`` (the shell writes them back to the parameters)."""
+    spec = optimizer.spec(group)
+    chain, keys = chain_and_keys(spec, group)
+    decay = spec.decay_for(group)
+    form, scaled = decay.form, decay.scaled(group)
+    if ctx.created:  # state was just created: first-step initialisation runs eagerly
+        from llmvalley.optim.shell import apply_step
+
+        directions = run_chain(chain, ctx, ctx.grads, keys)
+        apply_step(working, directions, ctx.plan, float(group["lr"]), form, scaled)
+        return
+    segments = _segments(optimizer, spec.name, chain, group, ctx, write=True)
+    _run(optimizer, segments, keys, ctx, ctx.grads, working, group, form, scaled)
+
+
+def compiled_apply(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
+                   working: list[Tensor], directions: list[Tensor]) -> None:
+    """The parameter write alone, compiled (groups whose chain ran eagerly: shared
+    statistics)."""
+    decay = optimizer.spec(group).decay_for(group)
+    if ctx.created:
+        from llmvalley.optim.shell import apply_step
+
+        apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
+                   decay.scaled(group))
+        return
+    segments = _segments(optimizer, "write", (), group, ctx, write=True)
+    _run(optimizer, segments, {}, ctx, directions, working, group, decay.form,
+         decay.scaled(group))
+
+
+def _run(optimizer: Any, segments: list[_Segment], keys: KeyMap, ctx: StepContext,
+         updates: list[Tensor], working: list[Tensor], group: Mapping[str, Any], form: str,
+         scaled: bool) -> None:
+    stats = compile_stats(optimizer)
+    lr = torch.tensor(float(group["lr"]), dtype=torch.float64, device=working[0].device)
+    for seg in segments:
+        if not seg.compiled:
+            updates = run_chain(seg.transforms, ctx, updates, keys)
+            if seg.write:
+                from llmvalley.optim.shell import apply_step
+
+                apply_step(working, updates, ctx.plan, float(group["lr"]), form, scaled)
+            continue
+        assert seg.fn is not None
+        before = stats.graphs
+        start = time.perf_counter()
+        with torch.compiler.config.patch(dynamic_sources=STEP_SOURCES):
+            updates = seg.fn(seg.transforms, keys, ctx, updates, list(ctx.steps), working, lr,
+                             form, scaled, seg.write)
+        if stats.graphs != before:
+            stats.seconds += time.perf_counter() - start
+            optimizer.compile_seconds = stats.seconds
+
+
+def _segments(optimizer: Any, name: str, chain: Sequence[Transform],
+              group: Mapping[str, Any], ctx: StepContext, write: bool) -> list[_Segment]:
+    """The segments of ``chain`` for these tensors (cached per chain, dtypes and shapes)."""
+    entries = _ENTRIES.setdefault(optimizer, {})
+    key = (name, id(chain), tuple(ctx.dtypes), tuple(ctx.shapes), ctx.grads[0].device)
+    if key in entries:
+        return entries[key]
+    stats = compile_stats(optimizer)
+    segments: list[_Segment] = []
+    unsafe = _zero_dim_float64_cpu(ctx)
+    for t in chain:
+        ok = not unsafe and _compilable(t, group, ctx)
+        if segments and segments[-1].compiled == ok:
+            segments[-1].transforms += (t,)
+        else:
+            segments.append(_Segment(ok, (t,)))
+    if write:
+        if not segments or segments[-1].compiled == unsafe:
+            segments.append(_Segment(not unsafe, ()))
+        segments[-1].write = True
+    for seg in segments:
+        if seg.compiled:
+            stats.functions += 1
+            seg.fn = torch.compile(_fresh_copy(_segment_step, f"{name}_{stats.functions}"),
+                                   backend=_counting_backend(stats))
+    layout = [("compiled" if s.compiled else "eager",
+               tuple(type(t).__name__ for t in s.transforms) + (("write",) if s.write else ()))
+              for s in segments]
+    if layout not in stats.segments.setdefault(name, []):
+        stats.segments[name].append(layout)
+    entries[key] = segments
+    return segments
+
+
+def _zero_dim_float64_cpu(ctx: StepContext) -> bool:
+    """Whether the group holds a 0-d float64 CPU tensor (a parameter, gradient or slot).
+
+    Inductor (torch 2.13, CPU) drops in-place updates of 0-d float64 input tensors
+    (``v.mul_(0.5)`` on ``torch.ones((), dtype=torch.float64)`` leaves it at 1; float32 and
+    1-element tensors are right), so such groups run every step eagerly (the foreach code).
+    """
+    def bad(t: Any) -> bool:
+        return isinstance(t, Tensor) and t.ndim == 0 and t.dtype == torch.float64 \
+            and t.device.type == "cpu"
+
+    return any(bad(t) for t in (*ctx.params, *ctx.grads)) \
+        or any(bad(v) for st in ctx.states for v in st.values())
+
+
+def _compilable(t: Transform, group: Mapping[str, Any], ctx: StepContext) -> bool:
+    """Whether top-level transform ``t`` (with what it contains) runs in a compiled segment."""
+    if t.shared_stats or getattr(t, "compiled", True) is False:
+        return False
+    for i, shape in enumerate(ctx.shapes):
+        for owner, slot in chain_slots([t], shape, group, ctx.name(i)):
+            if slot.shape is None or getattr(owner, "compiled", True) is False:
+                return False
+    return True
+
+
+def _fresh_copy(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
+    """``fn`` with its own code object: dynamo keeps its compiled graphs and its recompile
+    limit per code object, so each segment gets its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)
+
+
+def _counting_backend(stats: CompileStats) -> Callable[..., Any]:
+    """Inductor, counting the graphs it compiles."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        stats.graphs += 1
+        return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def _segment_step(transforms: tuple[Transform, ...], keys: KeyMap, ctx: StepContext,
+                  updates: list[Tensor], steps: list[int], working: list[Tensor], lr: Tensor,
+                  form: str, scaled: bool, write: bool) -> list[Tensor]:
+    """What a compiled segment runs: its transforms, then (last segment) the write."""
+    ctx.steps = steps  # the symbolic step counts (STEP_SOURCES)
+    updates = run_chain(transforms, ctx, updates, keys)
+    if write:
+        write_step(working, updates, ctx.plan, lr, form, scaled)
+    return updates
+
+
+def write_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, lr: Tensor,
+               form: str, scaled: bool) -> None:
+    """The parameter write of :func:`~llmvalley.optim.shell.apply_step` with a tensor
+    learning rate (per tensor; inductor fuses each tensor's decay and step into one pass)."""
+    for p, u, s, mult, absolute, wd, rate in zip(params, directions, plan.scale, plan.lr_mult,
+                                                 plan.absolute, plan.weight_decay,
+                                                 plan.decay_rate):
+        lr_p = lr if mult == 1.0 else lr * mult
+        if wd != 0 and form == "decoupled":
+            _shrink(p, wd, rate, lr_p if scaled else None)
+        target, step = p, u
+        if isinstance(s, Tensor):
+            if s.ndim == 0:
+                step = u * s
+            else:
+                target, step = matrix_view(p), matrix_view(u) * s
+        elif s != 1.0:
+            step = u * s
+        target.sub_(step if absolute else step * lr_p)
+        if wd != 0 and form == "decoupled_after":
+            _shrink(p, wd, rate, lr_p if scaled else None)
+        elif wd != 0 and form == "proximal":
+            p.div_(1.0 + lr_p * wd)
+
+
+def _shrink(p: Tensor, wd: float, rate: Any, lr: Tensor | None) -> None:
+    """Decoupled decay: ``p *= 1 - rate * wd`` (``rate`` from the plan, else ``lr`` or 1)."""
+    if rate is not None:
+        tensor_rate = isinstance(rate, Tensor) and rate.ndim > 0
+        (matrix_view(p) if tensor_rate else p).mul_(1 - wd * rate)
+    elif lr is not None:
+        p.mul_(1 - lr * wd)
+    else:
+        p.mul_(1 - wd)
+
+
+__all__ = ["CompileStats", "compile_stats", "compiled_apply", "compiled_step", "write_step"]

@@ -1,0 +1,207 @@
+"""The execution tiers (``implementation=``): foreach, compiled, fused and auto.
+
+Every tier must give the foreach tier's results to float tolerance. The compiled tier is
+tested on a representative subset by default (each recipe compiles for a few seconds on CPU);
+``LLMVALLEY_SLOW=1`` runs the sweep over every registered recipe.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import llmvalley
+from llmvalley.optim.compiled import compile_stats
+from llmvalley.optim.spec import execution_tier
+from tests.helpers import TEST_HPARAMS, make_model, make_optimizer, train
+
+#: element-wise, factored, matrix (Newton-Schulz), rotated (eigenbases), shared-statistics
+#: and float-state recipes: each path through the compiled tier
+SUBSET = ["adamw", "lion", "adafactor", "muon", "soap", "prodigy", "schedulefree_adamw"]
+SLOW = os.environ.get("LLMVALLEY_SLOW") == "1"
+ALL = [s.name for s in llmvalley.list_optimizers()]
+STEPS = 4
+
+
+def float64_model(scalar: bool = False) -> torch.nn.Module:
+    """The tiny LLaMA-shaped model in float64 (so that the comparison sees the tier, not
+    float32 rounding amplified by Newton-Schulz). Its 0-d gain is frozen unless ``scalar``:
+    the compiled tier runs groups holding 0-d float64 CPU tensors eagerly (an inductor bug,
+    see llmvalley.optim.compiled), and the tests must see the compiled code."""
+    model = make_model(dtype=torch.float64)
+    model.gain.requires_grad_(scalar)
+    return model
+
+
+def run(name: str, implementation: str, steps: int = STEPS, scalar: bool = False,
+        **hp) -> tuple[list, object]:
+    """``steps`` training steps of :func:`float64_model`; the parameters and optimizer."""
+    model = float64_model(scalar)
+    opt = make_optimizer(name, model, implementation=implementation, **hp)
+    train(model, opt, 0, steps)
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def assert_same(name: str, got: list, expected: list) -> None:
+    moved = max((e - p).abs().max().item()
+                for e, p in zip(expected, float64_model().parameters()))
+    assert moved > 0, f"{name}: the foreach run did not move the parameters"
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=name)
+
+
+# ---- the option --------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["fast", "Compiled", 1, None, True])
+def test_bad_implementation_raises(value):
+    with pytest.raises(ValueError, match="implementation"):
+        llmvalley.create_optimizer("adamw", make_model(), implementation=value)
+
+
+def test_fused_tier_needs_a_kernel():
+    with pytest.raises(ValueError, match="implementation='fused'.*no fused kernel"):
+        llmvalley.create_optimizer("lion", make_model(), implementation="fused")
+    with pytest.raises(ValueError, match="implementation='fused'.*shell option"):
+        llmvalley.create_optimizer("adamw", make_model(), implementation="fused",
+                                   cautious=True)
+    with pytest.raises(ValueError, match="implementation.*fused=True"):
+        llmvalley.create_optimizer("adamw", make_model(), implementation="foreach",
+                                   fused=True)
+    with pytest.raises(ValueError, match="fused="):
+        llmvalley.create_optimizer("adamw", make_model(), fused="yes")
+
+
+@pytest.mark.parametrize("name, hp, tier", [
+    ("adamw", {}, "fused"),
+    ("adam", {}, "fused"),
+    ("adamw", {"fused": False}, "foreach"),
+    ("adamw", {"fused": True}, "fused"),
+    ("adamw", {"cautious": True}, "foreach"),  # the kernel computes the plain method only
+    ("adamw", {"implementation": "compiled"}, "compiled"),
+    ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),
+    ("lion", {}, "foreach"),  # auto never compiles
+    ("lion", {"implementation": "compiled"}, "compiled"),
+    ("muon", {"implementation": "foreach"}, "foreach"),
+])
+def test_auto_rule(name, hp, tier):
+    spec = llmvalley.get_spec(name)
+    assert execution_tier(spec, spec.resolve(hp)) == tier
+
+
+def test_every_recipe_accepts_every_tier_it_can_run():
+    for spec in llmvalley.list_optimizers():
+        hp = TEST_HPARAMS.get(spec.name, {})
+        for impl in ("auto", "foreach", "compiled"):
+            spec.resolve({**hp, "implementation": impl})
+        if spec.fused is not None:
+            spec.resolve({**hp, "implementation": "fused"})
+
+
+# ---- results: every tier gives the foreach tier's ---------------------------------------
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_tier_matches_foreach(name):
+    expected, _ = run(name, "foreach", weight_decay=0.1)
+    fused, _ = run(name, "fused", weight_decay=0.1)
+    auto, _ = run(name, "auto", weight_decay=0.1)
+    assert_same(name, fused, expected)
+    assert_same(name, auto, expected)
+
+
+def _compiled_matches_foreach(name: str) -> None:
+    hp = TEST_HPARAMS.get(name, {})
+    expected, _ = run(name, "foreach", **hp)
+    got, opt = run(name, "compiled", **hp)
+    assert_same(name, got, expected)
+    stats = compile_stats(opt)
+    if stats.graphs == 0:  # 0-d float64 state (AdaGC, Stable-SPAM, SGD-SaI): run eagerly
+        assert all(kind == "eager" for layouts in stats.segments.values()
+                   for layout in layouts for kind, _ in layout)
+        _compiled_matches_foreach_float32(name, hp)
+        return
+    # the steps after the first ran compiled (something was compiled: at least the write)
+    assert stats.seconds > 0 and opt.compile_seconds == stats.seconds
+
+
+def _compiled_matches_foreach_float32(name: str, hp: dict) -> None:
+    """The compiled tier in float32 (where 0-d tensors compile), to float32 rounding."""
+    out = []
+    for impl in ("foreach", "compiled"):
+        model = make_model()
+        opt = make_optimizer(name, model, implementation=impl, **hp)
+        train(model, opt, 0, STEPS)
+        out.append([p.detach() for p in model.parameters()])
+    assert compile_stats(opt).graphs > 0
+    for g, e in zip(*out):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_compiled_tier_matches_foreach(name):
+    _compiled_matches_foreach(name)
+
+
+@pytest.mark.skipif(not SLOW, reason="every recipe compiles (minutes): LLMVALLEY_SLOW=1")
+@pytest.mark.parametrize("name", [n for n in ALL if n not in SUBSET])
+def test_compiled_tier_matches_foreach_every_recipe(name):
+    _compiled_matches_foreach(name)
+
+
+def test_compiled_float32_matches_foreach():
+    """In float32, to float32 rounding (inductor fuses and reorders the arithmetic)."""
+    out = []
+    for impl in ("foreach", "compiled"):
+        model = make_model()
+        opt = make_optimizer("adamw", model, implementation=impl, weight_decay=0.1)
+        train(model, opt, 0, STEPS)
+        out.append([p.detach() for p in model.parameters()])
+    for g, e in zip(*out):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+# ---- no recompilation ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_lr_schedule_and_next_step_do_not_recompile(name):
+    """One compilation: the graphs compiled at the first compiled step serve every later
+    step, with the learning rate changed by a scheduler at each one."""
+    model = float64_model()
+    opt = make_optimizer(name, model, implementation="compiled", weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    graphs = []
+    for step in range(7):
+        train(model, opt, step, 1)
+        sched.step()
+        graphs.append(compile_stats(opt).graphs)
+    assert graphs[0] == 0  # the first step (state creation) runs eagerly
+    assert graphs[1] > 0
+    assert graphs[-1] == graphs[1], graphs
+    # and the results are still the foreach tier's under the same schedule
+    ref_model = float64_model()
+    ref = make_optimizer(name, ref_model, implementation="foreach", weight_decay=0.1)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda t: 1.0 / (1 + t))
+    for step in range(7):
+        train(ref_model, ref, step, 1)
+        ref_sched.step()
+    for g, e in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+def test_segments_report_what_runs_eagerly():
+    """Schedule-free keeps Python-float state (its weight sum): that transform runs between
+    compiled segments; AdamW's chain and write are one compiled function."""
+    _, opt = run("schedulefree_adamw", "compiled", steps=2)
+    for layout in compile_stats(opt).segments["schedulefree_adamw"]:
+        assert [kind for kind, _ in layout] == ["compiled", "eager", "compiled"]
+    _, opt = run("adamw", "compiled", steps=2)
+    assert compile_stats(opt).segments["adamw"] == [[("compiled", ("ScaleByAdam", "write"))]]
+
+
+def test_zero_dim_float64_groups_run_eagerly():
+    """Inductor (torch 2.13, CPU) loses in-place updates of 0-d float64 inputs: a group
+    holding one runs eagerly, and still gives the foreach tier's results."""
+    expected, _ = run("adafactor", "foreach", scalar=True)
+    got, opt = run("adafactor", "compiled", scalar=True)
+    assert_same("adafactor", got, expected)
+    layouts = compile_stats(opt).segments["adafactor"]
+    assert [("eager", ("ScaleByAdafactor", "write"))] in layouts  # the group with the gain
+    assert [("compiled", ("ScaleByAdafactor", "write"))] in layouts  # the other one

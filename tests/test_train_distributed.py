@@ -224,3 +224,15 @@ def test_fsdp_matrix_methods_match_one_process(runs: dict, optimizer: str,
     sharded = run_ranks(train_rank, 2, small(runs["corpus"], out, name="fsdp", **settings),
                         "fsdp", timeout=120)
     assert_same_curve(curve(sharded[0]["run_dir"]), curve(single["run_dir"]), rel=1e-4)
+
+
+def test_fsdp_with_a_hessian_vector_method_is_one_clear_error(runs: dict) -> None:
+    """Sophia-H cannot run on FSDP2's graph-less gradients: every rank stops before the first
+    step with the reason (the CLI prints it in one line and exits 2), and nothing is written."""
+    out = runs["root"] / "runs-hvp"
+    config = small(runs["corpus"], out, name="hvp", optimizer="sophia_h")
+    outcomes = run_ranks(train_rank, 2, config, "fsdp", timeout=60, raise_errors=False)
+    for outcome in outcomes:
+        assert not outcome.ok and "UsageError" in outcome.error, outcome
+        assert "--parallel fsdp: sophia_h: Hessian-vector curvature" in outcome.error
+    assert not out.exists() or not any(out.iterdir())

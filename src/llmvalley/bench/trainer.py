@@ -199,6 +199,9 @@ class Trainer:
         self.optimizer = build_optimizer(
             config.optimizer, self.model, lr=config.lr, weight_decay=config.weight_decay,
             opt_args=self._run_length_args(config), fallback_args=config.fallback_args)
+        problem = getattr(self.optimizer, "sharding_problem", lambda: None)()
+        if problem is not None:  # said before any step, in one line
+            raise UsageError(f"--parallel {self.par.mode}: {problem}")
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
             # Sophia-G's batch size B (tokens per step), unless the user set it

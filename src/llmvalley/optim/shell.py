@@ -434,6 +434,17 @@ class ChainOptimizer(torch.optim.Optimizer):
         return (not on_shards or codec.default is not None or bool(codec.by_slot)
                 or (group.get("master_weights") is False and p.dtype in LOW_PRECISION))
 
+    def sharding_problem(self) -> str | None:
+        """Why this optimizer cannot step its sharded parameters, or None when it can (every
+        method but the Hessian-vector ones: AdaHessian, Sophia-H)."""
+        for g in self.param_groups:
+            if any(t.curvature == "hessian_vector" for t in self._chain(g)) \
+                    and any(is_sharded(p) for p in g["params"]):
+                return (f"{g['optimizer']}: Hessian-vector curvature is not supported on "
+                        "sharded parameters (FSDP2's reduce-scattered gradients carry no graph "
+                        "to differentiate); use Sophia-G, or run unsharded")
+        return None
+
     def owner_plan(self) -> OwnerPlan | None:
         """The plan that assigns each sharded parameter needing whole tensors to an owner
         rank (None when there is none); rebuilt when the parameter groups change."""
@@ -460,13 +471,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         if plan is None:
             return []
         moving = [p for g, ps in work for p in ps if self._needs_owner(g, p)]
-        for g, ps in work:
-            if any(t.curvature == "hessian_vector" for t in self._chain(g)) \
-                    and any(self._needs_owner(g, p) for p in ps):
-                raise NotImplementedError(
-                    f"{g['optimizer']}: Hessian-vector curvature is not supported on sharded "
-                    "parameters (FSDP2's reduce-scattered gradients carry no graph to "
-                    "differentiate); use Sophia-G, or run unsharded")
+        unsupported = self.sharding_problem()
+        if unsupported is not None:
+            raise NotImplementedError(unsupported)
         wholes = plan.gather(moving, [[p.grad for p in moving], moving])
         for p in moving:
             if id(p) in wholes:

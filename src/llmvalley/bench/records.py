@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,10 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``data`` as JSON atomically (temporary file, then rename). The temporary name is
+    this process's own, so processes sharing a folder (a shared sweep or compare) never rename
+    each other's half-written file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
     os.replace(tmp, path)
 

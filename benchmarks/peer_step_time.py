@@ -41,7 +41,7 @@ from importlib.metadata import version
 from importlib.util import find_spec
 
 import torch
-from step_time import LlamaShapedParams, machine
+from step_time import machine, params_with_gradients
 from torch import nn
 
 import llmvalley
@@ -252,11 +252,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     def model() -> nn.Module:
-        torch.manual_seed(0)
-        m = LlamaShapedParams(args.dim, args.ffn, args.layers, args.vocab)
-        for p in m.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-        return m
+        return params_with_gradients(args.dim, args.ffn, args.layers, args.vocab)
 
     total_steps = 10_000
     rows = []

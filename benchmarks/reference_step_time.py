@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from step_time import LlamaShapedParams, machine, time_interleaved
+from step_time import machine, params_with_gradients, time_interleaved
 from torch import nn
 
 import llmvalley
@@ -118,11 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     def model() -> nn.Module:
-        torch.manual_seed(0)
-        m = LlamaShapedParams(args.dim, args.ffn, args.layers, args.vocab)
-        for p in m.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-        return m
+        return params_with_gradients(args.dim, args.ffn, args.layers, args.vocab)
 
     table = references()
     names = args.only.split(",") if args.only else list(table)

@@ -51,6 +51,17 @@ class LlamaShapedParams(nn.Module):
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
 
+def params_with_gradients(dim: int, ffn: int, layers: int, vocab: int,
+                          scale: float = 1e-3) -> LlamaShapedParams:
+    """A seeded :class:`LlamaShapedParams` whose parameters hold fixed random gradients (the
+    reference and peer comparisons time ``step()`` on them)."""
+    torch.manual_seed(0)
+    m = LlamaShapedParams(dim, ffn, layers, vocab)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * scale
+    return m
+
+
 def timed_step(opt: torch.optim.Optimizer, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()

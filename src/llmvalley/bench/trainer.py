@@ -550,9 +550,9 @@ class Trainer:
         if self.par.mode != "fsdp":
             return optimizer_state_bytes(self.optimizer,
                                          from_registry=self.config.optimizer != PEER_BASELINE)
-        from llmvalley.optim.memory import state_bytes as local_state_bytes
+        from llmvalley.optim.memory import global_state_bytes
 
-        return int(self.par.all_sum([float(local_state_bytes(self.optimizer))])[0])
+        return global_state_bytes(self.optimizer)
 
     def summary(self, status: str, diverged_step: int | None, reason: str | None,
                 final_val: float | None) -> dict[str, Any]:

@@ -122,6 +122,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._shard_views: list[tuple[Tensor, dict[str, Any], dict[str, Any], set[str]]] = []
         self._plan: tuple[tuple[int, ...], OwnerPlan] | None = None
         self._positions: dict[int, int] = {}
+        self._kinds: dict[int, tuple[list[Transform], tuple[bool, bool, set[str]]]] = {}
         self.compile_seconds = 0.0  # time spent compiling (implementation="compiled")
         super().__init__(params, defaults)
 
@@ -428,9 +429,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         element-wise, or its state or parameter is rounded in ways tied to whole tensors."""
         if not is_sharded(p):
             return False
-        codec, chain = _codec(group), self._chain(group)
-        on_shards = chain_is_elementwise(chain) or (
-            chain_runs_on_rows(chain) and getattr(sharded_shape(p), "dim", None) == 0)
+        codec = _codec(group)
+        elementwise, rows, _ = self._chain_kinds(group)
+        on_shards = elementwise or (rows and getattr(sharded_shape(p), "dim", None) == 0)
         return (not on_shards or codec.default is not None or bool(codec.by_slot)
                 or (group.get("master_weights") is False and p.dtype in LOW_PRECISION))
 
@@ -548,7 +549,19 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._shard_views.clear()
 
     def _replicated(self, group: Mapping[str, Any]) -> set[str]:
-        return replicated_keys(*chain_and_keys(self.spec(group), group))
+        return self._chain_kinds(group)[2]
+
+    def _chain_kinds(self, group: Mapping[str, Any]) -> tuple[bool, bool, set[str]]:
+        """Whether the group's chain is element-wise, whether it runs on row shards, and its
+        replicated state keys: walked once per chain (chains are cached on their spec), not
+        per parameter and step."""
+        chain, keys = chain_and_keys(self.spec(group), group)
+        held = self._kinds.get(id(chain))
+        if held is None or held[0] is not chain:
+            held = self._kinds[id(chain)] = (chain, (
+                chain_is_elementwise(chain), chain_runs_on_rows(chain),
+                replicated_keys(chain, keys)))
+        return held[1]
 
     def _write_back(self, group: Mapping[str, Any], params: list[Tensor],
                     working: list[Tensor], codec: Codec) -> None:

@@ -40,6 +40,7 @@ from llmvalley.optim.transforms.combine import chain_paths
 from llmvalley.optim.transforms.shards import (
     ShardedShape,
     all_reduce_sum,
+    chunk_sizes,
     is_dtensor,
     is_sharded,
     shard_group,
@@ -120,8 +121,7 @@ class ShardLayout:
 
     def sizes(self, length: int) -> list[int]:
         """Each rank's extent along ``dim`` (``torch.chunk``'s split, as FSDP2 uses)."""
-        step = -(-length // self.world)
-        return [max(0, min(step, length - r * step)) for r in range(self.world)]
+        return chunk_sizes(length, self.world)
 
 
 def layout(p: Tensor, name: str) -> ShardLayout:

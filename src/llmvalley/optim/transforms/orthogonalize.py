@@ -58,6 +58,7 @@ from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transf
 from llmvalley.optim.transforms.shards import (
     ShardedShape,
     all_reduce_sum,
+    chunk_sizes,
     shard_group,
     whole_shape,
 )
@@ -558,8 +559,8 @@ def qr_of_rows(p: Tensor, shape: ShardedShape, dtype: torch.dtype) -> Tensor:
     for a rank-deficient ``P``, where the factor is not unique)."""
     whole_rows = matrix_dims(shape.whole)[0]
     world = dist.get_world_size(shape.group)
-    step = -(-whole_rows // world)
-    sizes = [max(0, min(step, whole_rows - r * step)) for r in range(world)]
+    sizes = chunk_sizes(whole_rows, world)
+    step = sizes[0]
     padded = torch.zeros(step, p.shape[1], dtype=p.dtype, device=p.device)
     padded[:p.shape[0]] = p
     parts = torch.empty(world * step, p.shape[1], dtype=p.dtype, device=p.device)

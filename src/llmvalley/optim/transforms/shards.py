@@ -47,6 +47,13 @@ class ShardedShape(tuple):
         return (tuple, (tuple(self),))
 
 
+def chunk_sizes(length: int, world: int) -> list[int]:
+    """Each rank's extent of a dimension of ``length`` split over ``world`` ranks
+    (``torch.chunk``'s split, as FSDP2 shards)."""
+    step = -(-length // world)
+    return [max(0, min(step, length - r * step)) for r in range(world)]
+
+
 def whole_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """The whole tensor's shape of a :class:`ShardedShape`, else ``shape`` itself."""
     return getattr(shape, "whole", tuple(shape))

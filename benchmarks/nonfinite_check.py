@@ -3,7 +3,9 @@
 Times ``adamw`` with the default check, ``adamw`` with ``nonfinite="ignore"`` and
 ``torch.optim.AdamW(fused=True)`` on the same LLaMA-shaped parameters, interleaved in one
 process (minimum of the repetitions), and prints each as a ratio to fused AdamW; the check's
-cost is the difference of the first two, as a share of the fused step.
+cost is the difference of the first two, as a share of the fused step. A fourth row hands
+the step the global gradient norm a training loop already has from ``clip_grad_norm_``
+(``step(grad_norm=...)``, as ``valley train`` does), which replaces the screening pass.
 
     python benchmarks/nonfinite_check.py                   # ~6M parameters, 1 thread
     python benchmarks/nonfinite_check.py --dim 512 --layers 4 --threads 2
@@ -40,18 +42,32 @@ def main() -> None:
             p.grad = torch.randn_like(p) * 1e-3
         return ps
 
+    class WithNorm:
+        """``step(grad_norm=...)`` with the norm the loop's clipping computed (not timed)."""
+
+        def __init__(self, opt: torch.optim.Optimizer) -> None:
+            self.opt = opt
+            self.norm = torch.nn.utils.get_total_norm(
+                [p.grad for g in opt.param_groups for p in g["params"]])
+
+        def step(self) -> None:
+            self.opt.step(grad_norm=self.norm)
+
     opts = {
         "torch AdamW(fused=True)": torch.optim.AdamW(params(), lr=1e-5, fused=True),
         "adamw (default check)": llmvalley.create_optimizer("adamw", params(), lr=1e-5),
         "adamw nonfinite='ignore'": llmvalley.create_optimizer("adamw", params(), lr=1e-5,
                                                                nonfinite="ignore"),
+        "adamw step(grad_norm=...)": WithNorm(llmvalley.create_optimizer("adamw", params(),
+                                                                         lr=1e-5)),
     }
     times = time_interleaved(list(opts.values()), args.device, warmup=3, reps=args.reps)
     n = sum(p.numel() for p in params())
     print(f"{machine(args.device)}, {args.threads} thread(s), {n / 1e6:.1f}M parameters")
     for name, t in zip(opts, times):
         print(f"{name:26s} {t * 1e3:8.2f} ms  {t / times[0]:.2f}x fused")
-    print(f"check cost: {(times[1] - times[2]) / times[0]:.1%} of a fused AdamW step")
+    print(f"check cost: {(times[1] - times[2]) / times[0]:.1%} of a fused AdamW step; "
+          f"with the clipping norm: {(times[3] - times[2]) / times[0]:.1%}")
 
 
 if __name__ == "__main__":

@@ -112,9 +112,13 @@ def equivalence(names: list[str], steps: int, mode: str = "fsdp") -> dict[str, s
 
 def nonfinite(name: str, policy: str, value: float) -> dict[str, Any]:
     """Rank 1 alone puts ``value`` (nan/inf) in its shard of the first hidden matrix's
-    gradient; returns what ``step()`` did on this rank and whether anything changed."""
+    gradient; returns what ``step()`` did on this rank and whether anything changed. Policy
+    ``"raise-clipped"``: ``raise``, with the step given the gradients' global norm (a partial
+    DTensor), as ``valley train`` passes its clipping norm."""
     from llmvalley.optim import create_optimizer
 
+    clipped = policy.endswith("-clipped")
+    policy = policy.removesuffix("-clipped")
     model = shard(tiny_model())
     opt = create_optimizer(name, model, nonfinite=policy)
     train(model, opt, range(2))
@@ -126,7 +130,11 @@ def nonfinite(name: str, policy: str, value: float) -> dict[str, Any]:
         model[1].weight.grad.to_local()[0, 0] = value
     result: dict[str, Any] = {"error": None, "skipped": None}
     try:
-        opt.step()
+        if clipped:
+            grads = [q.grad for q in model.parameters()]  # valley train's norm, unclipped
+            opt.step(grad_norm=torch.nn.utils.get_total_norm(grads))
+        else:
+            opt.step()
     except FloatingPointError as e:
         result["error"] = str(e)
     result["skipped"] = opt.skipped_steps

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import llmvalley
+from llmvalley.optim.shell import SCREEN_SUM_MIN, screen_finite
 
 
 def param():
@@ -87,13 +88,70 @@ def test_inf_gradient_can_skip_the_step():
     assert opt.skipped_steps == 1 and opt.state[w]["step"] == 1
 
 
-def test_huge_finite_gradients_are_not_mistaken_for_nonfinite():
-    # the screening 2-norm overflows to inf on these; the element-wise check clears them
-    w = torch.nn.Parameter(torch.zeros(4, 4))
-    opt = llmvalley.create_optimizer("sgd", [w], lr=1e-30)
-    w.grad = torch.full((4, 4), 1e30)
+@pytest.mark.parametrize("shape", [(4, 4), (256, 256)])  # norm-screened / sum-screened
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(shape):
+    # the screen (a 2-norm for small tensors, a sum for large ones) overflows to inf on these;
+    # the element-wise check clears them
+    w = torch.nn.Parameter(torch.zeros(shape))
+    opt = llmvalley.create_optimizer("sgd", [w], lr=2.0 ** -120)
+    w.grad = torch.full(shape, 2.0 ** 120)
+    assert not screen_finite([w.grad])
     opt.step()
-    assert opt.skipped_steps == 0 and torch.equal(w.detach(), torch.full((4, 4), -1.0))
+    assert opt.skipped_steps == 0 and torch.equal(w.detach(), torch.full(shape, -1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("numel", [7, SCREEN_SUM_MIN, 3 * SCREEN_SUM_MIN + 5])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_screen_finds_every_nonfinite_element(dtype, numel, bad):
+    torch.manual_seed(0)
+    grads = [torch.randn(numel).to(dtype), torch.randn(3).to(dtype)]
+    assert screen_finite(grads)
+    for where in (0, numel // 2, numel - 1):
+        g = grads[0].clone()
+        g[where] = bad
+        assert not screen_finite([g, grads[1]])
+        assert not screen_finite([grads[1], g])
+    g = grads[0].clone()  # +inf and -inf together: their sum is NaN, still flagged
+    g[0], g[-1] = float("inf"), -float("inf")
+    assert not screen_finite([g])
+
+
+def test_screen_accumulates_half_precision_in_float32():
+    # 2^16 fp16 gradients of 60000: the fp16 sum would overflow, the float32 one does not
+    g = torch.full((1 << 16,), 60000.0, dtype=torch.float16)
+    assert screen_finite([g])
+
+
+def test_finite_grad_norm_replaces_the_screen(monkeypatch):
+    import llmvalley.optim.shell as shell
+
+    model = torch.nn.Linear(4, 3)
+    opt = llmvalley.create_optimizer("adamw", model)
+    model(torch.randn(2, 4)).sum().backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def no_screen(grads):
+        raise AssertionError("screened although the norm proved the gradients finite")
+
+    monkeypatch.setattr(shell, "screen_finite", no_screen)
+    opt.step(grad_norm=norm)
+    assert opt.state[model.weight]["step"] == 1
+    with pytest.raises(AssertionError, match="screened"):
+        opt.step()  # without a norm the step screens as before
+
+
+@pytest.mark.parametrize("norm", [float("nan"), float("inf"), torch.tensor(float("nan"))])
+def test_nonfinite_grad_norm_falls_back_to_the_check(norm):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = llmvalley.create_optimizer("sgd", [w], lr=0.1)
+    w.grad = torch.tensor([1.0, float("nan"), 1.0])
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient"):
+        opt.step(grad_norm=norm)
+    assert torch.equal(w.detach(), torch.ones(3))
+    w.grad = torch.ones(3)  # a stale non-finite norm: the screen clears the gradients
+    opt.step(grad_norm=norm)
+    assert torch.allclose(w.detach(), torch.full((3,), 0.9))
 
 
 def test_nonfinite_policy_of_each_group_in_one_check():

@@ -70,7 +70,8 @@ def test_sharded_run_equals_one_process(name: str, sharded_results) -> None:
 
 
 NONFINITE = [(name, "raise", value) for name in ("adamw", "muon") for value in ("nan", "inf")
-             ] + [("muon", "skip", "nan")]
+             ] + [("muon", "skip", "nan"), ("adamw", "raise-clipped", "nan"),
+                  ("adamw", "raise-clipped", "0")]
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +81,18 @@ def nonfinite_results() -> dict[tuple[str, str, str], list[dict]]:
     return {case: [rank[i] for rank in per_rank] for i, case in enumerate(NONFINITE)}
 
 
-@pytest.mark.parametrize("case", [c for c in NONFINITE if c[1] == "raise"], ids=str)
+@pytest.mark.parametrize("case", [c for c in NONFINITE if c[1].startswith("raise")
+                                  and c[2] != "0"], ids=str)
 def test_bad_shard_raises_on_every_rank_and_changes_nothing(case, nonfinite_results) -> None:
     for r in nonfinite_results[case]:
         assert r["error"] is not None and "non-finite gradient in 1.weight" in r["error"], r
         assert r["unchanged"] and r["state_unchanged"], r
+
+
+def test_clipping_norm_proves_shards_finite_on_every_rank(nonfinite_results) -> None:
+    # step(grad_norm=clip_grad_norm_(...)): the replicated DTensor norm, finite on every rank
+    for r in nonfinite_results[("adamw", "raise-clipped", "0")]:
+        assert r["error"] is None and r["skipped"] == 0 and not r["unchanged"], r
 
 
 def test_bad_shard_skips_on_every_rank(nonfinite_results) -> None:

@@ -146,6 +146,16 @@ def test_registry_optimizer(corpus: Path, tmp_path: Path) -> None:
     assert summary["status"] == "completed" and summary["state_bytes"] > 0
 
 
+def test_clipping_norm_replaces_the_optimizers_screen(corpus: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmvalley.optim.shell as shell
+
+    calls = []
+    monkeypatch.setattr(shell, "screen_finite", lambda grads: calls.append(1) or True)
+    summary = train(small(corpus, tmp_path, optimizer="adamw", steps=3))
+    assert summary["status"] == "completed" and calls == []
+
+
 def test_token_budget_and_grad_accumulation(corpus: Path, tmp_path: Path) -> None:
     summary = train(small(corpus, tmp_path, steps=None, tokens=700, grad_accum=2,
                           eval_every=100))

@@ -215,6 +215,7 @@ class Trainer:
         self._saved_step: int | None = None
         self._stop_signal: int | None = None
         self._loss: torch.Tensor | None = None  # the last step's mean loss (for step(loss=))
+        self._grad_norm: float | None = None  # the last step's global gradient norm
         self._stop_agreed = False  # parallel: whether any rank had a stop signal at the step
         if resume:
             assert run_dir is not None
@@ -376,11 +377,17 @@ class Trainer:
             loss_sum += loss.detach()
         if hvp:
             self.optimizer.update_curvature()  # which detaches the gradients' graph
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         self._loss = loss_sum / cfg.grad_accum
         loss_value = self._loss.item()
         grad_value = self.par.grad_norm(grad_norm)  # global under DDP and FSDP2 alike
+        # clip_grad_norm_'s scaling, skipped where its factor would be exactly 1 (a pass over
+        # the gradients saved) and where the norm is not finite: the optimizer's check then
+        # names the parameter at fault instead of every gradient turned NaN by the factor
+        if cfg.grad_clip > 0 and math.isfinite(grad_value) and grad_value + 1e-6 > cfg.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+        self._grad_norm = grad_value  # proves the gradients finite to the optimizer's check
         if self.par.active:  # the global batch's loss, and whether any rank was signalled
             loss_sum_all, stops = self.par.all_sum(
                 [loss_value, float(self._stop_signal is not None)])
@@ -454,7 +461,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         if isinstance(self.optimizer, ChainOptimizer):
-            self.optimizer.step(loss=self._loss)
+            # the clipping norm stands in for the non-finite screen: no second gradient pass
+            self.optimizer.step(loss=self._loss, grad_norm=self._grad_norm)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -4,11 +4,14 @@ Descent.
 Each is a :class:`~llmvalley.optim.transforms.projection.Subspace` (a projector from
 :mod:`llmvalley.optim.transforms.projection`) around the library's Adam
 (:class:`~llmvalley.optim.transforms.ScaleByAdam`): HF-style (eps after the root, bias
-correction in the step size) for the GaLore family, torch-style for FRUGAL. All apply to 2-D
-hidden weight matrices (``applies_to="matrix"``); ``create_optimizer(name, model)`` routes
-embeddings, the output head, norms and biases to AdamW with each spec's ``fallback_hparams``,
-as the reference training scripts train those with plain Adam. A rank at or above a matrix's
-smaller side, and tensors that are not 2-D, raise ``ValueError`` naming the parameter.
+correction in the step size) for the GaLore family, torch-style for FRUGAL. FRUGAL's
+``proj_type="blockwise"`` instead runs Adam on whole tensors that take turns
+(:class:`~llmvalley.optim.transforms.blockwise.BlockwiseTensors`). All apply to hidden weight
+matrices (``applies_to="matrix"``); ``create_optimizer(name, model)`` routes embeddings, the
+output head, norms and biases to AdamW with each spec's ``fallback_hparams``, as the reference
+training scripts train those with plain Adam. A rank at or above a matrix's smaller side, and
+tensors that are not 2-D (blockwise FRUGAL excepted), raise ``ValueError`` naming the
+parameter.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from llmvalley.optim.recipes.common import require_betas, require_positive_int
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
 from llmvalley.optim.transforms.base import StepScale
+from llmvalley.optim.transforms.blockwise import BLOCK_ORDERS, BlockwiseTensors, active_count
 from llmvalley.optim.transforms.projection import (
     COORDINATE_CHOICES,
     ApolloSubspace,
@@ -39,7 +43,7 @@ from llmvalley.optim.transforms.sign import Sign
 PROJ_TYPES = ("std",)
 APOLLO_PROJ = ("random", "svd")
 SCALE_TYPES = ("channel", "tensor")
-FRUGAL_PROJ_TYPES = ("svd", "random", "randperm", *COORDINATE_CHOICES)
+FRUGAL_PROJ_TYPES = ("svd", "random", "randperm", *COORDINATE_CHOICES, "blockwise")
 INACTIVE_RULES = ("sign_sgd", "sgd", "no")
 
 #: the GaLore-family C4 scripts' settings (lr 0.01, HF eps 1e-6, wd 0), for the AdamW fallback
@@ -118,16 +122,23 @@ def _check_frugal(group: dict[str, Any]) -> None:
     require_positive_int("frugal", group, "update_proj_gap")
     _require("frugal", group, "proj_type", FRUGAL_PROJ_TYPES)
     _require("frugal", group, "inactive_update_rule", INACTIVE_RULES)
+    _require("frugal", group, "block_order", BLOCK_ORDERS)
     if not isinstance(group.get("reset_statistics", True), bool):
         raise ValueError(f"frugal: invalid reset_statistics={group['reset_statistics']!r}: "
                          "True or False")
-    density = float(group.get("density", 0.25))
-    if not 0.0 < density < 1.0:
-        raise ValueError(f"frugal: invalid density={group['density']!r}: must lie in (0, 1)")
+    seed = group.get("block_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"frugal: invalid block_seed={seed!r}: an integer >= 0")
     for key in ("inactive_lr_scale", "proj_params_lr_scale"):
         if key in group and not float(group[key]) >= 0:
             raise ValueError(f"frugal: invalid {key}={group[key]!r}: must be >= 0")
     kind = group.get("proj_type", "svd")
+    density = float(group.get("density", 0.25))
+    if kind == "blockwise":
+        _check_frugal_blockwise(group, density)
+        return
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"frugal: invalid density={group['density']!r}: must lie in (0, 1)")
     for label, shape in _params(group):
         check_matrix_shape("frugal", shape, label)
         if kind in COORDINATE_CHOICES:
@@ -137,6 +148,24 @@ def _check_frugal(group: dict[str, Any]) -> None:
         else:
             check_rank("frugal", subspace_rank(shape, group, "density"), min(shape), label,
                        what="rank round(short side * density)")
+
+
+def _check_frugal_blockwise(group: dict[str, Any], density: float) -> None:
+    """The blockwise projector takes whole tensors of any shape; density 0 (every tensor
+    state-free, the 7B script's setting) and 1 are allowed, as the reference allows them."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"frugal: invalid density={group['density']!r}: must lie in [0, 1] "
+                         "for proj_type 'blockwise'")
+    if group.get("reset_statistics", True) is not True:
+        raise ValueError("frugal: invalid reset_statistics=False for proj_type 'blockwise': "
+                         "the blockwise projector always frees the Adam state at a "
+                         "re-selection (the reference ignores the flag)")
+    n = len(list(_params(group)))
+    k = active_count(n, density)
+    if group.get("block_order") == "mirror" and n and k % 2:
+        raise ValueError(f"frugal: invalid block_order='mirror' with density={density!r}: "
+                         f"round({n} tensors * density) = {k} active tensors, and 'mirror' "
+                         "activates them in pairs (an even count)")
 
 
 # ---- chains --------------------------------------------------------------------------------
@@ -165,6 +194,12 @@ def _osd(group) -> list:
 
 def _frugal(group) -> list:
     kind = group["proj_type"]
+    rule = group["inactive_update_rule"]
+    residual = {"sign_sgd": [Sign(), ScaleBy("inactive_lr_scale")],
+                "sgd": [ScaleBy("inactive_lr_scale")], "no": None}[rule]
+    if kind == "blockwise":
+        return [BlockwiseTensors([ScaleByAdam(eps_form="torch")], residual),
+                StepScale("proj_params_lr_scale")]
     if kind == "svd":
         proj = SVDProjector("frugal", rank_from="density")
     elif kind in COORDINATE_CHOICES:
@@ -172,9 +207,6 @@ def _frugal(group) -> list:
     else:
         proj = RandomProjector("frugal", "orthogonal" if kind == "random" else "permutation",
                                rank_from="density")
-    rule = group["inactive_update_rule"]
-    residual = {"sign_sgd": [Sign(), ScaleBy("inactive_lr_scale")],
-                "sgd": [ScaleBy("inactive_lr_scale")], "no": None}[rule]
     return [Subspace(proj, [ScaleByAdam(eps_form="torch")], residual=residual,
                      reset_key="reset_statistics"),
             StepScale("proj_params_lr_scale")]
@@ -231,7 +263,7 @@ SPECS = [
         defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, density=0.25,
                       update_proj_gap=200, proj_type="svd", reset_statistics=True,
                       inactive_update_rule="sign_sgd", inactive_lr_scale=1.0,
-                      proj_params_lr_scale=1.0),
+                      proj_params_lr_scale=1.0, block_order="descending", block_seed=0),
         build=_frugal,
         structural=("proj_type", "inactive_update_rule"),
         decay=Decay("decoupled"),

@@ -33,6 +33,10 @@ unless a group sets its own:
   option changes the chain, else foreach; never compiled unless asked (no first-step
   compile). adam/adamw's ``fused=False`` means foreach, ``fused=True`` fused.
 
+On the CPU, the first step makes glibc keep the memory it frees, so the temporaries of each
+step reuse mapped pages (:mod:`llmvalley.optim.allocator`; opt out with
+``LLMVALLEY_RETAIN_CPU_MEMORY=0``).
+
 State is declared by the transforms and created at a parameter's first step (the skipped
 steps of ``nonfinite="skip"`` create nothing); :meth:`ChainOptimizer.init_state` creates it
 at once, and :func:`~llmvalley.optim.memory.state_bytes` counts declared state that does not
@@ -49,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmvalley.optim.allocator import retain_freed_cpu_memory
 from llmvalley.optim.options import chain_and_keys, is_plain
 from llmvalley.optim.sharded import (
     OwnerPlan,
@@ -386,6 +391,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                     f"{group['optimizer']} needs the loss: call step(closure) or "
                     "step(loss=loss)")
         flat = [p for _, params in work for p in params]
+        if flat and flat[0].device.type == "cpu":
+            retain_freed_cpu_memory()  # once per process: no page faults on temporaries
         norms = GradNorms([p.grad for p in flat], flat)
         checked = [(g, ps) for g, ps in work if g["nonfinite"] != "ignore"]
         sharded = any(is_sharded(p) for p in flat)

@@ -1,0 +1,76 @@
+"""The CPU allocator setting: freed memory is kept, so steps stop page-faulting."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmvalley
+from llmvalley.optim import allocator
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+FAULTS = """
+import resource, torch, llmvalley
+torch.manual_seed(0)
+ps = [torch.nn.Parameter(torch.randn(512, 512)) for _ in range(4)]
+opt = llmvalley.create_optimizer("nadam", ps)
+for p in ps:
+    p.grad = torch.randn_like(p)
+for _ in range(3):
+    opt.step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    opt.step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def faults_per_step(**env: str) -> float:
+    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, **env}, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_steps_stop_page_faulting_on_their_temporaries():
+    # NAdam's foreach chain allocates three parameter-sized temporaries a step (4 MiB here)
+    kept = faults_per_step()
+    released = faults_per_step(**{allocator.OPT_OUT: "0"})
+    assert released > 1000, released  # every page of every temporary, every step
+    assert kept < 50, kept
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_applied_once_and_reported(monkeypatch):
+    monkeypatch.setattr(allocator, "_result", None)
+    assert allocator.retain_freed_cpu_memory() is True
+    monkeypatch.setattr(allocator, "_apply", lambda: pytest.fail("applied twice"))
+    assert allocator.retain_freed_cpu_memory() is True
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False"])
+def test_opt_out(monkeypatch, value):
+    monkeypatch.setattr(allocator, "_result", None)
+    monkeypatch.setenv(allocator.OPT_OUT, value)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: pytest.fail("mallopt called"))
+    assert allocator.retain_freed_cpu_memory() is False
+
+
+def test_the_first_cpu_step_applies_it(monkeypatch):
+    import llmvalley.optim.shell as shell
+
+    calls = []
+    monkeypatch.setattr(shell, "retain_freed_cpu_memory", lambda: calls.append(1) or True)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = llmvalley.create_optimizer("sgd", [w], lr=0.1)
+    opt.step()  # no gradient: nothing to step, nothing applied
+    assert calls == []
+    w.grad = torch.ones(3)
+    opt.step()
+    assert calls == [1]

@@ -238,11 +238,14 @@ def _counting_backend(stats: CompileStats) -> Callable[..., Any]:
 def _segment_step(transforms: tuple[Transform, ...], keys: KeyMap, ctx: StepContext,
                   updates: list[Tensor], steps: list[int], working: list[Tensor], lr: Tensor,
                   form: str, scaled: bool, write: bool) -> list[Tensor]:
-    """What a compiled segment runs: its transforms, then (last segment) the write."""
+    """What a compiled segment runs: its transforms, then (last segment) the write. A
+    segment that writes returns nothing: returning the directions would make the kernel store
+    them to fresh buffers, a pass over memory nobody reads."""
     ctx.steps = steps  # the symbolic step counts (STEP_SOURCES)
     updates = run_chain(transforms, ctx, updates, keys)
     if write:
         write_step(working, updates, ctx.plan, lr, form, scaled)
+        return []
     return updates
 
 

@@ -22,12 +22,23 @@ from llmvalley.optim.transforms.orthogonalize import (
     matrix_view,
     newton_schulz,
     orthogonalize,
+    orthogonalize_matrices,
     resolve_dtype,
+    resolve_form,
     shape_scale,
+    symmetric_product,
     use_gram,
 )
 
 ortho_module = importlib.import_module("llmvalley.optim.transforms.orthogonalize")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocked symmetric products and chunked batches at test sizes: 8-row blocks (so from 24
+    rows on) and chunks of two matrices."""
+    monkeypatch.setattr(ortho_module, "SYM_BLOCK", 8)
+    monkeypatch.setattr(ortho_module, "NS_CHUNK_BYTES", 1)
 
 
 def ill_conditioned(m: int, n: int, decades: float, seed: int = 0) -> torch.Tensor:
@@ -47,17 +58,21 @@ def inputs() -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method,steps,band,floor", [
-    ("newton_schulz", 5, (0.67, 1.21), 2 / 3.4445**5),
-    ("newton_schulz", 10, (0.67, 1.21), 2 / 3.4445**10),
-    ("polar_express", 5, (0.85, 1.15), 4e-3),
+@pytest.mark.parametrize("method,steps,band,floor,form", [
+    ("newton_schulz", 5, (0.67, 1.21), 2 / 3.4445**5, "standard"),
+    ("newton_schulz", 5, (0.67, 1.21), 2 / 3.4445**5, "symmetric"),
+    ("newton_schulz", 5, (0.67, 1.21), 2 / 3.4445**5, "gram"),
+    ("newton_schulz", 10, (0.67, 1.21), 2 / 3.4445**10, "standard"),
+    ("newton_schulz", 10, (0.67, 1.21), 2 / 3.4445**10, "gram"),
+    ("polar_express", 5, (0.85, 1.15), 4e-3, "standard"),
 ])
-def test_singular_values_lie_in_documented_band(dtype, method, steps, band, floor):
+def test_singular_values_lie_in_documented_band(dtype, method, steps, band, floor, form,
+                                                small_blocks):
     if dtype == torch.bfloat16:  # bf16 (8 mantissa bits) cannot resolve smaller ones
         floor = max(floor, 4e-3)
     for x in inputs():
         sv_in = torch.linalg.svdvals(x) / x.norm()
-        out = orthogonalize(x, method, steps, dtype=dtype)
+        out = orthogonalize(x, method, steps, dtype=dtype, form=form)
         assert out.dtype == dtype and out.shape == x.shape
         # singular vectors are preserved, so match output singular values to the input's
         u, _, vh = torch.linalg.svd(x, full_matrices=False)
@@ -106,14 +121,19 @@ def test_batched_equals_per_matrix_and_tall_is_transposed_wide():
                               rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("shape", [(24, 80), (80, 24), (20, 20), (3, 16, 40)])
+@pytest.mark.parametrize("form", ["symmetric", "gram"])
+@pytest.mark.parametrize("shape", [(24, 80), (80, 24), (32, 32), (3, 32, 56), (3, 56, 32)])
 @pytest.mark.parametrize("steps", [1, 3, 5, 12])
-def test_gram_newton_schulz_equals_the_standard_iteration(shape, steps):
+def test_ns_forms_equal_the_standard_iteration(form, shape, steps, small_blocks):
+    """Blocked (8-row blocks) and chunked (2 matrices) in float64: the same iteration."""
     gen = torch.Generator().manual_seed(4)
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    standard = newton_schulz(g if g.ndim == 3 else g[None], steps, form="standard")
-    gram = newton_schulz(g if g.ndim == 3 else g[None], steps, form="gram")
-    torch.testing.assert_close(gram, standard, rtol=0, atol=1e-12)
+    batch = g if g.ndim == 3 else g[None]
+    standard = newton_schulz(batch, steps, form="standard")
+    torch.testing.assert_close(newton_schulz(batch, steps, form=form), standard, rtol=0,
+                               atol=1e-12)
+    if form == "symmetric":
+        return
     # float32 on an ill-conditioned input: the Gram matrix squares the condition number, so
     # the error grows to ~1e-4 at 5 steps (the standard form's is ~1e-6; bf16's ~1e-2), ~3e-3
     # at 12, where the standard iteration lifts singular values below sqrt(eps); the restarts
@@ -122,6 +142,90 @@ def test_gram_newton_schulz_equals_the_standard_iteration(shape, steps):
     truth = newton_schulz(hard, steps, form="standard")
     gram32 = newton_schulz(hard.float(), steps, form="gram").double()
     assert (gram32 - truth).abs().max() < (1e-3 if steps <= 5 else 1e-2)
+
+
+def test_symmetric_product_multiplies_only_the_lower_blocks(small_blocks, monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 28, 40, generator=gen, dtype=torch.float64)  # 28 rows: blocks 8, 8, 8, 4
+    a = x @ x.mT
+    b = a @ a @ a + a  # a polynomial in a: commutes with it
+    plain = {"gram": x @ x.mT, "product": a @ b, "poly": 0.5 * a + 2.0 * a @ a,
+             "commuting": -1.5 * b + a @ b}
+    calls = []
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            calls.append(tuple(args[-2].shape) if fn is torch_bmm else tuple(args[1].shape))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    torch_bmm, torch_baddbmm = torch.bmm, torch.baddbmm
+    monkeypatch.setattr(torch, "bmm", spy(torch_bmm))
+    monkeypatch.setattr(torch, "baddbmm", spy(torch_baddbmm))
+    blocked = {"gram": symmetric_product(x, x, transpose_b=True),
+               "product": symmetric_product(a, b),
+               "poly": symmetric_product(a, a, c=a, alpha=2.0, beta=0.5),
+               "commuting": symmetric_product(a, b, c=b, beta=-1.5)}
+    # each product: one multiply per column block, with the rows from the block down
+    assert [c[1] for c in calls] == [28, 20, 12, 4] * 4
+    for key, value in blocked.items():
+        torch.testing.assert_close(value, plain[key], rtol=0, atol=1e-12 * plain[key].abs().max())
+        off_block = torch.ones(28, 28, dtype=torch.bool).triu(8)
+        assert torch.equal(value[:, off_block], value.mT[:, off_block])  # mirrored exactly
+    calls.clear()
+    symmetric_product(x[:, :16], x[:, :16], transpose_b=True)  # 2 blocks: one plain product
+    assert calls == [(2, 16, 40)]
+    assert symmetric_product(x, x, transpose_b=True, blocked=False).equal(x @ x.mT)
+
+
+def test_blocked_forms_are_as_accurate_as_the_standard_one_in_bf16(small_blocks):
+    """Against the float64 iteration: ``"symmetric"`` within rounding of the standard form's
+    error (a X stays out of the bf16 product), ``"gram"`` within 2x on wide inputs (its ``a``
+    also stays out of the bf16 ``Q``, ``R`` updates: folded, wide Gaussian errors grew to
+    ~2.3x), and less than that on ill-conditioned ones."""
+    gen = torch.Generator().manual_seed(7)
+    cases = {"gaussian": torch.randn(2, 48, 128, generator=gen, dtype=torch.float64),
+             "ill-conditioned": ill_conditioned(48, 128, 4)[None],
+             "square": torch.randn(2, 48, 48, generator=gen, dtype=torch.float64)}
+    for name, g in cases.items():
+        truth = newton_schulz(g, 5)
+        err = {form: (newton_schulz(g.float(), 5, dtype=torch.bfloat16, form=form).double()
+                      - truth).abs().max().item() for form in ("standard", "symmetric", "gram")}
+        assert err["symmetric"] <= 1.1 * err["standard"], (name, err)
+        if name != "square":  # auto keeps square matrices out of the Gram form
+            assert err["gram"] <= 2.0 * err["standard"], (name, err)
+
+
+@pytest.mark.parametrize("form", ["standard", "symmetric", "gram", "auto"])
+def test_orthogonalize_matrices_batches_by_shape_in_chunks(form, small_blocks):
+    """The optimizers' path (stacked per shape in chunks, cast back) gives each matrix's own
+    Newton-Schulz result, in its dtype and shape."""
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(24, 40), (40, 24), (24, 40), (32, 32), (40, 24), (24, 40), (40, 24), (6, 10)]
+    mats = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    group = dict(orthogonalizer="newton_schulz", ns_steps=5, ns_eps=1e-7, ns_dtype=None,
+                 ns_form=form, ns_eps_form="add")
+    outs = orthogonalize_matrices(mats, group)
+    for m, o in zip(mats, outs):
+        assert o.shape == m.shape and o.dtype == m.dtype
+        single = newton_schulz(m[None], 5, eps_form="add", form=form)[0]
+        torch.testing.assert_close(o, single, rtol=0, atol=1e-13)
+    group["ns_dtype"] = torch.float32  # computed in float32, returned in float64
+    for m, o in zip(mats, orthogonalize_matrices(mats, group)):
+        assert o.dtype == torch.float64
+        # float32 rounding apart (a tall matrix is normalised after its transposing copy)
+        torch.testing.assert_close(o, newton_schulz(m[None], 5, dtype=torch.float32,
+                                                    eps_form="add", form=form)[0].double(),
+                                   rtol=0, atol=1e-5)
+
+
+def test_standard_form_stays_torch_muon_bit_for_bit_in_chunks(small_blocks):
+    gen = torch.Generator().manual_seed(9)
+    mats = [torch.randn(s, generator=gen) for s in [(32, 16)] * 3 + [(16, 48)] * 2 + [(24, 24)]]
+    group = dict(orthogonalizer="newton_schulz", ns_steps=5, ns_eps=1e-7,
+                 ns_dtype=torch.bfloat16, ns_form="standard")
+    for m, o in zip(mats, orthogonalize_matrices(mats, group)):
+        assert torch.equal(o, _zeropower_via_newtonschulz(m, NS_COEFFICIENTS, 5, 1e-7).float())
 
 
 def test_gram_form_with_polar_express_coefficients():
@@ -133,17 +237,21 @@ def test_gram_form_with_polar_express_coefficients():
     torch.testing.assert_close(gram, standard, rtol=0, atol=1e-12)
 
 
-def test_auto_form_picks_gram_for_wide_float_matrices_only():
-    from llmvalley.optim.recipes.matrix import ORTHO_DEFAULTS
-
-    assert ORTHO_DEFAULTS["ns_form"] == "standard"  # opt-in: see the module docstring
-    assert use_gram("auto", (256, 688), torch.float32)
-    assert use_gram("auto", (688, 256), torch.float64)  # tall: its wide orientation
-    assert not use_gram("auto", (256, 400), torch.float32)  # too square to pay off
-    assert not use_gram("auto", (256, 256), torch.float32)  # square: the standard is cheaper
-    assert not use_gram("auto", (256, 688), torch.bfloat16)  # bf16 stays torch.optim.Muon's
-    assert use_gram("gram", (8, 8), torch.bfloat16) and not use_gram("standard", (8, 80),
+def test_auto_form_picks_gram_for_wide_matrices_and_symmetric_otherwise():
+    assert resolve_form("auto", (256, 688), torch.float32) == "gram"
+    assert resolve_form("auto", (688, 256), torch.float64) == "gram"  # tall: its wide side
+    assert resolve_form("auto", (256, 688), torch.bfloat16) == "gram"  # as accurate (above)
+    assert resolve_form("auto", (256, 384), torch.bfloat16) == "gram"  # aspect 1.5
+    assert resolve_form("auto", (256, 320), torch.float32) == "symmetric"  # too square
+    assert resolve_form("auto", (256, 256), torch.float32) == "symmetric"
+    for form in ("standard", "symmetric", "gram"):
+        assert resolve_form(form, (8, 80), torch.float32) == form
+    assert use_gram("gram", (8, 8), torch.bfloat16) and not use_gram("symmetric", (8, 80),
                                                                      torch.float32)
+    # blocks only on CPU and from three blocks on
+    assert ortho_module._block_rows(512, torch.device("cpu")) == ortho_module.SYM_BLOCK
+    assert ortho_module._block_rows(256, torch.device("cpu")) == 0
+    assert ortho_module._block_rows(512, torch.device("meta")) == 0
 
 
 def test_muon_rejects_an_unknown_ns_form():

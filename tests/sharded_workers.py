@@ -233,3 +233,37 @@ def ddp_replica(name: str, steps: int) -> list[Any]:
     opt = create_optimizer(name, model, **options(name))
     train(runner, opt, range(1000 * dist.get_rank(), 1000 * dist.get_rank() + steps))
     return [p.detach().numpy().copy() for p in model.parameters()]
+
+
+def blockwise_dcp(folder: str, mode: str) -> list[Any]:
+    """Blockwise FRUGAL on six sharded matrices, two active: ``"save"`` trains 5 steps (the
+    third active set, not the first), saves a DCP checkpoint and trains 4 more; ``"load"``
+    loads it into a fresh optimizer through ``valley train``'s loader and trains the same 4.
+    Returns the whole parameters."""
+    from llmvalley.bench.distributed import load_dcp
+    from llmvalley.optim import create_optimizer
+
+    torch.manual_seed(0)
+    model = shard(nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)]).double())
+    hp = dict(proj_type="blockwise", update_proj_gap=2, density=0.34, lr=0.01, fallback=None)
+    opt = create_optimizer("frugal", model, **hp)
+
+    def steps(start: int, n: int) -> None:
+        for s in range(start, start + n):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(s),
+                            dtype=torch.float64)
+            model(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    if mode == "save":  # the layout valley train's save_dcp writes
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        steps(0, 5)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=folder)
+    else:
+        load_dcp(Path(folder), model, opt)
+    steps(5, 4)
+    return [full(p).detach().numpy() for p in model.parameters()]

@@ -255,6 +255,37 @@ def test_resume_across_a_reselection_is_bit_exact(order, split):
         assert torch.equal(a, b), f"{order}: {n} differs after resume"
 
 
+@pytest.mark.parametrize("other", ["frugal", "adamw"])
+def test_dcp_checkpoint_resumes_a_later_selection(tmp_path, other):
+    """A DCP checkpoint taken after the active set moved loads into a fresh optimizer (whose
+    init_state holds the first selection's moments) and continues bit for bit; a method whose
+    state keeps its keys (adamw) loads as before."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from llmvalley.bench.distributed import load_dcp
+
+    hp = dict(proj_type="blockwise", update_proj_gap=20, lr=0.01) if other == "frugal" else {}
+    ref = llama(0)
+    synthetic_steps(ref, llmvalley.create_optimizer(other, ref, **hp), 0, 60)
+    model = llama(0)
+    opt = llmvalley.create_optimizer(other, model, **hp)
+    synthetic_steps(model, opt, 0, 45)  # the third selection is active
+    msd, osd = get_state_dict(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp_path))
+        resumed = llama(123)
+        resumed_opt = llmvalley.create_optimizer(other, resumed, **hp)
+        load_dcp(tmp_path, resumed, resumed_opt)
+    assert llmvalley.state_bytes(resumed_opt) == llmvalley.state_bytes(opt)
+    synthetic_steps(resumed, resumed_opt, 45, 15)
+    for (n, a), b in zip(ref.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), f"{n} differs after a DCP resume"
+
+
 def test_quantized_state_is_freed_with_its_scales():
     """int8 moments of a leaving tensor go with their block scales; the state is the codes
     and scales of the active tensor only."""

@@ -151,6 +151,16 @@ def test_checkpoints_reshard_between_one_and_two_processes(name: str, route: str
         numpy.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE.get(name, 1e-12))
 
 
+def test_blockwise_frugal_resumes_a_later_selection_from_dcp(tmp_path) -> None:
+    # the fresh optimizer's init_state holds the first active set's moments, the checkpoint
+    # the third's: the loader makes the state hold what was saved
+    whole = run_ranks(w.blockwise_dcp, 2, str(tmp_path), "save", init_group=True, timeout=300)
+    resumed = run_ranks(w.blockwise_dcp, 2, str(tmp_path), "load", init_group=True,
+                        timeout=300)
+    for a, b in zip(whole[0], resumed[0]):
+        assert numpy.array_equal(a, b)
+
+
 def test_state_bytes_local_and_global() -> None:
     reports = run_ranks(w.state_bytes_report, 2, "adamw", init_group=True, timeout=120)
     # adamw keeps two float64 moments per element: 8 * 2 * (60 + 30 + 5 + 5 + 5 + 35)

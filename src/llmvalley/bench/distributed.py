@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from llmvalley.cli import UsageError
+from llmvalley.optim.sharded import is_dtensor
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 #: seconds a collective may wait for the other ranks before the run is ended (--dist-timeout)
@@ -308,12 +309,56 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
     _prepare(optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    _hold_what_was_saved(path, optim_sd)
     state = {"model": model_sd, "optimizer": optim_sd}
     with warnings.catch_warnings():  # one process: DCP says it loads without a group
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
+
+
+def _hold_what_was_saved(path: Path, optim_sd: dict[str, Any]) -> None:
+    """Make each parameter's optimizer state hold exactly the entries the checkpoint holds.
+
+    DCP loads into the tensors it is given and refuses entries the checkpoint lacks. A fresh
+    optimizer's state (``init_state``) is its first step's, which is not the saved one where
+    state comes and goes during training: FRUGAL's blockwise projector keeps Adam moments for
+    the tensors active at the time only. So entries the checkpoint lacks are dropped, and
+    entries it has are created: empty tensors of the saved size and dtype (DTensors laid out
+    like another entry of the same global shape, under FSDP2), or placeholders for Python
+    values. Parameters the checkpoint holds nothing for are left alone.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for fqn, entries in optim_sd.get("state", {}).items():
+        prefix = f"optimizer.state.{fqn}."
+        held = {k[len(prefix):]: m for k, m in saved.items() if k.startswith(prefix)}
+        if not held or set(held) == set(entries):
+            continue
+        tensors = [v for v in entries.values() if isinstance(v, torch.Tensor)]
+        for key in [k for k in entries if k not in held]:
+            del entries[key]
+        for key, meta in held.items():
+            if key in entries:
+                continue
+            if not isinstance(meta, TensorStorageMetadata):
+                entries[key] = None  # DCP puts the saved object here
+                continue
+            like = next((t for t in tensors if tuple(t.shape) == tuple(meta.size)), None)
+            if like is not None and is_dtensor(like):
+                from torch.distributed.tensor import empty as dtensor_empty
+
+                entries[key] = dtensor_empty(meta.size, dtype=meta.properties.dtype,
+                                             device_mesh=like.device_mesh,
+                                             placements=like.placements)
+            else:
+                device = like.device if like is not None else (
+                    tensors[0].device if tensors else torch.device("cpu"))
+                entries[key] = torch.empty(meta.size, dtype=meta.properties.dtype,
+                                           device=device)
 
 
 def load_full(model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -9,8 +9,13 @@ auxiliary settings (each spec's ``fallback_hparams``). Conv kernels (with
 Orthogonalization options shared by the Muon family (see
 :mod:`llmvalley.optim.transforms.orthogonalize`): ``orthogonalizer`` (``"newton_schulz"``,
 ``"polar_express"``, ``"svd"``), ``ns_steps``, ``ns_coefficients``, ``ns_eps`` (the Frobenius
-normalisation guard, torch.optim.Muon's ``eps``), ``ns_dtype`` (None: bf16 on CUDA, the
-update's dtype elsewhere) and, except for ``muon`` (always ``"clamp"``), ``ns_eps_form``:
+normalisation guard, torch.optim.Muon's ``eps``), ``ns_dtype`` (None: bf16 on CUDA and on CPUs
+whose bf16 matrix products are faster, the update's dtype elsewhere), ``ns_form`` (how the
+Newton-Schulz products are evaluated: ``"standard"``, the default, is torch.optim.Muon's,
+bit for bit in bf16; ``"auto"`` is the fastest on CPU, the Gram form for matrices at least 1.5
+times as wide as tall and blocked symmetric products otherwise, the same iteration up to
+rounding: ``muon`` 0.76x torch.optim.Muon's step time in ``benchmarks/results/
+matrix_step_time_cpu.md``) and, except for ``muon`` (always ``"clamp"``), ``ns_eps_form``:
 ``"clamp"`` divides by ``max(||X||_F, ns_eps)`` as torch.optim.Muon (PolarGrad's default),
 ``"add"`` by ``||X||_F + ns_eps`` as Keller's original NS5 and the AdaMuon, NAMO / NAMO-D,
 Hybrid-AuON and COSMOS reference code (those methods' default). ``shape_scale`` picks the

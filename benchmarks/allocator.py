@@ -19,19 +19,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from step_time import machine
+from step_time import add_shape_args, machine
 
 CHILD = """
 import json, resource, sys, time
 import torch
 sys.path.insert(0, {here!r})
-from step_time import LlamaShapedParams
+from step_time import params_with_gradients
 import llmvalley
 torch.set_num_threads(1)
-torch.manual_seed(0)
-ps = list(LlamaShapedParams({dim}, {ffn}, {layers}, {vocab}).parameters())
-for p in ps:
-    p.grad = torch.randn_like(p) * 1e-3
+ps = list(params_with_gradients({dim}, {ffn}, {layers}, {vocab}).parameters())
 name = {name!r}
 if name.startswith("torch."):
     cls = getattr(torch.optim, name.split(".")[1])
@@ -61,10 +58,7 @@ def run(name: str, retain: bool, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_shape_args(parser)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="processes per setting")
     parser.add_argument("--only", default="adamw,nadam,laprop,adan,ademamix,lion,adafactor,"

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_time import LlamaShapedParams, machine, time_interleaved
+from step_time import add_shape_args, machine, params_with_gradients, time_interleaved
 
 import llmvalley
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_shape_args(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=30)
@@ -35,12 +32,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     def params() -> list[torch.nn.Parameter]:
-        torch.manual_seed(0)
-        model = LlamaShapedParams(args.dim, args.ffn, args.layers, args.vocab).to(args.device)
-        ps = list(model.parameters())
-        for p in ps:
-            p.grad = torch.randn_like(p) * 1e-3
-        return ps
+        model = params_with_gradients(args.dim, args.ffn, args.layers, args.vocab)
+        return list(model.to(args.device).parameters())
 
     class WithNorm:
         """``step(grad_norm=...)`` with the norm the loop's clipping computed (not timed)."""

@@ -41,7 +41,7 @@ from importlib.metadata import version
 from importlib.util import find_spec
 
 import torch
-from step_time import machine, params_with_gradients
+from step_time import add_shape_args, hidden_and_rest, machine, params_with_gradients
 from torch import nn
 
 import llmvalley
@@ -64,15 +64,6 @@ class Match:
     peer: str
     make: Factory
     hparams: dict = field(default_factory=dict)
-
-
-def hidden_and_rest(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """The hidden 2-D matrices (what our router gives a matrix method) and the rest."""
-    hidden, rest = [], []
-    for name, p in model.named_parameters():
-        matrix = p.ndim == 2 and "embed" not in name and "lm_head" not in name
-        (hidden if matrix else rest).append(p)
-    return hidden, rest
 
 
 class Pair(torch.optim.Optimizer):
@@ -228,10 +219,7 @@ def measure(opts: list[Timed], warmup: int, reps: int) -> tuple[list[float], lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_shape_args(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier "
                         "when other jobs share the machine; 0: torch's default)")
     parser.add_argument("--warmup", type=int, default=3,

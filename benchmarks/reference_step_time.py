@@ -19,21 +19,18 @@ import time
 from collections.abc import Callable
 
 import torch
-from step_time import machine, params_with_gradients, time_interleaved
+from step_time import (
+    add_shape_args,
+    hidden_and_rest,
+    machine,
+    params_with_gradients,
+    time_interleaved,
+)
 from torch import nn
 
 import llmvalley
 
 Factory = Callable[[nn.Module], torch.optim.Optimizer]
-
-
-def hidden_and_rest(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """The hidden 2-D matrices (what the router gives a matrix method) and the rest."""
-    hidden, rest = [], []
-    for name, p in model.named_parameters():
-        matrix = p.ndim == 2 and "embed" not in name and "lm_head" not in name
-        (hidden if matrix else rest).append(p)
-    return hidden, rest
 
 
 def low_rank(cls: Callable, **group: object) -> Factory:
@@ -106,10 +103,7 @@ def first_step(make: Callable[[], torch.optim.Optimizer]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_shape_args(parser, layers=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--only", help="comma-separated names")

@@ -51,6 +51,24 @@ class LlamaShapedParams(nn.Module):
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
 
+def add_shape_args(parser: argparse.ArgumentParser, dim: int = 256, ffn: int = 688,
+                   layers: int = 2, vocab: int = 4096) -> None:
+    """The ``--dim --ffn --layers --vocab`` options of a :class:`LlamaShapedParams` set."""
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--ffn", type=int, default=ffn)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--vocab", type=int, default=vocab)
+
+
+def hidden_and_rest(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The hidden 2-D matrices (what the router gives a matrix method) and the rest."""
+    hidden, rest = [], []
+    for name, p in model.named_parameters():
+        matrix = p.ndim == 2 and "embed" not in name and "lm_head" not in name
+        (hidden if matrix else rest).append(p)
+    return hidden, rest
+
+
 def params_with_gradients(dim: int, ffn: int, layers: int, vocab: int,
                           scale: float = 1e-3) -> LlamaShapedParams:
     """A seeded :class:`LlamaShapedParams` whose parameters hold fixed random gradients (the
@@ -129,10 +147,7 @@ def precision_table(model: nn.Module, n_params: int, markdown: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--ffn", type=int, default=1376)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(parser, dim=512, ffn=1376, layers=4, vocab=32000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)

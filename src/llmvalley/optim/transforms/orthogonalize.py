@@ -191,15 +191,20 @@ def resolve_dtype(value: Any, device: torch.device, fallback: torch.dtype) -> to
     return value
 
 
+def shape_groups(mats: Sequence[Tensor]) -> dict[tuple, list[int]]:
+    """The indices of ``mats`` grouped by ``(shape, dtype, device)``: what can be batched."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(mats):
+        groups.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
+    return groups
+
+
 def map_by_shape(
     mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]
 ) -> list[Tensor]:
     """Apply a batched ``fn`` ((B, m, n) -> (B, m, n)) to matrices grouped by shape/dtype."""
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(mats):
-        groups.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
     out: list[Tensor | None] = [None] * len(mats)
-    for idx in groups.values():
+    for idx in shape_groups(mats).values():
         stacked = torch.stack([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]][None]
         result = fn(stacked)
         for j, i in enumerate(idx):
@@ -351,11 +356,6 @@ def resolve_form(form: str, shape: Sequence[int], dtype: torch.dtype) -> str:
     return "gram" if n >= GRAM_MIN_ASPECT * m else "symmetric"
 
 
-def use_gram(form: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether ``ns_form=form`` evaluates a ``shape`` matrix in the Gram form."""
-    return resolve_form(form, shape, dtype) == "gram"
-
-
 def newton_schulz(
     g: Tensor,
     steps: int = 5,
@@ -423,12 +423,9 @@ def _newton_schulz_matrices(
     :func:`_chunk_size` chunks, each stacked in one casting copy, in the wide orientation
     (transposing a tall matrix on the way) for the blocked forms and as it is for the
     standard one (whose normalisation then sums in torch.optim.Muon's order)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(mats):
-        groups.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
     coeffs = [tuple(coefficients)] * steps
     out: list[Tensor | None] = [None] * len(mats)
-    for (shape, _, device), idx in groups.items():
+    for (shape, _, device), idx in shape_groups(mats).items():
         tall = shape[0] > shape[1]
         wide = (shape[1], shape[0]) if tall else shape
         concrete = resolve_form(form, wide, dtype)

@@ -34,6 +34,14 @@ dynamo's ``recompile_limit`` per segment (then the segment runs eagerly, still e
 Chains that read ``lr`` (schedule-free, Prodigy-style, MoMo, Ranger21 and a few others)
 recompile on an lr change for the same reason.
 
+Step powers: a bias correction ``1 - beta**t`` of the symbolic step would be a ``pow``
+evaluated inside the kernel's loop, once per vector of elements (on CPU that made the compiled
+Adam step 2.8x slower than with the powers precomputed). Transforms therefore read them through
+:meth:`~llmvalley.optim.transforms.base.StepContext.powers`: an eager step records the bases a
+chain asks for (the first step of a group, and the first after a process starts or loads a
+state dict), and every compiled step gets ``base**t`` as 0-d float64 tensors computed before
+the kernel runs, which the kernel loads once.
+
 Compile time is measured: ``optimizer.compile_seconds`` (set after the first compiled step)
 and :func:`compile_stats`.
 """
@@ -51,7 +59,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
-from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform
+from llmvalley.optim.transforms.base import PowerTable, StepContext, StepPlan, Transform
 from llmvalley.optim.transforms.combine import KeyMap, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
 
@@ -87,6 +95,8 @@ class _Segment:
 
 _STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: per optimizer and :func:`_key`: the bases of :meth:`StepContext.powers` its chain reads
+_BASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compile_stats(optimizer: Any) -> CompileStats:
@@ -105,14 +115,21 @@ def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
     chain, keys = chain_and_keys(spec, group)
     decay = spec.decay_for(group)
     form, scaled = decay.form, decay.scaled(group)
-    if ctx.created:  # state was just created: first-step initialisation runs eagerly
+    key = _key(spec.name, chain, ctx)
+    bases = _BASES.setdefault(optimizer, {})
+    if ctx.created or key not in bases:
+        # state was just created (first-step initialisation runs eagerly), or this process
+        # has not yet seen the chain run: an eager step, recording the powers it reads
         from llmvalley.optim.shell import apply_step
 
+        recorder = ctx.power_table = _PowerRecorder()
         directions = run_chain(chain, ctx, ctx.grads, keys)
+        ctx.power_table = None
         apply_step(working, directions, ctx.plan, float(group["lr"]), form, scaled)
+        bases[key] = frozenset(recorder.bases)
         return
-    segments = _segments(optimizer, spec.name, chain, group, ctx, write=True)
-    _run(optimizer, segments, keys, ctx, ctx.grads, working, group, form, scaled)
+    segments = _segments(optimizer, key, spec.name, chain, group, ctx, write=True)
+    _run(optimizer, segments, keys, ctx, ctx.grads, working, group, form, scaled, bases[key])
 
 
 def compiled_apply(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
@@ -126,16 +143,20 @@ def compiled_apply(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
         apply_step(working, directions, ctx.plan, float(group["lr"]), decay.form,
                    decay.scaled(group))
         return
-    segments = _segments(optimizer, "write", (), group, ctx, write=True)
+    segments = _segments(optimizer, _key("write", (), ctx), "write", (), group, ctx,
+                         write=True)
     _run(optimizer, segments, {}, ctx, directions, working, group, decay.form,
          decay.scaled(group))
 
 
 def _run(optimizer: Any, segments: list[_Segment], keys: KeyMap, ctx: StepContext,
          updates: list[Tensor], working: list[Tensor], group: Mapping[str, Any], form: str,
-         scaled: bool) -> None:
+         scaled: bool, bases: frozenset[float] = frozenset()) -> None:
     stats = compile_stats(optimizer)
-    lr = torch.tensor(float(group["lr"]), dtype=torch.float64, device=working[0].device)
+    device = working[0].device
+    lr = torch.tensor(float(group["lr"]), dtype=torch.float64, device=device)
+    steps = list(ctx.steps)
+    powers = _power_table(bases, steps, device)
     for seg in segments:
         if not seg.compiled:
             updates = run_chain(seg.transforms, ctx, updates, keys)
@@ -147,19 +168,51 @@ def _run(optimizer: Any, segments: list[_Segment], keys: KeyMap, ctx: StepContex
         assert seg.fn is not None
         before = stats.graphs
         start = time.perf_counter()
+        ctx.power_table = powers
         with torch.compiler.config.patch(dynamic_sources=STEP_SOURCES):
-            updates = seg.fn(seg.transforms, keys, ctx, updates, list(ctx.steps), working, lr,
-                             form, scaled, seg.write)
+            updates = seg.fn(seg.transforms, keys, ctx, updates, steps, working, lr, form,
+                             scaled, seg.write)
+        ctx.power_table = None
         if stats.graphs != before:
             stats.seconds += time.perf_counter() - start
             optimizer.compile_seconds = stats.seconds
 
 
-def _segments(optimizer: Any, name: str, chain: Sequence[Transform],
+def _key(name: str, chain: Sequence[Transform], ctx: StepContext) -> tuple[Any, ...]:
+    """What the compiled code of a group depends on: its chain, dtypes and shapes."""
+    return name, id(chain), tuple(ctx.dtypes), tuple(ctx.shapes), ctx.grads[0].device
+
+
+class _PowerRecorder:
+    """Stands in for :attr:`StepContext.power_table` in an eager step: records the bases
+    :meth:`StepContext.powers` is asked for, and lets it compute the floats."""
+
+    def __init__(self) -> None:
+        self.bases: set[float] = set()
+
+    def lookup(self, base: float, steps: list[Any]) -> None:
+        self.bases.add(base)
+
+
+def _power_table(bases: frozenset[float], steps: list[int], device: torch.device) -> PowerTable:
+    """``base**t`` for each recorded base and each tensor's step, as 0-d float64 tensors
+    computed here, outside the kernel: a power of the symbolic step count inside the graph
+    would be evaluated in the kernel's loop, once per vector of elements (which made the
+    compiled Adam step 2.8x slower on CPU). Tensors at the same step share one tensor."""
+    table: dict[float, list[Tensor]] = {}
+    for base in bases:
+        made: dict[int, Tensor] = {}
+        for t in steps:
+            if t not in made:
+                made[t] = torch.tensor(base**t, dtype=torch.float64, device=device)
+        table[base] = [made[t] for t in steps]
+    return PowerTable(steps, table)
+
+
+def _segments(optimizer: Any, key: tuple[Any, ...], name: str, chain: Sequence[Transform],
               group: Mapping[str, Any], ctx: StepContext, write: bool) -> list[_Segment]:
-    """The segments of ``chain`` for these tensors (cached per chain, dtypes and shapes)."""
+    """The segments of ``chain`` for these tensors (cached per :func:`_key`)."""
     entries = _ENTRIES.setdefault(optimizer, {})
-    key = (name, id(chain), tuple(ctx.dtypes), tuple(ctx.shapes), ctx.grads[0].device)
     if key in entries:
         return entries[key]
     stats = compile_stats(optimizer)

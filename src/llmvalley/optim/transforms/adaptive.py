@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, scalars
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    Transform,
+    root,
+    scalars,
+)
 
 Group = Mapping[str, Any]
 
@@ -60,7 +67,7 @@ class ScaleByAdam(Transform):
             m = ctx.slot("exp_avg")
             torch._foreach_lerp_(m, updates, 1 - beta1)
             source = updates
-            bc1 = [1 - beta1**t for t in ctx.steps]
+            bc1 = [1 - p for p in ctx.powers(beta1)]
         else:
             m, source, bc1 = updates, ctx.grads, [1.0] * len(updates)
         torch._foreach_mul_(v, beta2)
@@ -69,17 +76,17 @@ class ScaleByAdam(Transform):
         if ctx.group.get("amsgrad", False):
             second = ctx.slot("max_exp_avg_sq")
             torch._foreach_maximum_(second, v)
-        bc2 = [1 - beta2**t for t in ctx.steps]
+        bc2 = [1 - p for p in ctx.powers(beta2)]
         denom = torch._foreach_sqrt(second)
         if self.eps_form == "torch":
             # (m / bc1) / (sqrt(v / bc2) + eps) with bc1 folded into the denominator
-            torch._foreach_mul_(denom, scalars([b1 / math.sqrt(b2) for b1, b2 in zip(bc1, bc2)]))
+            torch._foreach_mul_(denom, scalars([b1 / root(b2) for b1, b2 in zip(bc1, bc2)]))
             torch._foreach_add_(denom, scalars([eps * b1 for b1 in bc1]))
             out = torch._foreach_div(m, denom)
         else:
             torch._foreach_add_(denom, eps)
             out = torch._foreach_div(m, denom)
-            torch._foreach_mul_(out, scalars([math.sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)]))
+            torch._foreach_mul_(out, scalars([root(b2) / b1 for b1, b2 in zip(bc1, bc2)]))
         return out
 
 
@@ -287,9 +294,9 @@ class ScaleByAdEMAMix(Transform):
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, scalars([math.sqrt(1 - beta2**t) for t in ctx.steps]))
+        torch._foreach_div_(denom, scalars([root(1 - p) for p in ctx.powers(beta2)]))
         torch._foreach_add_(denom, eps)
-        out = torch._foreach_div(fast, scalars([1 - beta1**t for t in ctx.steps]))
+        out = torch._foreach_div(fast, scalars([1 - p for p in ctx.powers(beta1)]))
         torch._foreach_add_(out, torch._foreach_mul(slow, scalars(alphas)))
         torch._foreach_div_(out, denom)
         return out
@@ -331,11 +338,11 @@ class ScaleByAdan(Transform):
         for p_buf, u in zip(prev, updates):
             p_buf.copy_(u)
         denom = torch._foreach_sqrt(n)
-        torch._foreach_div_(denom, scalars([math.sqrt(1 - beta3**t) for t in ctx.steps]))
+        torch._foreach_div_(denom, scalars([root(1 - p) for p in ctx.powers(beta3)]))
         torch._foreach_add_(denom, eps)
-        out = torch._foreach_div(m, scalars([1 - beta1**t for t in ctx.steps]))
+        out = torch._foreach_div(m, scalars([1 - p for p in ctx.powers(beta1)]))
         torch._foreach_add_(
-            out, torch._foreach_mul(d, scalars([beta2 / (1 - beta2**t) for t in ctx.steps]))
+            out, torch._foreach_mul(d, scalars([beta2 / (1 - p) for p in ctx.powers(beta2)]))
         )
         torch._foreach_div_(out, denom)
         return out

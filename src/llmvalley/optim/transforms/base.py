@@ -22,6 +22,7 @@ LR scheduler doing so) takes effect as in ``torch.optim``.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -134,6 +135,9 @@ class StepContext:
             sees them. Seeds that depend on a tensor's ordinal (APOLLO, PSGD) use it, so that
             a rank stepping only the tensors it owns (:mod:`llmvalley.optim.sharded`) draws
             what one process would.
+        power_table: what :meth:`powers` asks before computing ``base**t`` itself: in a
+            compiled segment a :class:`PowerTable` of 0-d tensors computed outside the kernel
+            (see :mod:`llmvalley.optim.compiled`); ``None`` elsewhere.
     """
 
     params: list[Tensor]
@@ -156,6 +160,7 @@ class StepContext:
     totals: dict[str, Any] | None = None
     stash: dict[str, Any] = field(default_factory=dict)
     positions: list[int] = field(default_factory=list)
+    power_table: Any = None
 
     def __post_init__(self) -> None:
         if not self.positions:
@@ -176,13 +181,15 @@ class StepContext:
 
     def subset(self, idx: list[int], **changes: Any) -> StepContext:
         """The context of the tensors ``idx`` (a partition branch); its plan is a sub-plan."""
+        steps = [self.steps[i] for i in idx]
+        table = self.power_table
         fields = dict(
             params=[self.params[i] for i in idx] if self.params else [],
             grads=[self.grads[i] for i in idx], states=[self.states[i] for i in idx],
-            steps=[self.steps[i] for i in idx],
-            names=[self.names[i] for i in idx] if self.names else [],
+            steps=steps, names=[self.names[i] for i in idx] if self.names else [],
             shapes=[self.shapes[i] for i in idx], dtypes=[self.dtypes[i] for i in idx],
             plan=self.plan.take(idx), positions=[self.positions[i] for i in idx],
+            power_table=table.take(idx, steps) if isinstance(table, PowerTable) else table,
         )
         fields.update(changes)
         return replace(self, **fields, _loaded=[])
@@ -191,6 +198,21 @@ class StepContext:
     def hp(self, key: str) -> Any:
         """A hyperparameter of this group."""
         return self.group[key]
+
+    def powers(self, base: float) -> list[Any]:
+        """``base**t`` for each tensor's step ``t`` (bias corrections are ``1 - powers``).
+
+        Python floats in the eager tiers. In a compiled segment they are 0-d tensors the
+        compiled tier computed before the kernel: a power of the symbolic step count would
+        be evaluated inside the kernel's loop, once per vector of elements. Use
+        :func:`root` rather than ``math.sqrt`` on what is derived from them.
+        """
+        table = self.power_table
+        if table is not None:
+            found = table.lookup(base, self.steps)
+            if found is not None:
+                return found
+        return [base**t for t in self.steps]
 
     def name(self, i: int) -> str:
         """Parameter ``i``'s name for error messages (``"parameter"`` when unnamed)."""
@@ -368,10 +390,38 @@ def bias_corrections(beta: float, steps: list[int]) -> list[float]:
     return [1.0 - beta**t for t in steps]
 
 
-def scalars(values: list[float]) -> float | list[float]:
-    """One scalar when every tensor shares it (the common case), else the list."""
+def scalars(values: list[Any]) -> Any:
+    """One scalar when every tensor shares it (the common case), else the list. Values
+    derived from :meth:`StepContext.powers` in a compiled segment are 0-d tensors: one when
+    every tensor holds the same one."""
     first = values[0]
+    if isinstance(first, Tensor):
+        return first if all(v is first for v in values) else values
     return first if all(v == first for v in values) else values
+
+
+def root(x: Any) -> Any:
+    """``math.sqrt`` of a float, or the square root of a 0-d tensor (what
+    :meth:`StepContext.powers` gives in a compiled segment)."""
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+@dataclass
+class PowerTable:
+    """``base**t`` at the step counts ``steps``, as 0-d tensors (one per tensor; tensors at
+    the same step share one). It answers only a context whose ``steps`` is this very list:
+    code that counts other steps (a restarted count, a projector one step behind) gets
+    ``None`` and computes its own powers."""
+
+    steps: list[Any]
+    values: dict[float, list[Tensor]]
+
+    def lookup(self, base: float, steps: list[Any]) -> list[Tensor] | None:
+        return self.values.get(base) if steps is self.steps else None
+
+    def take(self, idx: list[int], steps: list[Any]) -> PowerTable:
+        """The table of the tensors ``idx``, answering the list ``steps`` (theirs)."""
+        return PowerTable(steps, {b: [v[i] for i in idx] for b, v in self.values.items()})
 
 
 class StepScale(Transform):

@@ -86,7 +86,7 @@ class EMA(Transform):
             torch._foreach_add_(out, bufs, alpha=beta)
             return out
         if self.debias:
-            return torch._foreach_div(bufs, scalars([1 - beta**t for t in ctx.steps]))
+            return torch._foreach_div(bufs, scalars([1 - p for p in ctx.powers(beta)]))
         return bufs
 
 

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, scalars
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    Transform,
+    root,
+    scalars,
+)
 from llmvalley.optim.transforms.combine import Combinator, chain_paths, chain_slots, run_chain
 
 Group = Mapping[str, Any]
@@ -83,7 +90,7 @@ class BiasCorrect(Transform):
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta = ctx.hp("betas")[self.beta_index]
-        return torch._foreach_div(updates, scalars([1 - beta**t for t in ctx.steps]))
+        return torch._foreach_div(updates, scalars([1 - p for p in ctx.powers(beta)]))
 
 
 class DampedMomentum(Transform):
@@ -179,12 +186,13 @@ class ScaleByEXAdam(Transform):
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, updates, updates, 1 - beta2)
         out = []
-        for g, m, v, t in zip(updates, ms, vs, ctx.steps):
+        for g, m, v, t, p1, p2 in zip(updates, ms, vs, ctx.steps, ctx.powers(beta1),
+                                      ctx.powers(beta2)):
             m2 = m.square()
-            d1 = (v / (v + eps)).mul_(beta2**t).add_(1)
-            d2 = (m2 / (m2 + eps)).mul_(beta1**t).add_(1)
-            denom = (v * d2).div_(1 - beta2**t).sqrt_().add_(eps)
-            step = (m + g).mul_(d1).div_(1 - beta1**t).div_(denom)
+            d1 = (v / (v + eps)).mul_(p2).add_(1)
+            d2 = (m2 / (m2 + eps)).mul_(p1).add_(1)
+            denom = (v * d2).div_(1 - p2).sqrt_().add_(eps)
+            step = (m + g).mul_(d1).div_(1 - p1).div_(denom)
             if version == 1:
                 step.mul_(math.log(math.sqrt(2.0) * math.sqrt(t + 1)))
             out.append(step)
@@ -265,8 +273,8 @@ class ScaleByAdaMomentum(Transform):
             second = ctx.slot("max_exp_avg_var")
             torch._foreach_maximum_(second, v)
         denom = torch._foreach_sqrt(second)
-        torch._foreach_mul_(denom, scalars([(1 - beta1**t) / math.sqrt(1 - beta2**t)
-                                            for t in ctx.steps]))
+        torch._foreach_mul_(denom, scalars([(1 - p1) / root(1 - p2) for p1, p2
+                                            in zip(ctx.powers(beta1), ctx.powers(beta2))]))
         return torch._foreach_div(m, denom)
 
 
@@ -318,13 +326,13 @@ class ScaleByAno(Transform):
         beta1, beta2 = ctx.hp("betas")
         eps, log_schedule = ctx.hp("eps"), ctx.hp("logarithmic_schedule")
         out = []
-        for g, m, v, t in zip(updates, ctx.slot("exp_avg"), ctx.slot("exp_avg_sq"),
-                              ctx.steps):
+        for g, m, v, t, p2 in zip(updates, ctx.slot("exp_avg"), ctx.slot("exp_avg_sq"),
+                                  ctx.steps, ctx.powers(beta2)):
             b1 = 1 - 1 / math.log(max(2, t)) if log_schedule else beta1
             m.lerp_(g, 1 - b1)
             sq = g.square()
             v.mul_(beta2).addcmul_(torch.sign(sq - v), sq, value=1 - beta2)
-            denom = (v / (1 - beta2**t)).add_(eps).sqrt_()
+            denom = (v / (1 - p2)).add_(eps).sqrt_()
             out.append(g.abs().mul_(torch.sign(m)).div_(denom))
         return out
 

@@ -306,3 +306,27 @@ def test_a_context_counting_other_steps_computes_its_own_powers():
     assert inner.powers(0.5) == [0.25]
     assert ctx.subset([0]).powers(0.5)[0].item() == 0.0625
     assert ctx.powers(0.5)[0].item() == 0.0625
+
+
+@pytest.mark.parametrize("name", ["nadam", "laprop"])
+def test_float_state_in_a_prelude_compiles(name):
+    """NAdam's momentum product and LaProp's learning-rate average are Python floats: their
+    preludes advance them eagerly, the rest of the chain is one compiled function, and an LR
+    schedule does not recompile it."""
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+
+    results, graphs = [], []
+    for impl in ("foreach", "compiled"):
+        model = float64_model()
+        opt = make_optimizer(name, model, implementation=impl, weight_decay=0.1)
+        sched = schedule(opt)
+        for step in range(6):
+            train(model, opt, step, 1)
+            sched.step()
+            graphs.append(compile_stats(opt).graphs)
+        results.append([p.detach() for p in model.parameters()])
+    assert_same(name, results[1], results[0])
+    layouts = compile_stats(opt).segments[name]
+    assert all(kind == "compiled" for layout in layouts for kind, _ in layout), layouts
+    assert graphs[-1] == graphs[-5] > 0, graphs  # compiled at the second step, then reused

@@ -13,8 +13,11 @@ What is compiled, and what is not:
   compile, each one compiled function, with the parameter write folded into the last one.
   A top-level transform (a combinator with all it contains) runs eagerly between segments
   when it keeps Python-float state (a slot of shape ``None``: schedule-free's weight sum,
-  Prodigy's ``d``: their values change every step and would recompile), has statistics shared
-  over groups, or sets ``compiled = False`` (a class attribute a transform may declare). A
+  Prodigy's ``d``: their values change every step and would recompile) that it does not
+  compute in a :meth:`~llmvalley.optim.transforms.base.Transform.prelude` (NAdam and LaProp
+  do: their preludes run eagerly before the kernel, which gets the numbers as 0-d tensors),
+  has statistics shared over groups, or sets ``compiled = False`` (a class attribute a
+  transform may declare). A
   chain without such a transform is one compiled function;
 - inside a segment, what dynamo cannot trace (a host sync such as ``.item()``, a random
   generator) is a graph break: that piece runs eagerly and the rest stays compiled
@@ -60,7 +63,7 @@ from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
 from llmvalley.optim.transforms.base import PowerTable, StepContext, StepPlan, Transform
-from llmvalley.optim.transforms.combine import KeyMap, chain_slots, run_chain
+from llmvalley.optim.transforms.combine import KeyMap, call_bound, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
 
 #: integer sources dynamo treats as symbolic from the first compilation (step counts), so
@@ -169,10 +172,11 @@ def _run(optimizer: Any, segments: list[_Segment], keys: KeyMap, ctx: StepContex
         before = stats.graphs
         start = time.perf_counter()
         ctx.power_table = powers
+        ctx.preludes = _preludes(seg.transforms, ctx, keys, device)
         with torch.compiler.config.patch(dynamic_sources=STEP_SOURCES):
             updates = seg.fn(seg.transforms, keys, ctx, updates, steps, working, lr, form,
                              scaled, seg.write)
-        ctx.power_table = None
+        ctx.power_table = ctx.preludes = None
         if stats.graphs != before:
             stats.seconds += time.perf_counter() - start
             optimizer.compile_seconds = stats.seconds
@@ -207,6 +211,36 @@ def _power_table(bases: frozenset[float], steps: list[int], device: torch.device
                 made[t] = torch.tensor(base**t, dtype=torch.float64, device=device)
         table[base] = [made[t] for t in steps]
     return PowerTable(steps, table)
+
+
+def has_prelude(t: Transform) -> bool:
+    """Whether ``t`` computes per-step numbers from float state in a
+    :meth:`~llmvalley.optim.transforms.base.Transform.prelude`."""
+    return type(t).prelude is not Transform.prelude
+
+
+def _preludes(transforms: Sequence[Transform], ctx: StepContext, keys: KeyMap,
+              device: torch.device) -> dict[int, dict[str, list[Any]]] | None:
+    """The preludes of a compiled segment's transforms, run eagerly now (advancing their
+    float state), floats as 0-d float64 tensors (equal values share one; other values, such
+    as flags, stay Python values)."""
+    out: dict[int, dict[str, list[Any]]] = {}
+    for t in transforms:
+        if not has_prelude(t):
+            continue
+        values = call_bound(t, ctx, keys, t.prelude)
+        made: dict[float, Tensor] = {}
+        for name, items in values.items():
+            row = []
+            for v in items:
+                if type(v) is float:
+                    if v not in made:
+                        made[v] = torch.tensor(v, dtype=torch.float64, device=device)
+                    v = made[v]
+                row.append(v)
+            values[name] = row
+        out[id(t)] = values
+    return out or None
 
 
 def _segments(optimizer: Any, key: tuple[Any, ...], name: str, chain: Sequence[Transform],
@@ -263,7 +297,9 @@ def _compilable(t: Transform, group: Mapping[str, Any], ctx: StepContext) -> boo
         return False
     for i, shape in enumerate(ctx.shapes):
         for owner, slot in chain_slots([t], shape, group, ctx.name(i)):
-            if slot.shape is None or getattr(owner, "compiled", True) is False:
+            if getattr(owner, "compiled", True) is False:
+                return False
+            if slot.shape is None and not (owner is t and has_prelude(t)):
                 return False
     return True
 

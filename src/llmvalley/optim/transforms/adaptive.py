@@ -107,10 +107,11 @@ class ScaleByNAdam(Transform):
         return [SlotSpec("exp_avg", shape), SlotSpec("exp_avg_sq", shape, "unsigned"),
                 SlotSpec("mu_product", None, init=1.0)]
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """The gradient and momentum coefficients and ``1 - beta2**t``; advances
+        ``mu_product``."""
         beta1, beta2 = ctx.hp("betas")
-        eps, decay = ctx.hp("eps"), ctx.hp("momentum_decay")
-        m, v = ctx.slot("exp_avg"), ctx.slot("exp_avg_sq")
+        decay = ctx.hp("momentum_decay")
         grad_coef, mom_coef = [], []
         for i, t in enumerate(ctx.steps):
             mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * decay))
@@ -119,14 +120,22 @@ class ScaleByNAdam(Transform):
             ctx.set_scalar("mu_product", i, product)
             grad_coef.append((1.0 - mu) / (1.0 - product))
             mom_coef.append(mu_next / (1.0 - product * mu_next))
+        return {"grad": grad_coef, "momentum": mom_coef,
+                "bc2": [1 - beta2**t for t in ctx.steps]}
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        beta1, beta2 = ctx.hp("betas")
+        eps = ctx.hp("eps")
+        m, v = ctx.slot("exp_avg"), ctx.slot("exp_avg_sq")
+        coef = ctx.prelude()
         torch._foreach_lerp_(m, updates, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
-        denom = torch._foreach_div(v, scalars([1 - beta2**t for t in ctx.steps]))
+        denom = torch._foreach_div(v, scalars(coef["bc2"]))
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)
-        out = torch._foreach_mul(updates, scalars(grad_coef))
-        torch._foreach_add_(out, torch._foreach_mul(m, scalars(mom_coef)))
+        out = torch._foreach_mul(updates, scalars(coef["grad"]))
+        torch._foreach_add_(out, torch._foreach_mul(m, scalars(coef["momentum"])))
         torch._foreach_div_(out, denom)
         return out
 
@@ -207,30 +216,44 @@ class ScaleByLaProp(Transform):
             out.append(SlotSpec("max_exp_avg_sq", shape, "unsigned"))
         return [*out, SlotSpec("exp_avg_lr", None)]
 
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """The learning-rate average (advanced), ``(1 - beta1) * lr``, whether ``lr`` is 0,
+        and ``1 - beta2**t``."""
+        beta1, beta2 = ctx.hp("betas")
+        lr = float(ctx.hp("lr"))
+        lr_avgs = []
+        for i in range(len(ctx.steps)):
+            avg = ctx.scalar("exp_avg_lr", i) * beta1 + (1 - beta1) * lr
+            ctx.set_scalar("exp_avg_lr", i, avg)
+            lr_avgs.append(avg)
+        n = len(ctx.steps)
+        return {"lr_avg": lr_avgs, "rate": [(1 - beta1) * lr] * n, "zero": [lr == 0] * n,
+                "bc2": [1 - beta2**t for t in ctx.steps]}
+
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1, beta2 = ctx.hp("betas")
-        eps, lr = ctx.hp("eps"), float(ctx.hp("lr"))
+        eps = ctx.hp("eps")
         m, v = ctx.slot("exp_avg"), ctx.slot("exp_avg_sq")
+        coef = ctx.prelude()
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
         second = v
         if ctx.hp("amsgrad"):
             second = ctx.slot("max_exp_avg_sq")
             torch._foreach_maximum_(second, v)
-        lr_avgs = []
-        for i in range(len(updates)):
-            avg = ctx.scalar("exp_avg_lr", i) * beta1 + (1 - beta1) * lr
-            ctx.set_scalar("exp_avg_lr", i, avg)
-            lr_avgs.append(avg)
-        denom = torch._foreach_div(second, scalars([1 - beta2**t for t in ctx.steps]))
+        denom = torch._foreach_div(second, scalars(coef["bc2"]))
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)
         step = torch._foreach_div(updates, denom)
         torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, step, alpha=(1 - beta1) * lr)
-        if lr == 0:
+        rate = coef["rate"][0]
+        if isinstance(rate, Tensor):  # compiled: lr arrives as a tensor (no recompilation)
+            torch._foreach_add_(m, torch._foreach_mul(step, rate))
+        else:
+            torch._foreach_add_(m, step, alpha=rate)
+        if coef["zero"][0]:
             return torch._foreach_mul(m, 0.0)
-        return torch._foreach_div(m, scalars(lr_avgs))
+        return torch._foreach_div(m, scalars(coef["lr_avg"]))
 
 
 def _linear_warmup(step: int, end: float, start: float, warmup: int) -> float:

@@ -138,6 +138,8 @@ class StepContext:
         power_table: what :meth:`powers` asks before computing ``base**t`` itself: in a
             compiled segment a :class:`PowerTable` of 0-d tensors computed outside the kernel
             (see :mod:`llmvalley.optim.compiled`); ``None`` elsewhere.
+        preludes: in a compiled segment, each top-level transform's :meth:`Transform.prelude`
+            of this step as 0-d tensors (by ``id`` of the transform); ``None`` elsewhere.
     """
 
     params: list[Tensor]
@@ -161,6 +163,7 @@ class StepContext:
     stash: dict[str, Any] = field(default_factory=dict)
     positions: list[int] = field(default_factory=list)
     power_table: Any = None
+    preludes: dict[int, dict[str, list[Any]]] | None = None
 
     def __post_init__(self) -> None:
         if not self.positions:
@@ -190,6 +193,7 @@ class StepContext:
             shapes=[self.shapes[i] for i in idx], dtypes=[self.dtypes[i] for i in idx],
             plan=self.plan.take(idx), positions=[self.positions[i] for i in idx],
             power_table=table.take(idx, steps) if isinstance(table, PowerTable) else table,
+            preludes=None,
         )
         fields.update(changes)
         return replace(self, **fields, _loaded=[])
@@ -198,6 +202,16 @@ class StepContext:
     def hp(self, key: str) -> Any:
         """A hyperparameter of this group."""
         return self.group[key]
+
+    def prelude(self) -> dict[str, list[Any]]:
+        """What the calling transform's :meth:`Transform.prelude` gives this step: computed
+        now (advancing its float state), or, in a compiled segment, the 0-d tensors the
+        compiled tier computed before the kernel (equal values share one tensor)."""
+        if self.preludes is not None and id(self.transform) in self.preludes:
+            return self.preludes[id(self.transform)]
+        out = self.transform.prelude(self)
+        assert out is not None, f"{self.transform!r} has no prelude"
+        return out
 
     def powers(self, base: float) -> list[Any]:
         """``base**t`` for each tensor's step ``t`` (bias corrections are ``1 - powers``).
@@ -331,6 +345,15 @@ class Transform:
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
+
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]] | None:
+        """The per-tensor numbers of this step that come from Python-float state (NAdam's
+        momentum product, LaProp's learning-rate average), with that state advanced; ``None``
+        when the transform keeps no such state. ``__call__`` reads them through
+        :meth:`StepContext.prelude`. The compiled tier calls this eagerly before the kernel
+        and hands the floats over as 0-d tensors, so that a transform with float state still
+        compiles without recompiling at every step."""
+        return None
 
     def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
         """The state kept for a tensor of ``shape`` (the shape this transform works on)."""

@@ -187,11 +187,15 @@ def test_lr_schedule_and_next_step_do_not_recompile(name):
 
 
 def test_segments_report_what_runs_eagerly():
-    """Schedule-free keeps Python-float state (its weight sum): that transform runs between
-    compiled segments; AdamW's chain and write are one compiled function."""
-    _, opt = run("schedulefree_adamw", "compiled", steps=2)
-    for layout in compile_stats(opt).segments["schedulefree_adamw"]:
+    """TAM keeps Python-float state (its torque) without a prelude: that transform runs
+    between compiled segments. Schedule-free's float state (its weight sum) is advanced in a
+    prelude, so its whole chain is one compiled function, as AdamW's."""
+    _, opt = run("tam", "compiled", steps=2)
+    for layout in compile_stats(opt).segments["tam"]:
         assert [kind for kind, _ in layout] == ["compiled", "eager", "compiled"]
+    _, opt = run("schedulefree_adamw", "compiled", steps=2)
+    assert compile_stats(opt).segments["schedulefree_adamw"] == [[
+        ("compiled", ("ScaleByAdam", "CoupledWeightDecay", "ScheduleFree", "write"))]]
     _, opt = run("adamw", "compiled", steps=2)
     assert compile_stats(opt).segments["adamw"] == [[("compiled", ("ScaleByAdam", "write"))]]
 
@@ -308,7 +312,7 @@ def test_a_context_counting_other_steps_computes_its_own_powers():
     assert ctx.powers(0.5)[0].item() == 0.0625
 
 
-@pytest.mark.parametrize("name", ["nadam", "laprop"])
+@pytest.mark.parametrize("name", ["nadam", "laprop", "schedulefree_adamw"])
 def test_float_state_in_a_prelude_compiles(name):
     """NAdam's momentum product and LaProp's learning-rate average are Python floats: their
     preludes advance them eagerly, the rest of the chain is one compiled function, and an LR

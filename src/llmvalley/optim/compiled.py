@@ -34,8 +34,9 @@ schedule does not recompile a chain that does not read ``lr`` itself. Other hype
 are Python floats that dynamo specialises (``torch._foreach_*`` scalar arguments cannot be
 symbolic in torch 2.13): changing one recompiles that segment once per new value, up to
 dynamo's ``recompile_limit`` per segment (then the segment runs eagerly, still exact).
-Chains that read ``lr`` (schedule-free, Prodigy-style, MoMo, Ranger21 and a few others)
-recompile on an lr change for the same reason.
+Chains that read ``lr`` inside a compiled segment (Prodigy-style, MoMo, Ranger21 and a few
+others) recompile on an lr change for the same reason; schedule-free and LaProp read it in
+their preludes, so they do not.
 
 Step powers: a bias correction ``1 - beta**t`` of the symbolic step would be a ``pow``
 evaluated inside the kernel's loop, once per vector of elements (on CPU that made the compiled

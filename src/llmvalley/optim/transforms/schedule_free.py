@@ -49,16 +49,14 @@ class ScheduleFree(Transform):
         return [SlotSpec("z", shape, "exact"), SlotSpec("lr_max", None, init=-1.0),
                 SlotSpec("weight_sum", None)]
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """Each tensor's warmed-up rate ``lr``, averaging weight ``c`` and the gradient
+        coefficient ``lr (1 - beta (1 - c))``; advances ``lr_max`` and ``weight_sum``."""
         beta = self.beta(ctx.group)
         base_lr, warmup = float(ctx.hp("lr")), ctx.hp("warmup_steps")
         r, power = ctx.hp("r"), ctx.hp("weight_lr_power")
-        zs = ctx.slot("z")
-        out = []
-        for i, (y, z, d, fresh, t) in enumerate(
-                zip(ctx.params, zs, updates, ctx.fresh("z"), ctx.steps)):
-            if fresh:  # z starts at the initial point
-                z.copy_(y)
+        rates, weights, coefs = [], [], []
+        for i, t in enumerate(ctx.steps):
             lr = base_lr * (t / warmup if t - 1 < warmup else 1.0)
             lr_max = max(lr, ctx.scalar("lr_max", i))
             weight = t**r * lr_max**power
@@ -66,9 +64,28 @@ class ScheduleFree(Transform):
             ctx.set_scalar("lr_max", i, lr_max)
             ctx.set_scalar("weight_sum", i, weight_sum)
             c = weight / weight_sum if weight_sum != 0 else 0.0
+            rates.append(lr)
+            weights.append(c)
+            coefs.append(lr * (1.0 - beta * (1.0 - c)))
+        return {"lr": rates, "c": weights, "coef": coefs}
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        zs = ctx.slot("z")
+        numbers = ctx.prelude()
+        out = []
+        for i, (y, z, d, fresh, lr, c, coef) in enumerate(
+                zip(ctx.params, zs, updates, ctx.fresh("z"), numbers["lr"], numbers["c"],
+                    numbers["coef"])):
+            if fresh:  # z starts at the initial point
+                z.copy_(y)
             # y_new = (1 - c) y + c z + lr (beta (1 - c) - 1) d, as u = y - y_new
-            u = (y - z).mul_(c).add_(d, alpha=lr * (1.0 - beta * (1.0 - c)))
-            z.sub_(d, alpha=lr)
+            u = (y - z).mul_(c)
+            if isinstance(coef, Tensor):  # compiled: the numbers are 0-d tensors
+                u.add_(d * coef)
+                z.sub_(d * lr)
+            else:
+                u.add_(d, alpha=coef)
+                z.sub_(d, alpha=lr)
             ctx.plan.absolute[i] = True
             out.append(u)
         return out

@@ -231,7 +231,8 @@ def _graphs_handed_to_inductor(monkeypatch) -> list[torch.fx.GraphModule]:
     return graphs
 
 
-@pytest.mark.parametrize("name", ["adamw", "ademamix", "adan", "exadam", "ano", "adamp"])
+@pytest.mark.parametrize("name", ["adamw", "ademamix", "adan", "exadam", "ano", "adamp",
+                                  "adabelief", "nadam", "laprop"])
 def test_step_powers_are_not_computed_in_the_kernel(name, monkeypatch):
     """``beta**t`` of the symbolic step inside a compiled graph becomes a ``pow`` evaluated in
     the kernel's loop, per vector of elements (2.8x slower compiled Adam on CPU): the
@@ -334,3 +335,19 @@ def test_float_state_in_a_prelude_compiles(name):
     layouts = compile_stats(opt).segments[name]
     assert all(kind == "compiled" for layout in layouts for kind, _ in layout), layouts
     assert graphs[-1] == graphs[-5] > 0, graphs  # compiled at the second step, then reused
+
+
+def test_adabelief_branches_in_its_prelude():
+    """AdaBelief's rectification picks a branch per tensor from its step (SGD with momentum
+    until the SMA length reaches 5, step 6 here): the prelude decides it eagerly, the
+    compiled step runs the branch, and the results across the switch are the foreach
+    tier's."""
+    out = []
+    for impl in ("foreach", "compiled"):
+        model = float64_model()
+        opt = make_optimizer("adabelief", model, implementation=impl)
+        train(model, opt, 0, 8)
+        out.append([p.detach() for p in model.parameters()])
+    assert_same("adabelief", out[1], out[0])
+    layouts = compile_stats(opt).segments["adabelief"]
+    assert all(kind == "compiled" for layout in layouts for kind, _ in layout), layouts

@@ -176,11 +176,32 @@ class ScaleByAdaBelief(Transform):
             second = ctx.slot("max_exp_avg_var")
             torch._foreach_maximum_(second, s)
         out = []
+        numbers = ctx.prelude()
+        for mi, di, mode, a, b in zip(m, second, numbers["mode"], numbers["a"], numbers["b"]):
+            if mode == "adam":  # (m / bc1) / (sqrt(s / bc2) + eps)
+                out.append(mi / ((di.sqrt() / a).add_(eps)) / b)
+            elif mode == "rectified":
+                out.append(mi / di.sqrt().add_(eps) * a)
+            elif mode == "sgd":
+                out.append(mi / b)
+            else:
+                out.append(torch.zeros_like(mi))
+        return out
+
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """Each tensor's branch at its step (``"adam"`` without rectification; else
+        ``"rectified"`` once the SMA length reaches 5, before that ``"sgd"`` or ``"none"``)
+        and its two numbers: ``sqrt(bc2)`` and ``bc1`` (adam), ``r / bc1`` (rectified),
+        ``bc1`` (sgd)."""
+        beta1, beta2 = ctx.hp("betas")
         rectify, to_sgd = ctx.hp("rectify"), ctx.hp("degenerated_to_sgd")
-        for mi, di, t in zip(m, second, ctx.steps):
+        modes, first, second = [], [], []
+        for t in ctx.steps:
             bc1, bc2 = 1 - beta1**t, 1 - beta2**t
             if not rectify:
-                out.append(mi / ((di.sqrt() / math.sqrt(bc2)).add_(eps)) / bc1)
+                modes.append("adam")
+                first.append(math.sqrt(bc2))
+                second.append(bc1)
                 continue
             sma_max = 2 / (1 - beta2) - 1
             sma = sma_max - 2 * t * beta2**t / bc2
@@ -188,12 +209,14 @@ class ScaleByAdaBelief(Transform):
                 r = math.sqrt(
                     bc2 * (sma - 4) / (sma_max - 4) * (sma - 2) / sma * sma_max / (sma_max - 2)
                 )
-                out.append(mi / di.sqrt().add_(eps) * (r / bc1))
-            elif to_sgd:
-                out.append(mi / bc1)
+                modes.append("rectified")
+                first.append(r / bc1)
+                second.append(1.0)
             else:
-                out.append(torch.zeros_like(mi))
-        return out
+                modes.append("sgd" if to_sgd else "none")
+                first.append(1.0)
+                second.append(bc1)
+        return {"mode": modes, "a": first, "b": second}
 
 
 class ScaleByLaProp(Transform):

@@ -232,7 +232,7 @@ def _graphs_handed_to_inductor(monkeypatch) -> list[torch.fx.GraphModule]:
 
 
 @pytest.mark.parametrize("name", ["adamw", "ademamix", "adan", "exadam", "ano", "adamp",
-                                  "adabelief", "nadam", "laprop"])
+                                  "adabelief", "nadam", "laprop", "adafactor"])
 def test_step_powers_are_not_computed_in_the_kernel(name, monkeypatch):
     """``beta**t`` of the symbolic step inside a compiled graph becomes a ``pow`` evaluated in
     the kernel's loop, per vector of elements (2.8x slower compiled Adam on CPU): the

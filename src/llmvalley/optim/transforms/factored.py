@@ -53,21 +53,32 @@ class ScaleByAdafactor(Transform):
             return [SlotSpec("row_var", row, "unsigned"), SlotSpec("col_var", col, "unsigned")]
         return [SlotSpec("variance", shape, "unsigned")]
 
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """Each tensor's EMA weight ``t**beta2_decay`` and relative step ``min(lr, 1/sqrt(t))``
+        (computed before a compiled kernel, which would otherwise evaluate the powers of the
+        step in its loop and specialise on the ``min``)."""
+        decay, lr = ctx.hp("beta2_decay"), float(ctx.hp("lr"))
+        return {"weight": [t**decay for t in ctx.steps],
+                "rate": [min(lr, t**-0.5) for t in ctx.steps]}
+
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         eps1, eps2 = ctx.hp("eps")
-        decay, d, lr = ctx.hp("beta2_decay"), ctx.hp("d"), float(ctx.hp("lr"))
+        d = ctx.hp("d")
+        numbers = ctx.prelude()
         out = []
-        for i, (g, p, t) in enumerate(zip(updates, ctx.params, ctx.steps)):
+        for i, (g, p, weight, rate) in enumerate(zip(updates, ctx.params, numbers["weight"],
+                                                     numbers["rate"])):
             e1 = torch.finfo(g.dtype).eps if eps1 is None else eps1
-            weight = t**decay
-            alpha = rms(p).clamp_(min=eps2) * min(lr, t**-0.5)
+            alpha = rms(p).clamp_(min=eps2) * rate
             if g.dim() > 1:
                 row, col = ctx.slot("row_var", [i])[0], ctx.slot("col_var", [i])[0]
                 row.lerp_(torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_()
                           .div_(g.size(-1)), weight)
                 col.lerp_(torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_()
                           .div_(g.size(-2)), weight)
-                var = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=e1))
+                # the outer product as a broadcast (each element one product, as the k=1
+                # matmul computes it), which a compiled kernel fuses instead of materialising
+                var = (row * col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=e1))
             else:
                 variance = ctx.slot("variance", [i])[0]
                 variance.lerp_(g * g, weight)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +165,26 @@ def test_token_cache_is_built_once_and_memory_mapped(text_folder: Path, tmp_cach
     again = load_tokens(corpus, tok, "train")
     assert np.array_equal(np.asarray(again.tokens), np.asarray(first.tokens))
     assert len(list((tmp_cache / "tokens").glob("*.bin"))) == 1
+
+
+def test_concurrent_first_builds_of_one_split_both_finish(text_folder: Path, tmp_cache: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sweep workers starting together build the same cache entry; neither may fail."""
+    corpus = load_corpus(str(text_folder), val_fraction=0.2)
+    both_written = threading.Barrier(2, timeout=30)
+    write = cache_module._write_tokens
+
+    def write_then_wait(*args, **kwargs):
+        out = write(*args, **kwargs)
+        both_written.wait()  # both temporary files are complete before either is renamed
+        return out
+
+    monkeypatch.setattr(cache_module, "_write_tokens", write_then_wait)
+    with ThreadPoolExecutor(2) as pool:
+        splits = list(pool.map(lambda _: load_tokens(corpus, ByteTokenizer(), "train"), range(2)))
+    assert np.array_equal(np.asarray(splits[0].tokens), np.asarray(splits[1].tokens))
+    assert splits[0].n_tokens > 0
+    assert not list((tmp_cache / "tokens").glob("*.tmp"))
 
 
 def test_byte_tokenizer_round_trip() -> None:

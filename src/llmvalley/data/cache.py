@@ -3,7 +3,9 @@
 The array is a raw ``.bin`` file (uint8, uint16 or uint32, the smallest that holds the vocabulary)
 read back with ``numpy.memmap``, next to a ``.json`` with its metadata: token and byte counts
 (for bits per byte) and the token-unigram entropy of the split. Files are written to a temporary
-name and renamed, so an interrupted build never leaves a truncated cache behind.
+name private to the writing process and thread, then renamed, so an interrupted build never
+leaves a truncated cache behind and concurrent first uses (two sweep workers starting together)
+each finish: the last rename wins, with the same contents.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmvalley.data.atomic import private_tmp
 from llmvalley.data.sources import Corpus
 from llmvalley.data.tokenizers import ByteTokenizer, HFTokenizer
 
@@ -87,9 +90,33 @@ def _build(corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, split: str,
     """Tokenize the split into ``base.bin`` and return its metadata."""
     dtype = token_dtype(tokenizer.vocab_size)
     sep = tokenizer.separator_id
+    tmp = private_tmp(_with(base, ".bin"))
+    try:
+        n_tokens, n_docs, n_bytes = _write_tokens(corpus, tokenizer, split, tmp, dtype, sep)
+        tmp.replace(_with(base, ".bin"))
+    finally:
+        tmp.unlink(missing_ok=True)
+    tokens = np.memmap(_with(base, ".bin"), dtype=dtype, mode="r") if n_tokens else np.zeros(
+        0, dtype=dtype)
+    return {
+        "corpus": corpus.name,
+        "corpus_key": corpus.key,
+        "tokenizer": tokenizer.name,
+        "tokenizer_key": tokenizer.key,
+        "split": split,
+        "dtype": dtype.name,
+        "n_tokens": n_tokens,
+        "n_bytes": n_bytes,
+        "n_docs": n_docs,
+        "unigram_entropy": unigram_entropy(tokens, tokenizer.vocab_size),
+    }
+
+
+def _write_tokens(corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, split: str,
+                  path: Path, dtype: np.dtype, sep: int | None) -> tuple[int, int, int]:
+    """Write the split's tokens to ``path``; return (tokens, documents, bytes)."""
     n_bytes = n_docs = n_tokens = 0
-    tmp = _with(base, ".bin.tmp")
-    with open(tmp, "wb") as out:
+    with open(path, "wb") as out:
         chunk: list[str] = []
 
         def flush() -> None:
@@ -109,21 +136,7 @@ def _build(corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, split: str,
             if len(chunk) >= ENCODE_CHUNK:
                 flush()
         flush()
-    tmp.replace(_with(base, ".bin"))
-    tokens = np.memmap(_with(base, ".bin"), dtype=dtype, mode="r") if n_tokens else np.zeros(
-        0, dtype=dtype)
-    return {
-        "corpus": corpus.name,
-        "corpus_key": corpus.key,
-        "tokenizer": tokenizer.name,
-        "tokenizer_key": tokenizer.key,
-        "split": split,
-        "dtype": dtype.name,
-        "n_tokens": n_tokens,
-        "n_bytes": n_bytes,
-        "n_docs": n_docs,
-        "unigram_entropy": unigram_entropy(tokens, tokenizer.vocab_size),
-    }
+    return n_tokens, n_docs, n_bytes
 
 
 def load_tokens(corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, split: str,
@@ -137,9 +150,12 @@ def load_tokens(corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, split: s
     else:
         base.parent.mkdir(parents=True, exist_ok=True)
         meta = _build(corpus, tokenizer, split, base)
-        tmp = _with(base, ".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(meta_path)
+        tmp = private_tmp(meta_path)
+        try:
+            tmp.write_text(json.dumps(meta, indent=1))
+            tmp.replace(meta_path)
+        finally:
+            tmp.unlink(missing_ok=True)
     dtype = np.dtype(meta["dtype"])
     if meta["n_tokens"]:
         tokens = np.memmap(_with(base, ".bin"), dtype=dtype, mode="r")

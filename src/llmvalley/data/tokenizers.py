@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmvalley.cli import UsageError
+from llmvalley.data.atomic import private_tmp
 from llmvalley.data.sources import Corpus
 
 EOS_TOKEN = "<|endoftext|>"
@@ -131,7 +132,10 @@ def build_tokenizer(spec: str, corpus: Corpus, cache_root: Path, *,
         return HFTokenizer(Tokenizer.from_file(str(path)), f"bpe-{size}")
     tokenizer = train_bpe(corpus.documents("train"), size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tokenizer.save(tmp)
-    tmp.replace(path)
+    tmp = private_tmp(path)
+    try:
+        tokenizer.save(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return tokenizer

@@ -217,3 +217,36 @@ def test_cpu_families_preset_fits_nano():
     width = MODELS["nano"].d_model
     assert preset.method_args["galore"]["rank"] < width  # a rank GaLore accepts at this width
     assert preset.untuned == ("prodigy",) and "prodigy" not in preset.lr_centers
+
+
+def test_model_specific_method_args_reach_only_that_models_runs(tmp_path: Path) -> None:
+    fake = SyntheticTraining(shape=SHAPES)
+    spec = CompareSpec(optimizers=["adamw", "lion"], models=["nano", "micro"],
+                       workload={"steps": 50, "batch_size": 8}, out=tmp_path, trials=3,
+                       grid_points=3, seeds=1, lr_centers=CENTERS,
+                       method_args={"lion": {"betas": (0.95, 0.98)},
+                                    "lion@micro": {"betas": (0.9, 0.99)}},
+                       command="valley compare")
+    assert Comparison(spec, fake).run()["errors"] == []
+    betas = {(c["model"], tuple(c["opt_args"]["betas"])) for c in fake.calls
+             if c["optimizer"] == "lion"}
+    assert betas == {("nano", (0.95, 0.98)), ("micro", (0.9, 0.99))}
+
+
+def test_memory_gpu_preset_runs_the_papers_settings(tmp_path: Path) -> None:
+    """GaLore's and APOLLO's protocol: their models, ~20 tokens per parameter, batch 512 x 256,
+    bf16 on a GPU, and each paper's rank at each size."""
+    spec = build_spec(parse(["--preset", "memory-gpu", "--out", str(tmp_path)]))
+    assert spec.models == ["llama-60m", "llama-130m"]
+    workload = scale_workload(spec, "llama-60m")
+    assert workload["tokens"] == int(20 * model_parameters("llama-60m"))
+    assert (workload["batch_size"], workload["device"], workload["precision"]) == (
+        512, "cuda", "bf16")
+    assert "galore" in spec.optimizers and "apollo_mini" in spec.optimizers
+    assert spec.args_for("galore", "llama-60m") == {}  # the registry's rank 128
+    assert spec.args_for("galore", "llama-130m") == {"rank": 256}
+    assert spec.args_for("apollo", "llama-130m") == {"rank": 192}
+    assert spec.args_for("apollo_mini", "llama-130m") == {"scale_front": True}
+    import llmvalley
+
+    assert llmvalley.get_spec("galore").defaults["rank"] == 128

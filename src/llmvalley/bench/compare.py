@@ -85,7 +85,8 @@ class Preset:
     lr_centers: dict[str, float] = field(default_factory=dict)
     tokens_per_param: float | None = None  # token budget per scale = this x parameters
     untuned: tuple[str, ...] = ()  # zero tuning budget: default learning rate, seeds only
-    # per-method arguments this scale needs (a rank below the model's width)
+    # per-method arguments this scale needs (a rank below the model's width); a key
+    # "METHOD@MODEL" adds arguments for one model only (GaLore's rank 256 at llama-130m)
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     # token budgets as multiples of the workload's (several: the scaling-law fit)
     budgets: tuple[float, ...] = (1.0,)
@@ -148,6 +149,32 @@ PRESETS: dict[str, Preset] = {
         lr_centers={"adamw": 2e-3, "adamw8bit": 2e-3, "galore": 1e-2, "fira": 1e-2,
                     "apollo": 1e-2, "apollo_mini": 1e-2, "frugal": 2e-3, "scale": 1e-2,
                     "swan": 1e-2, "sinkgd": 1e-2, "adafactor": 0.04},
+    ),
+    "memory-gpu": Preset(
+        description="the memory preset at GaLore's and APOLLO's scales, on one GPU: llama-60m "
+                    "and llama-130m, 20 tokens per parameter (1.2B and 2.7B tokens; GaLore's "
+                    "Table 2 runs 1.1B and 2.2B), batch 512 x 256 tokens as GaLore's C4 "
+                    "scripts, cosine with 10% warmup, bf16, BPE at the models' 32000 "
+                    "vocabulary; ranks as the papers' scripts (GaLore and Fira 128 / 256, "
+                    "APOLLO d/4: 128 / 192, APOLLO-Mini rank 1 with scale_front); 4 learning "
+                    "rates + 2 seeds each. Give the corpus with --data (the papers use "
+                    "hf:allenai/c4:en; the default is the stdlib sources so that an offline "
+                    "machine runs it)",
+        optimizers=("adamw", "adamw8bit", "galore", "fira", "apollo", "apollo_mini", "frugal",
+                    "scale", "swan", "sinkgd", "adafactor"),
+        models=("llama-60m", "llama-130m"),
+        workload={"data": "stdlib", "batch_size": 512, "schedule": "cosine",
+                  "eval_every": 1000, "eval_batches": 32, "log_every": 50, "device": "cuda",
+                  "precision": "bf16"},
+        trials=4, grid_points=3, seeds=2, workers=1,
+        # the papers' learning rates: AdamW 1e-3 (GaLore's baseline), the low-rank methods 1e-2
+        lr_centers={"adamw": 1e-3, "adamw8bit": 1e-3, "galore": 1e-2, "fira": 1e-2,
+                    "apollo": 1e-2, "apollo_mini": 1e-2, "frugal": 1e-3, "scale": 1e-2,
+                    "swan": 1e-2, "sinkgd": 1e-2, "adafactor": 1e-2},
+        tokens_per_param=20.0,
+        method_args={"apollo_mini": {"scale_front": True},
+                     "galore@llama-130m": {"rank": 256}, "fira@llama-130m": {"rank": 256},
+                     "apollo@llama-130m": {"rank": 192}},
     ),
     "cpu-curvature": Preset(
         description="curvature methods on nano, the cpu-quick workload: Shampoo, SOAP, PSGD "
@@ -225,7 +252,8 @@ class CompareSpec:
     # optimizers run at zero tuning budget (one trial at the default learning rate, then the
     # seeds): parameter-free methods beside tuned AdamW, as their users run them
     untuned: list[str] = field(default_factory=list)
-    # per-method arguments every cell of that method runs with (a preset's method_args)
+    # per-method arguments every cell of that method runs with (a preset's method_args;
+    # "METHOD@MODEL" keys for one model only, see :meth:`args_for`)
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     # token budgets as multiples of the workload's steps/tokens; each (model, budget) is a
     # scale of its own (see scale_key)
@@ -237,6 +265,11 @@ class CompareSpec:
         """(scale key, model, budget) of every scale, model by model, budgets ascending."""
         return [(scale_key(model, budget), model, budget)
                 for model in self.models for budget in sorted(self.budgets)]
+
+    def args_for(self, optimizer: str, model: str) -> dict[str, Any]:
+        """The method arguments of one cell: the method's, then its ``METHOD@MODEL`` ones."""
+        return {**self.method_args.get(optimizer, {}),
+                **self.method_args.get(f"{optimizer}@{model}", {})}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -488,7 +521,7 @@ class Comparison:
                 optimizer=optimizer, workload=workload,
                 out=self.out / key / optimizer, lr_center=None, factor=self.spec.factor,
                 grid_points=1, trials=1, seeds=self.spec.seeds,
-                fixed=cell_fixed(optimizer, fallback, self.spec.method_args.get(optimizer)),
+                fixed=cell_fixed(optimizer, fallback, self.spec.args_for(optimizer, model)),
                 search="grid", storage=storage,
                 study_name=f"{key}/{optimizer}", untuned=True,
                 keep_checkpoints=self.spec.keep_checkpoints)
@@ -497,7 +530,7 @@ class Comparison:
             out=self.out / key / optimizer, lr_center=self.spec.lr_centers.get(optimizer),
             factor=self.spec.factor, grid_points=self.spec.grid_points, trials=self.spec.trials,
             tune=tuple(t for t in self.spec.tune if t.name in accepted), seeds=self.spec.seeds,
-            fixed=cell_fixed(optimizer, fallback, self.spec.method_args.get(optimizer)),
+            fixed=cell_fixed(optimizer, fallback, self.spec.args_for(optimizer, model)),
             search=self.spec.search or ("tpe" if self.spec.tune else "grid"),
             storage=storage, study_name=f"{key}/{optimizer}",
             keep_checkpoints=self.spec.keep_checkpoints)

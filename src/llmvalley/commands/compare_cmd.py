@@ -123,7 +123,7 @@ def build_spec(args: argparse.Namespace):
         preset=args.preset, search=search, command=shlex.join(["valley", "compare", *sys.argv[2:]]),
         untuned=untuned_names(args.untuned, preset, available),
         method_args={k: v for k, v in (preset.method_args if preset else {}).items()
-                     if k in available},
+                     if k.split("@")[0] in available},
         budgets=budgets, keep_checkpoints=bool(getattr(args, "keep_checkpoints", False)))
 
 

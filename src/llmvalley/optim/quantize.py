@@ -246,6 +246,12 @@ def _bucket_table(values: tuple[float, ...], device: str) -> tuple[Tensor, Tenso
     return torch.stack([low, inside]).to(device=device, dtype=torch.int32), padded.to(device)
 
 
+def _lookup(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a 1-D table and int32/int64 indices of any shape, through
+    ``index_select``: on CPU about 2.5x faster than advanced indexing with int32 indices."""
+    return table.index_select(0, index.reshape(-1)).view(index.shape)
+
+
 def _count_at_or_below(scaled: Tensor, qmap: Tensor) -> Tensor:
     """``searchsorted(qmap, scaled, right=True)`` (int32) through a 65536-entry table of the
     float32 bit patterns (:func:`_bucket_table`), a gather instead of a binary search."""
@@ -253,8 +259,9 @@ def _count_at_or_below(scaled: Tensor, qmap: Tensor) -> Tensor:
     if table is None:
         return torch.searchsorted(qmap, scaled.contiguous(), right=True, out_int32=True)
     (low, inside), padded = table
-    bucket = ((scaled.contiguous().view(torch.int32) >> 16) + (1 << 15)).long()
-    return low[bucket] + (padded[inside[bucket]] <= scaled).to(torch.int32)
+    bucket = (scaled.contiguous().view(torch.int32) >> 16) + (1 << 15)
+    return _lookup(low, bucket) + (_lookup(padded, _lookup(inside, bucket)) <= scaled).to(
+        torch.int32)
 
 
 def _nearest_codes(scaled: Tensor, qmap: Tensor) -> Tensor:
@@ -266,8 +273,8 @@ def _nearest_codes(scaled: Tensor, qmap: Tensor) -> Tensor:
     last = qmap.numel() - 1
     # Entry at or below each value, kept in [0, last - 1] so that `lower + 1` is valid.
     lower = (_count_at_or_below(scaled, qmap) - 1).clamp_(0, last - 1)
-    below = qmap[lower]
-    gap = qmap[lower + 1] - below
+    below = _lookup(qmap, lower)
+    gap = _lookup(qmap, lower + 1) - below
     # Residual form of `x >= midpoint`, the same float expression torchao evaluates.
     return lower + ((scaled - below) >= gap * 0.5).to(torch.int32)
 
@@ -289,7 +296,7 @@ def _dequantize_codes(
             f"{block_size}"
         )
     qmap = qmap.to(device=codes.device, dtype=torch.float32)
-    values = qmap[codes.long()]
+    values = _lookup(qmap, codes.to(torch.int32))
     pad = blocks * block_size - n
     if pad:
         values = F.pad(values, (0, pad))

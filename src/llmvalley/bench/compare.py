@@ -92,6 +92,10 @@ class Preset:
     budgets: tuple[float, ...] = (1.0,)
 
 
+#: The memory-efficient methods of the ``memory`` presets, beside AdamW and 8-bit AdamW.
+MEMORY_OPTIMIZERS = ("adamw", "adamw8bit", "galore", "fira", "apollo", "apollo_mini", "frugal",
+                     "scale", "swan", "sinkgd", "adafactor")
+
 PRESETS: dict[str, Preset] = {
     "cpu-quick": Preset(
         description="nano (0.9M parameters), byte-level stdlib sources, 100 steps of 16 x 128 "
@@ -137,8 +141,7 @@ PRESETS: dict[str, Preset] = {
                     "learning rates (3-point grid + 1 extension or refinement) + 2 seeds each: "
                     "66 runs of about 4 minutes, about 2 hours on 2 CPU cores (GaLore's and "
                     "APOLLO's own comparisons are at llama-60m/130m: use --models)",
-        optimizers=("adamw", "adamw8bit", "galore", "fira", "apollo", "apollo_mini", "frugal",
-                    "scale", "swan", "sinkgd", "adafactor"),
+        optimizers=MEMORY_OPTIMIZERS,
         models=("micro",),
         workload={"data": "stdlib", "steps": 100, "batch_size": 16, "warmup_steps": 10,
                   "schedule": "cosine", "eval_every": 20, "eval_batches": 8, "log_every": 5,
@@ -160,8 +163,7 @@ PRESETS: dict[str, Preset] = {
                     "rates + 2 seeds each. Give the corpus with --data (the papers use "
                     "hf:allenai/c4:en; the default is the stdlib sources so that an offline "
                     "machine runs it)",
-        optimizers=("adamw", "adamw8bit", "galore", "fira", "apollo", "apollo_mini", "frugal",
-                    "scale", "swan", "sinkgd", "adafactor"),
+        optimizers=MEMORY_OPTIMIZERS,
         models=("llama-60m", "llama-130m"),
         workload={"data": "stdlib", "batch_size": 512, "schedule": "cosine",
                   "eval_every": 1000, "eval_batches": 32, "log_every": 50, "device": "cuda",

@@ -138,7 +138,7 @@ PRESETS: dict[str, Preset] = {
     "memory": Preset(
         description="memory-efficient methods on micro: the cpu-quick workload at micro size; "
                     "state bytes and peak memory above the model's own beside the loss; 4 "
-                    "learning rates (3-point grid + 1 extension or refinement) + 2 seeds each: "
+                    "learning rates (3-point grid + 1 extension) + 2 seeds each: "
                     "66 runs of about 4 minutes, about 2 hours on 2 CPU cores (GaLore's and "
                     "APOLLO's own comparisons are at llama-60m/130m: use --models)",
         optimizers=MEMORY_OPTIMIZERS,

@@ -21,11 +21,11 @@ import json
 import math
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from llmvalley.atomic import replacing
 from llmvalley.cli import UsageError
 
 CONFIG_FILE = "config.json"
@@ -57,12 +57,11 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (temporary file, then rename). The temporary name is
-    this process's own, so processes sharing a folder (a shared sweep or compare) never rename
-    each other's half-written file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``data`` as JSON atomically (:func:`llmvalley.atomic.replacing`: the temporary name
+    is this process's and thread's own, so processes sharing a folder, a shared sweep or compare,
+    never rename each other's half-written file)."""
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
 
 
 def new_run_dir(out: str | Path, name: str | None, default_name: str) -> Path:

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmvalley.atomic import replacing
+
 #: the shape used to express state memory per parameter in the table
 EXAMPLE_SHAPE = (4096, 4096)
 LISTING_VERSION = 1  # bump when the cached listing's layout changes
@@ -99,9 +101,8 @@ def write_cached(entries: list[dict[str, str]]) -> None:
     try:
         path = cache_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
     except OSError:
         pass
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmvalley.data.atomic import private_tmp
+from llmvalley.atomic import replacing
 from llmvalley.data.sources import Corpus
 from llmvalley.data.tokenizers import ByteTokenizer, HFTokenizer
 
@@ -90,12 +90,8 @@ def _build(corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, split: str,
     """Tokenize the split into ``base.bin`` and return its metadata."""
     dtype = token_dtype(tokenizer.vocab_size)
     sep = tokenizer.separator_id
-    tmp = private_tmp(_with(base, ".bin"))
-    try:
+    with replacing(_with(base, ".bin")) as tmp:
         n_tokens, n_docs, n_bytes = _write_tokens(corpus, tokenizer, split, tmp, dtype, sep)
-        tmp.replace(_with(base, ".bin"))
-    finally:
-        tmp.unlink(missing_ok=True)
     tokens = np.memmap(_with(base, ".bin"), dtype=dtype, mode="r") if n_tokens else np.zeros(
         0, dtype=dtype)
     return {
@@ -150,12 +146,8 @@ def load_tokens(corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, split: s
     else:
         base.parent.mkdir(parents=True, exist_ok=True)
         meta = _build(corpus, tokenizer, split, base)
-        tmp = private_tmp(meta_path)
-        try:
+        with replacing(meta_path) as tmp:
             tmp.write_text(json.dumps(meta, indent=1))
-            tmp.replace(meta_path)
-        finally:
-            tmp.unlink(missing_ok=True)
     dtype = np.dtype(meta["dtype"])
     if meta["n_tokens"]:
         tokens = np.memmap(_with(base, ".bin"), dtype=dtype, mode="r")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmvalley.atomic import replacing
 from llmvalley.cli import UsageError
-from llmvalley.data.atomic import private_tmp
 from llmvalley.data.sources import Corpus
 
 EOS_TOKEN = "<|endoftext|>"
@@ -132,10 +132,6 @@ def build_tokenizer(spec: str, corpus: Corpus, cache_root: Path, *,
         return HFTokenizer(Tokenizer.from_file(str(path)), f"bpe-{size}")
     tokenizer = train_bpe(corpus.documents("train"), size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = private_tmp(path)
-    try:
+    with replacing(path) as tmp:
         tokenizer.save(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return tokenizer

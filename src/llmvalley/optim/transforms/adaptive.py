@@ -21,6 +21,7 @@ from llmvalley.optim.transforms.base import (
     SlotSpec,
     StepContext,
     Transform,
+    add_scaled_,
     root,
     scalars,
 )
@@ -269,11 +270,7 @@ class ScaleByLaProp(Transform):
         torch._foreach_add_(denom, eps)
         step = torch._foreach_div(updates, denom)
         torch._foreach_mul_(m, beta1)
-        rate = coef["rate"][0]
-        if isinstance(rate, Tensor):  # compiled: lr arrives as a tensor (no recompilation)
-            torch._foreach_add_(m, torch._foreach_mul(step, rate))
-        else:
-            torch._foreach_add_(m, step, alpha=rate)
+        add_scaled_(m, step, coef["rate"][0])
         if coef["zero"][0]:
             return torch._foreach_mul(m, 0.0)
         return torch._foreach_div(m, scalars(coef["lr_avg"]))

@@ -423,6 +423,21 @@ def scalars(values: list[Any]) -> Any:
     return first if all(v == first for v in values) else values
 
 
+def add_scaled_(dst: Tensor | list[Tensor], src: Tensor | list[Tensor], coef: Any
+                ) -> Tensor | list[Tensor]:
+    """``dst += coef * src`` in place, for one tensor or a list: a float goes through ``alpha``
+    (one fused multiply-add, as eager steps always computed it); a 0-d tensor (a prelude's or
+    :meth:`StepContext.powers`' number in a compiled segment, which ``alpha`` cannot take) as a
+    product, so that changing it does not recompile."""
+    if isinstance(dst, Tensor):
+        return dst.add_(src * coef) if isinstance(coef, Tensor) else dst.add_(src, alpha=coef)
+    if isinstance(coef, Tensor):
+        torch._foreach_add_(dst, torch._foreach_mul(src, coef))
+    else:
+        torch._foreach_add_(dst, src, alpha=coef)
+    return dst
+
+
 def root(x: Any) -> Any:
     """``math.sqrt`` of a float, or the square root of a 0-d tensor (what
     :meth:`StepContext.powers` gives in a compiled segment)."""

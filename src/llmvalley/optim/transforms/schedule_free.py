@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    Transform,
+    add_scaled_,
+)
 
 
 class ScheduleFree(Transform):
@@ -79,13 +85,8 @@ class ScheduleFree(Transform):
             if fresh:  # z starts at the initial point
                 z.copy_(y)
             # y_new = (1 - c) y + c z + lr (beta (1 - c) - 1) d, as u = y - y_new
-            u = (y - z).mul_(c)
-            if isinstance(coef, Tensor):  # compiled: the numbers are 0-d tensors
-                u.add_(d * coef)
-                z.sub_(d * lr)
-            else:
-                u.add_(d, alpha=coef)
-                z.sub_(d, alpha=lr)
+            u = add_scaled_((y - z).mul_(c), d, coef)
+            add_scaled_(z, d, -lr)
             ctx.plan.absolute[i] = True
             out.append(u)
         return out

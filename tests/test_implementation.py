@@ -80,7 +80,7 @@ def test_fused_tier_needs_a_kernel():
     ("adamw", {"cautious": True}, "foreach"),  # the kernel computes the plain method only
     ("adamw", {"implementation": "compiled"}, "compiled"),
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),
-    ("lion", {}, "foreach"),  # auto never compiles
+    ("lion", {}, "foreach"),  # auto starts eager (auto_tier moves long runs to compiled)
     ("lion", {"implementation": "compiled"}, "compiled"),
     ("muon", {"implementation": "foreach"}, "foreach"),
 ])
@@ -187,17 +187,59 @@ def test_lr_schedule_and_next_step_do_not_recompile(name):
 
 
 def test_segments_report_what_runs_eagerly():
-    """TAM keeps Python-float state (its torque) without a prelude: that transform runs
-    between compiled segments. Schedule-free's float state (its weight sum) is advanced in a
-    prelude, so its whole chain is one compiled function, as AdamW's."""
-    _, opt = run("tam", "compiled", steps=2)
-    for layout in compile_stats(opt).segments["tam"]:
+    """DoG keeps Python-float state (its distance and gradient sums) without a prelude: that
+    transform runs between compiled segments. Schedule-free's float state (its weight sum) is
+    advanced in a prelude, so its whole chain is one compiled function, as AdamW's."""
+    _, opt = run("dog", "compiled", steps=2)
+    for layout in compile_stats(opt).segments["dog"]:
         assert [kind for kind, _ in layout] == ["compiled", "eager", "compiled"]
     _, opt = run("schedulefree_adamw", "compiled", steps=2)
     assert compile_stats(opt).segments["schedulefree_adamw"] == [[
         ("compiled", ("ScaleByAdam", "CoupledWeightDecay", "ScheduleFree", "write"))]]
     _, opt = run("adamw", "compiled", steps=2)
     assert compile_stats(opt).segments["adamw"] == [[("compiled", ("ScaleByAdam", "write"))]]
+
+
+# ---- TAM: its torque is a tensor slot, computed without a host sync -----------------------
+def test_tam_compiles_whole_and_matches_foreach():
+    expected, _ = run("tam", "foreach", weight_decay=0.1)
+    got, opt = run("tam", "compiled", weight_decay=0.1)
+    assert_same("tam", got, expected)
+    assert compile_stats(opt).segments["tam"] == [[
+        ("compiled", ("CoupledWeightDecay", "TorqueAwareMomentum", "write"))]]
+    torque = next(iter(opt.state.values()))["torque"]
+    assert isinstance(torque, torch.Tensor) and torque.shape == (1,)
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "compiled"])
+def test_tam_resumes_a_state_dict_with_float_torques(implementation):
+    """Checkpoints written while TAM's torque was a Python float still resume: the float
+    becomes the one-element tensor the slot now is, and the run continues the uninterrupted
+    one."""
+    ref_model = float64_model()
+    ref = make_optimizer("tam", ref_model, implementation="foreach")
+    train(ref_model, ref, 0, 5)
+    model = float64_model()
+    opt = make_optimizer("tam", model, implementation="foreach")
+    train(model, opt, 0, 2)
+    saved = opt.state_dict()
+    for st in saved["state"].values():
+        st["torque"] = float(st["torque"])  # the old format
+    # into a fresh optimizer, and into one that has already compiled its steps
+    for fresh in (True, False):
+        model2 = float64_model()
+        opt2 = make_optimizer("tam", model2, implementation=implementation)
+        if not fresh:
+            train(model2, opt2, 0, 3)
+            model2.load_state_dict(model.state_dict())
+        else:
+            model2.load_state_dict(model.state_dict())
+        opt2.load_state_dict(saved)
+        train(model2, opt2, 2, 3)
+        for st in opt2.state.values():
+            assert isinstance(st["torque"], torch.Tensor) and st["torque"].shape == (1,)
+        for g, e in zip(model2.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
 
 
 def test_zero_dim_float64_groups_run_eagerly():

@@ -30,8 +30,10 @@ unless a group sets its own:
   and the write compiled with ``torch.compile``, :mod:`llmvalley.optim.compiled`),
   ``"fused"`` (a kernel computing the same math: torch's fused Adam for adam/adamw; other
   recipes raise) and ``"auto"`` (default): fused where the recipe has a kernel and no shell
-  option changes the chain, else foreach; never compiled unless asked (no first-step
-  compile). adam/adamw's ``fused=False`` means foreach, ``fused=True`` fused.
+  option changes the chain, else foreach, moving to the compiled tier on CPU once the group
+  has run long enough for a compile to pay (never on the first steps;
+  :mod:`llmvalley.optim.auto_tier`). adam/adamw's ``fused=False`` means foreach,
+  ``fused=True`` fused.
 
 On the CPU, the first step makes glibc keep the memory it frees, so the temporaries of each
 step reuse mapped pages (:mod:`llmvalley.optim.allocator`; opt out with
@@ -54,6 +56,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.allocator import retain_freed_cpu_memory
+from llmvalley.optim.auto_tier import AutoTier
 from llmvalley.optim.options import chain_and_keys, is_plain
 from llmvalley.optim.sharded import (
     OwnerPlan,
@@ -132,6 +135,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._positions: dict[int, int] = {}
         self._kinds: dict[int, tuple[list[Transform], tuple[bool, bool, set[str]]]] = {}
         self.compile_seconds = 0.0  # time spent compiling (implementation="compiled")
+        self._auto = AutoTier()  # when implementation="auto" compiles (auto_tier)
         super().__init__(params, defaults)
 
     # ---- groups -------------------------------------------------------------------------
@@ -607,10 +611,32 @@ class ChainOptimizer(torch.optim.Optimizer):
             from llmvalley.optim.compiled import compiled_step
 
             compiled_step(self, group, ctx, working)
-        elif not (spec.fused is not None and is_plain(group) and spec.fused(ctx)):
+        elif not (spec.fused is not None and is_plain(group) and spec.fused(ctx)) \
+                and not self._auto_compiled_step(group, params, ctx, working):
             self._apply(group, ctx, working, run_chain(self._chain(group), ctx, ctx.grads,
                                                        ctx.keymap))
         self._write_back(group, params, working, ctx.codec)
+
+    def _auto_compiled_step(self, group: dict[str, Any], params: list[Tensor],
+                            ctx: StepContext, working: list[Tensor]) -> bool:
+        """``implementation="auto"`` on the foreach tier: the compiled step once the group
+        has run long enough (:mod:`llmvalley.optim.auto_tier`). Returns whether it ran."""
+        if group.get("implementation", "auto") != "auto" or group.get("fused") is not None:
+            return False
+        chain = self._chain(group)
+        if not self._auto.compiles(chain, group, ctx, any(is_dtensor(p) for p in params)):
+            return False
+        from llmvalley.optim.auto_tier import float_state, restore
+        from llmvalley.optim.compiled import compiled_step
+
+        saved = float_state(ctx)
+        try:
+            compiled_step(self, group, ctx, working)
+        except Exception as e:  # noqa: BLE001 -- a compile failure: this step runs eagerly
+            restore(ctx, saved)
+            self._auto.failed(chain, group, e)
+            return False
+        return True
 
     def _apply(self, group: Mapping[str, Any], ctx: StepContext, working: list[Tensor],
                directions: list[Tensor]) -> None:

@@ -213,14 +213,16 @@ def validate_shell(name: str, group: Mapping[str, Any]) -> None:
 def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     """The tier a group runs in: ``"foreach"``, ``"compiled"`` or ``"fused"``.
 
-    ``implementation="auto"`` (default) is the fastest tier that is exact and never compiles:
-    ``"fused"`` where the spec has a fused kernel (adam, adamw) and no shell option changes
-    the chain or its storage, else ``"foreach"``; the
-    compiled tier runs only when asked for. A spec's ``fused`` hyperparameter (adam, adamw)
-    maps onto the tier: ``fused=False`` is ``"foreach"`` (or ``"compiled"`` when asked),
-    ``fused=True`` is ``"fused"``. Raises ``ValueError`` naming ``implementation`` for an
-    unknown value, ``"fused"`` on a spec without a fused kernel or with a shell option that
-    changes the chain or its storage, and a ``fused`` value that contradicts it.
+    ``implementation="auto"`` (default) is the fastest tier that is exact and never compiles
+    on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw) and no shell
+    option changes the chain or its storage, else ``"foreach"``, which the shell moves to
+    the compiled tier once the group has run long enough for the compile to pay
+    (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's
+    ``fused`` hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is
+    ``"foreach"`` (or ``"compiled"`` when asked), ``fused=True`` is ``"fused"``. Raises
+    ``ValueError`` naming ``implementation`` for an unknown value, ``"fused"`` on a spec
+    without a fused kernel or with a shell option that changes the chain or its storage, and
+    a ``fused`` value that contradicts it.
     """
     impl = group.get("implementation", "auto")
     if not isinstance(impl, str) or impl not in IMPLEMENTATIONS:

@@ -1,0 +1,155 @@
+"""When ``implementation="auto"`` moves a group from the foreach tier to the compiled tier.
+
+A compiled step is 1.1-4x faster than the foreach chain of an element-wise recipe (one or
+two passes over memory instead of one per ``torch._foreach_*`` call), but compiling it costs
+seconds to a minute on first use. ``"auto"`` therefore starts every group on the foreach
+tier (the fused kernel where the recipe has one) and compiles its step only once the group
+has run long enough for the compile to be a small part of the run: after
+:func:`threshold` *element-steps* (the sum over the group's tensors of elements times steps
+taken). Eager steps cost about the same per element-step, so the rule compiles once the
+eager steps have taken about as long as a compile takes, the classic rent-or-buy bound: a
+run never spends more than about twice the time it would have with the better choice made
+in hindsight, and short runs (tests, smoke runs, small models) never compile.
+
+The rule, for a group with ``implementation="auto"`` that does not run a fused kernel:
+
+- the device is a CPU (CUDA stays on the foreach tier until the compiled tier has been
+  checked on a GPU; ask for ``implementation="compiled"`` there), its parameters are not
+  sharded (DTensor), and the step is not itself being traced by ``torch.compile``;
+- the whole chain compiles as one segment (no transform runs eagerly between compiled
+  pieces: element-wise recipes; see :mod:`llmvalley.optim.compiled`);
+- the group has taken at least :func:`threshold` element-steps: 1e10 on CPU by default,
+  about 20-70 s of eager optimizer steps on one core (nano, 0.9M parameters: ~10,800 steps;
+  micro, 4.9M: ~2,000; 45M: ~220). ``LLMVALLEY_AUTO_COMPILE=off`` keeps ``"auto"`` eager,
+  a number sets the threshold;
+- ``torch.compile`` works on this machine: a one-time probe compiles a one-line function
+  (no C++ compiler, or an unsupported Python, keeps ``"auto"`` eager).
+
+The decision depends only on step counts and shapes, which the state dict holds, so a run
+and its resumption switch at the same step, and every DDP rank switches together. If
+compiling a group's step fails, the step runs eagerly (the Python-float state its prelude
+advanced is restored first), a warning names the recipe, and the group stays eager.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmvalley.optim.transforms.base import StepContext, Transform
+
+#: element-steps after which ``"auto"`` compiles a group's step, per device type
+THRESHOLDS = {"cpu": 1e10}
+ENV = "LLMVALLEY_AUTO_COMPILE"
+
+log = logging.getLogger(__name__)
+
+
+def threshold(device_type: str) -> float | None:
+    """Element-steps after which ``"auto"`` compiles on ``device_type`` (None: never)."""
+    raw = os.environ.get(ENV, "").strip().lower()
+    if raw in ("off", "0", "false", "no", "never"):
+        return None
+    base = THRESHOLDS.get(device_type)
+    if base is None or not raw:
+        return base
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise ValueError(f"invalid {ENV}={raw!r}: 'off' or a number of element-steps") from e
+    if not value >= 0:
+        raise ValueError(f"invalid {ENV}={raw!r}: 'off' or a number of element-steps >= 0")
+    return value
+
+
+def element_steps(ctx: StepContext) -> int:
+    """Elements times steps already taken (before this one), over the group's tensors."""
+    total = 0
+    for t, step in zip(ctx.params, ctx.steps):
+        total += t.numel() * (int(step) - 1)
+    return total
+
+
+def compiles_whole(chain: list[Transform], group: Mapping[str, Any], ctx: StepContext) -> bool:
+    """Whether every top-level transform of ``chain`` runs in the compiled segment."""
+    from llmvalley.optim.compiled import _compilable, _zero_dim_float64_cpu
+
+    return not _zero_dim_float64_cpu(ctx) and all(_compilable(t, group, ctx) for t in chain)
+
+
+@functools.cache
+def compile_works(device_type: str) -> bool:
+    """Whether ``torch.compile`` (inductor) compiles and runs on ``device_type`` here: a
+    one-line function, compiled once per process."""
+
+    def probe(x: Tensor) -> Tensor:
+        return x * 2.0 + 1.0
+
+    try:
+        x = torch.arange(8, dtype=torch.float32, device=device_type)
+        fn = torch.compile(probe, backend="inductor", dynamic=False)
+        return bool(torch.equal(fn(x), x * 2.0 + 1.0))
+    except Exception as e:  # noqa: BLE001 -- any failure means: stay eager
+        log.info("torch.compile does not work on %s (%s): implementation='auto' stays "
+                 "eager", device_type, e)
+        return False
+
+
+class AutoTier:
+    """The ``"auto"`` decisions of one optimizer: which groups compile, which failed."""
+
+    def __init__(self) -> None:
+        #: chains (by id) found not to compile whole, and chains whose compile failed
+        self._eager: set[tuple[int, str]] = set()
+        self._told: set[str] = set()
+
+    def compiles(self, chain: list[Transform], group: Mapping[str, Any],
+                 ctx: StepContext, sharded: bool) -> bool:
+        """Whether this step of ``group`` runs on the compiled tier (see the module)."""
+        device = ctx.params[0].device.type
+        limit = threshold(device)
+        if limit is None or sharded or torch.compiler.is_compiling():
+            return False
+        key = (id(chain), group["optimizer"])
+        if key in self._eager or element_steps(ctx) < limit:
+            return False
+        if not compiles_whole(chain, group, ctx) or not compile_works(device):
+            self._eager.add(key)
+            return False
+        if group["optimizer"] not in self._told:
+            self._told.add(group["optimizer"])
+            log.info("%s: implementation='auto' compiles the step after %d element-steps "
+                     "(set implementation='foreach' to stay eager)", group["optimizer"],
+                     element_steps(ctx))
+        return True
+
+    def failed(self, chain: list[Transform], group: Mapping[str, Any],
+               error: BaseException) -> None:
+        """Keep ``group``'s chain eager from now on, and say why."""
+        self._eager.add((id(chain), group["optimizer"]))
+        warnings.warn(f"{group['optimizer']}: compiling the step failed "
+                      f"({type(error).__name__}: {error}); implementation='auto' runs it "
+                      "eagerly (the foreach tier) from now on", RuntimeWarning, stacklevel=4)
+
+
+def float_state(ctx: StepContext) -> list[dict[str, Any]]:
+    """The non-tensor state values of a step (what preludes advance), to restore."""
+    return [{k: v for k, v in st.items() if not isinstance(v, Tensor)} for st in ctx.states]
+
+
+def restore(ctx: StepContext, saved: list[dict[str, Any]]) -> None:
+    """Put back the non-tensor state values saved by :func:`float_state`."""
+    for st, values in zip(ctx.states, saved):
+        st.update(values)
+    ctx.power_table = ctx.preludes = None
+
+
+__all__ = ["THRESHOLDS", "AutoTier", "compile_works", "compiles_whole", "element_steps",
+           "threshold"]

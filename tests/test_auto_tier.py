@@ -1,0 +1,150 @@
+"""``implementation="auto"``: foreach first, the compiled tier once a group has run long
+enough (:mod:`llmvalley.optim.auto_tier`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmvalley.optim import auto_tier
+from llmvalley.optim.compiled import compile_stats
+from tests.helpers import make_optimizer, train
+from tests.test_implementation import float64_model
+
+
+def numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def graphs_per_step(name: str, steps: int, **hp) -> tuple[list[int], list, object]:
+    model = float64_model()
+    opt = make_optimizer(name, model, **hp)
+    graphs = []
+    for step in range(steps):
+        train(model, opt, step, 1)
+        graphs.append(compile_stats(opt).graphs)
+    return graphs, [p.detach().clone() for p in model.parameters()], opt
+
+
+def foreach_run(name: str, steps: int, **hp) -> list:
+    model = float64_model()
+    train(model, make_optimizer(name, model, implementation="foreach", **hp), 0, steps)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_close(got: list, expected: list, exact: bool = False) -> None:
+    for g, e in zip(got, expected):
+        if exact:
+            assert torch.equal(g, e)
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+def test_auto_compiles_after_the_threshold_and_matches_foreach(monkeypatch):
+    """Element-steps before step t are numel * (t - 1): with the threshold at 3 * numel of
+    the whole model, every group is still eager at step 3 and compiled by step 6 (the first
+    step of the compiled tier records the step powers eagerly, the next one compiles)."""
+    monkeypatch.setenv(auto_tier.ENV, str(3 * numel(float64_model())))
+    graphs, got, opt = graphs_per_step("nadam", 8, weight_decay=0.1)
+    assert graphs[:4] == [0, 0, 0, 0], graphs
+    assert graphs[-1] > 0, graphs
+    assert_close(got, foreach_run("nadam", 8, weight_decay=0.1))
+    assert opt.compile_seconds > 0
+
+
+def test_default_threshold_keeps_short_runs_eager(monkeypatch):
+    monkeypatch.delenv(auto_tier.ENV, raising=False)
+    graphs, got, _ = graphs_per_step("lion", 6)
+    assert graphs == [0] * 6
+    assert_close(got, foreach_run("lion", 6), exact=True)
+
+
+@pytest.mark.parametrize("hp", [{"implementation": "foreach"}, {"implementation": "auto"}])
+def test_off_and_explicit_foreach_never_compile(monkeypatch, hp):
+    monkeypatch.setenv(auto_tier.ENV, "off" if hp["implementation"] == "auto" else "0.5")
+    graphs, _, _ = graphs_per_step("lion", 4, **hp)
+    assert graphs == [0] * 4
+
+
+def test_fused_and_explicit_fused_false_stay_as_asked(monkeypatch):
+    """adamw's default is the fused kernel; ``fused=False`` asks for the foreach tier."""
+    monkeypatch.setenv(auto_tier.ENV, "1")
+    for hp in ({}, {"fused": False}):
+        graphs, _, _ = graphs_per_step("adamw", 4, **hp)
+        assert graphs == [0] * 4, hp
+
+
+def test_chains_that_do_not_compile_whole_stay_eager(monkeypatch):
+    """Prodigy's statistics are shared over groups: its chain runs eagerly in the compiled
+    tier, so ``"auto"`` keeps it on the foreach tier."""
+    monkeypatch.setenv(auto_tier.ENV, "1")
+    graphs, got, _ = graphs_per_step("prodigy", 4)
+    assert graphs == [0] * 4
+    assert_close(got, foreach_run("prodigy", 4), exact=True)
+
+
+def test_a_resumed_run_switches_at_the_same_step(monkeypatch):
+    """The rule reads step counts and shapes only: a run stopped before the switch and
+    resumed in a new optimizer compiles at the same step and gives the same numbers."""
+    monkeypatch.setenv(auto_tier.ENV, str(2 * numel(float64_model())))
+    whole, expected, _ = graphs_per_step("ademamix", 7)
+    model = float64_model()
+    opt = make_optimizer("ademamix", model)
+    train(model, opt, 0, 2)
+    saved = (model.state_dict(), opt.state_dict())
+    model2 = float64_model()
+    opt2 = make_optimizer("ademamix", model2)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    resumed = []
+    for step in range(2, 7):
+        train(model2, opt2, step, 1)
+        resumed.append(compile_stats(opt2).graphs)
+    first = next(i for i, g in enumerate(whole) if g)
+    assert 2 < first == 2 + next(i for i, g in enumerate(resumed) if g), (whole, resumed)
+    assert_close([p.detach() for p in model2.parameters()], expected, exact=True)
+
+
+def test_a_failed_compile_runs_the_step_eagerly_and_stays_eager(monkeypatch):
+    """A compile error is not the user's problem under "auto": the step runs on the foreach
+    tier (NAdam's prelude-advanced momentum product restored first, so the numbers are the
+    foreach run's exactly), a warning says so, and the group never tries again."""
+    from llmvalley.optim import compiled
+
+    def broken(stats):
+        def backend(gm, example_inputs):
+            raise RuntimeError("no compiler here")
+        return backend
+
+    monkeypatch.setattr(compiled, "_counting_backend", broken)
+    monkeypatch.setenv(auto_tier.ENV, "1")
+    model = float64_model()
+    opt = make_optimizer("nadam", model)
+    with pytest.warns(RuntimeWarning, match="nadam: compiling the step failed"):
+        train(model, opt, 0, 6)
+    assert_close([p.detach() for p in model.parameters()], foreach_run("nadam", 6),
+                 exact=True)
+
+
+def test_no_compiler_keeps_auto_eager(monkeypatch):
+    monkeypatch.setenv(auto_tier.ENV, "1")
+    monkeypatch.setattr(auto_tier, "compile_works", lambda device: False)
+    graphs, _, _ = graphs_per_step("lion", 4)
+    assert graphs == [0] * 4
+
+
+@pytest.mark.parametrize("raw", ["soon", "-5", "nan"])
+def test_bad_threshold_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(auto_tier.ENV, raw)
+    with pytest.raises(ValueError, match=auto_tier.ENV):
+        auto_tier.threshold("cpu")
+
+
+def test_threshold_rule(monkeypatch):
+    monkeypatch.delenv(auto_tier.ENV, raising=False)
+    assert auto_tier.threshold("cpu") == 1e10
+    assert auto_tier.threshold("cuda") is None  # not before a GPU check
+    monkeypatch.setenv(auto_tier.ENV, "5e6")
+    assert auto_tier.threshold("cpu") == 5e6 and auto_tier.threshold("cuda") is None
+    monkeypatch.setenv(auto_tier.ENV, "off")
+    assert auto_tier.threshold("cpu") is None

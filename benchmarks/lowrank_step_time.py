@@ -28,9 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from reference_step_time import low_rank
 from step_time import (
-    add_shape_args,
-    hidden_and_rest,
+    add_run_args,
     machine,
     params_with_gradients,
     time_interleaved,
@@ -67,20 +67,12 @@ def references() -> dict[str, Factory]:
     from fira import FiraAdamW
     from galore_torch import GaLoreAdamW
 
-    def low_rank(cls: Callable, quiet: bool, **group: Any) -> Factory:
-        def make(model: nn.Module, gap: int) -> torch.optim.Optimizer:
-            hidden, rest = hidden_and_rest(model)
-            extra = {"no_deprecation_warning": True} if quiet else {}
-            return cls([{"params": hidden, "update_proj_gap": gap, **group}, {"params": rest}],
-                       lr=1e-3, **extra)
-        return make
-
     return {
-        "galore": low_rank(GaLoreAdamW, True, rank=128, scale=0.25, proj_type="std"),
-        "fira": low_rank(FiraAdamW, True, rank=128, alpha=0.25, proj_type="std"),
-        "apollo": low_rank(APOLLOAdamW, False, rank=128, scale=1.0, proj_type="std",
+        "galore": low_rank(GaLoreAdamW, rank=128, scale=0.25, proj_type="std"),
+        "fira": low_rank(FiraAdamW, rank=128, alpha=0.25, proj_type="std"),
+        "apollo": low_rank(APOLLOAdamW, rank=128, scale=1.0, proj_type="std",
                            proj="random", scale_type="channel"),
-        "apollo_mini": low_rank(APOLLOAdamW, False, rank=1, scale=128.0, proj_type="std",
+        "apollo_mini": low_rank(APOLLOAdamW, rank=1, scale=128.0, proj_type="std",
                                 proj="random", scale_type="tensor"),
     }
 
@@ -99,11 +91,7 @@ def refresh_extra(make: Callable[[], torch.optim.Optimizer]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_args(parser, layers=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--only", help="comma-separated names (as shown in the table)")
-    parser.add_argument("--markdown", action="store_true")
+    add_run_args(parser, layers=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

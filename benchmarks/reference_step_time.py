@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 from step_time import (
-    add_shape_args,
+    add_run_args,
     hidden_and_rest,
     machine,
     params_with_gradients,
@@ -33,12 +33,15 @@ import llmvalley
 Factory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
-def low_rank(cls: Callable, **group: object) -> Factory:
-    def make(model: nn.Module) -> torch.optim.Optimizer:
+def low_rank(cls: Callable, **group: object) -> Callable[..., torch.optim.Optimizer]:
+    """A GaLore-style package optimizer on the hidden matrices (``group`` settings; ``gap``
+    overrides ``update_proj_gap``), the rest in a plain group."""
+    def make(model: nn.Module, gap: int | None = None) -> torch.optim.Optimizer:
         hidden, rest = hidden_and_rest(model)
         extra = {"no_deprecation_warning": True} if "galore" in cls.__module__ or \
             "fira" in cls.__module__ else {}
-        return cls([{"params": hidden, **group}, {"params": rest}], lr=1e-3, **extra)
+        settings = {**group, **({"update_proj_gap": gap} if gap else {})}
+        return cls([{"params": hidden, **settings}, {"params": rest}], lr=1e-3, **extra)
     return make
 
 
@@ -103,11 +106,7 @@ def first_step(make: Callable[[], torch.optim.Optimizer]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_args(parser, layers=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--only", help="comma-separated names")
-    parser.add_argument("--markdown", action="store_true")
+    add_run_args(parser, layers=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

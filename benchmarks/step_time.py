@@ -60,6 +60,17 @@ def add_shape_args(parser: argparse.ArgumentParser, dim: int = 256, ffn: int = 6
     parser.add_argument("--vocab", type=int, default=vocab)
 
 
+def add_run_args(parser: argparse.ArgumentParser, layers: int = 2, reps: int = 5) -> None:
+    """The options every reference-comparison script takes: the shape of the parameter set
+    (:func:`add_shape_args`), ``--threads`` (default 1: steadier), ``--reps``, ``--only``
+    (comma-separated names) and ``--markdown``."""
+    add_shape_args(parser, layers=layers)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--only", help="comma-separated names (as shown in the table)")
+    parser.add_argument("--markdown", action="store_true")
+
+
 def hidden_and_rest(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """The hidden 2-D matrices (what the router gives a matrix method) and the rest."""
     hidden, rest = [], []

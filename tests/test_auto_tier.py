@@ -12,6 +12,12 @@ from tests.helpers import make_optimizer, train
 from tests.test_implementation import float64_model
 
 
+@pytest.fixture(autouse=True)
+def small_groups_compile(monkeypatch):
+    """These tests' tiny groups are below the size floor of the rule; lift it."""
+    monkeypatch.setattr(auto_tier, "MIN_NUMEL", 0)
+
+
 def numel(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -148,3 +154,10 @@ def test_threshold_rule(monkeypatch):
     assert auto_tier.threshold("cpu") == 5e6 and auto_tier.threshold("cuda") is None
     monkeypatch.setenv(auto_tier.ENV, "off")
     assert auto_tier.threshold("cpu") is None
+
+
+def test_small_groups_never_compile(monkeypatch):
+    monkeypatch.setattr(auto_tier, "MIN_NUMEL", 1 << 20)
+    monkeypatch.setenv(auto_tier.ENV, "1")
+    graphs, _, _ = graphs_per_step("lion", 4)
+    assert graphs == [0] * 4

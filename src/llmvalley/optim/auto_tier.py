@@ -18,10 +18,14 @@ The rule, for a group with ``implementation="auto"`` that does not run a fused k
   sharded (DTensor), and the step is not itself being traced by ``torch.compile``;
 - the whole chain compiles as one segment (no transform runs eagerly between compiled
   pieces: element-wise recipes; see :mod:`llmvalley.optim.compiled`);
+- the group holds at least :data:`MIN_NUMEL` (2^20) elements: below that, the compiled
+  call's fixed cost (guards over every tensor, about a millisecond on CPU) eats most of the
+  gain (measured on nano, 0.9M parameters: lion 1.02x its eager step, nadam 0.44x; micro,
+  4.9M: lion 0.55x, nadam 0.25x; ``benchmarks/auto_tier.py``);
 - the group has taken at least :func:`threshold` element-steps: 1e10 on CPU by default,
-  about 20-70 s of eager optimizer steps on one core (nano, 0.9M parameters: ~10,800 steps;
-  micro, 4.9M: ~2,000; 45M: ~220). ``LLMVALLEY_AUTO_COMPILE=off`` keeps ``"auto"`` eager,
-  a number sets the threshold;
+  about 20-70 s of eager optimizer steps on one core (a group of micro's 4.9M parameters
+  compiles after ~2,000 steps, of 45M after ~220). ``LLMVALLEY_AUTO_COMPILE=off`` keeps
+  ``"auto"`` eager, a number sets the threshold;
 - ``torch.compile`` works on this machine: a one-time probe compiles a one-line function
   (no C++ compiler, or an unsupported Python, keeps ``"auto"`` eager).
 
@@ -47,6 +51,8 @@ from llmvalley.optim.transforms.base import StepContext, Transform
 
 #: element-steps after which ``"auto"`` compiles a group's step, per device type
 THRESHOLDS = {"cpu": 1e10}
+#: the fewest elements a group must hold for ``"auto"`` to compile its step
+MIN_NUMEL = 1 << 20
 ENV = "LLMVALLEY_AUTO_COMPILE"
 
 log = logging.getLogger(__name__)
@@ -118,7 +124,8 @@ class AutoTier:
         if limit is None or sharded or torch.compiler.is_compiling():
             return False
         key = (id(chain), group["optimizer"])
-        if key in self._eager or element_steps(ctx) < limit:
+        if key in self._eager or element_steps(ctx) < limit \
+                or sum(t.numel() for t in ctx.params) < MIN_NUMEL:
             return False
         if not compiles_whole(chain, group, ctx) or not compile_works(device):
             self._eager.add(key)

@@ -285,24 +285,39 @@ class TorqueAwareMomentum(Transform):
     Per tensor: ``c = cos(m_prev, g)`` (0 while either is zero), ``s = gamma s + (1 - gamma)
     c`` with ``gamma = group["decay_rate"]``, ``d = (1 + s) / 2``; then
     ``m = momentum * m + (eps + d) g`` and the direction is ``m``. State:
-    ``momentum_buffer`` and the smoothed correlation ``torque`` (a float).
+    ``momentum_buffer`` and the smoothed correlation ``torque``, a one-element tensor in the
+    compute dtype, computed on the device without a host sync (so that a compiled step runs
+    the whole chain in one function). A checkpoint that holds the torque as a Python float
+    (written before it was a tensor) is converted when the slot is first read.
     """
 
     slot_names = ("momentum_buffer", "torque")
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
-        return [SlotSpec("momentum_buffer", shape), SlotSpec("torque", None)]
+        # one element, not 0-d: inductor drops in-place updates of 0-d float64 CPU tensors,
+        # and the compiled tier runs such groups eagerly (llmvalley.optim.compiled)
+        return [SlotSpec("momentum_buffer", shape), SlotSpec("torque", (1,), "exact")]
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta, gamma, eps = ctx.hp("momentum"), ctx.hp("decay_rate"), ctx.hp("eps")
+        _float_torque_to_tensor(ctx)
         bufs = ctx.slot("momentum_buffer")
-        for i, (g, m) in enumerate(zip(updates, bufs)):
-            norms = float(torch.linalg.vector_norm(m) * torch.linalg.vector_norm(g))
-            cos = float(torch.sum(m * g)) / norms if norms > 0 else 0.0
-            s = gamma * ctx.scalar("torque", i) + (1 - gamma) * cos
-            ctx.set_scalar("torque", i, s)
-            m.mul_(beta).add_(g, alpha=eps + (1 + s) / 2)
+        for g, m, s in zip(updates, bufs, ctx.slot("torque")):
+            norms = torch.linalg.vector_norm(m) * torch.linalg.vector_norm(g)
+            cos = torch.where(norms > 0, torch.sum(m * g) / norms, 0.0)
+            s.mul_(gamma).add_(cos * (1 - gamma))
+            m.mul_(beta).add_(g * ((s.view(()) + 1) / 2 + eps))
         return bufs
+
+
+def _float_torque_to_tensor(ctx: StepContext) -> None:
+    """Convert TAM torques stored as Python floats (checkpoints from before the torque was a
+    tensor slot) into the one-element tensor the slot now is."""
+    key = ctx.key("torque")
+    for st, g, dtype in zip(ctx.states, ctx.grads, ctx.dtypes):
+        value = st.get(key)
+        if value is not None and not isinstance(value, Tensor):
+            st[key] = torch.full((1,), float(value), dtype=dtype, device=g.device)
 
 
 # ---- Ano ------------------------------------------------------------------------------------

@@ -162,18 +162,22 @@ class ScaleByMicroAdam(Transform):
         eps, m = ctx.hp("eps"), int(ctx.hp("m"))
         qsize = int(ctx.hp("quant_block_size"))
         out = []
-        for i, (g, t) in enumerate(zip(updates, ctx.steps)):
+        for i, (g, t, p1, p2) in enumerate(zip(updates, ctx.steps, ctx.powers(beta1),
+                                               ctx.powers(beta2))):
             if g.numel() == 0:
                 out.append(torch.zeros_like(g))
                 continue
             window, error, ranges = (ctx.slot(s, [i])[0] for s in self.slot_names)
             out.append(self._step(g, t, window, error, ranges, ctx.group, beta1, beta2, eps,
-                                  m, qsize))
+                                  m, qsize, (p1, p2)))
         return out
 
     @staticmethod
     def _step(g: Tensor, t: int, window: Tensor, error: Tensor, ranges: Tensor, group: Group,
-              beta1: float, beta2: float, eps: float, m: int, qsize: int) -> Tensor:
+              beta1: float, beta2: float, eps: float, m: int, qsize: int,
+              powers: tuple[Any, Any]) -> Tensor:
+        """One tensor's step; ``powers`` are ``beta1**t`` and ``beta2**t``
+        (:meth:`StepContext.powers`: 0-d tensors in a compiled step)."""
         d = g.numel()
         block, full, k_many, k_few = topk_layout(d, int(group["topk_block_size"]),
                                                  group["k_init"])
@@ -205,14 +209,16 @@ class ScaleByMicroAdam(Transform):
         hi.copy_(new_hi)
         pack_nibbles(quantize_asymmetric(a, lo.to(a.dtype), hi.to(a.dtype), qsize), codes)
         # 4. Adam's moments from the window, newest row with age 0
+        # row r's age is (t - 1 - r) % m: its weights are gathered from beta**age for every
+        # age, so that no power of the step count is computed (in a compiled kernel)
         rows = min(t, m)
-        ages = [(t - 1 - r) % m for r in range(rows)]
-        w1 = torch.tensor([beta1**e for e in ages], dtype=a.dtype, device=a.device)
-        w2 = torch.tensor([beta2**e for e in ages], dtype=a.dtype, device=a.device)
+        ages = (t - 1 - torch.arange(rows, device=a.device)) % m
+        w1 = torch.tensor([beta1**e for e in range(m)], dtype=a.dtype, device=a.device)[ages]
+        w2 = torch.tensor([beta2**e for e in range(m)], dtype=a.dtype, device=a.device)[ages]
         where = (idx[:rows].to(torch.int64) + offsets).reshape(-1)
         v_rows = vals[:rows].to(a.dtype)
         m_sum = a.new_zeros(d).index_add_(0, where, (w1[:, None] * v_rows).reshape(-1))
         v_sum = a.new_zeros(d).index_add_(0, where, (w2[:, None] * v_rows**2).reshape(-1))
-        c1 = (1 - beta1) / (1 - beta1**t)
-        c2 = (1 - beta2) / (1 - beta2**t)
+        c1 = (1 - beta1) / (1 - powers[0])
+        c2 = (1 - beta2) / (1 - powers[1])
         return (c1 * m_sum / ((c2 * v_sum).sqrt_() + eps)).view(g.shape)

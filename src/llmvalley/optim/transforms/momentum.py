@@ -111,8 +111,8 @@ class NesterovSum(Transform):
         torch._foreach_mul_(bufs, beta)
         torch._foreach_add_(bufs, updates)
         out = []
-        for u, m, t in zip(updates, bufs, ctx.steps):
-            bc1 = (1 - beta**t) / (1 - beta)
+        for u, m, p in zip(updates, bufs, ctx.powers(beta)):
+            bc1 = (1 - p) / (1 - beta)
             out.append((u + beta * m) / (1 + beta * bc1))
         return out
 

@@ -71,7 +71,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    Transform,
+    numel,
+    root,
+)
 from llmvalley.optim.transforms.shards import (
     ShardedShape,
     all_reduce_sum,
@@ -813,9 +820,9 @@ class NAMOUpdate(Transform):
         torch._foreach_lerp_(bufs, updates, 1 - mu)
         looks = torch._foreach_lerp(updates, bufs, mu) if group["nesterov"] else bufs
         orth = self.orthogonalize(ctx, looks)
-        for i, (o, look, stat) in enumerate(zip(orth, looks, stats)):
-            t = ctx.steps[i]
-            base = lr * math.sqrt(1 - mu2**t) / ((1 - mu**t) + 1e-12)
+        for i, (o, look, stat, p, p2) in enumerate(zip(orth, looks, stats, ctx.powers(mu),
+                                                       ctx.powers(mu2))):
+            base = lr * root(1 - p2) / ((1 - p) + 1e-12)
             m, n = matrix_dims(tuple(o.shape))
             shape_factor = coeff * math.sqrt(max(m, n))
             look2 = matrix_view(look)

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    Transform,
+    add_scaled_,
+    numel,
+    root,
+)
 from llmvalley.optim.transforms.combine import InBasis, Projector
 from llmvalley.optim.transforms.orthogonalize import lapack_dtype, matrix_dims, matrix_view
 
@@ -56,7 +64,7 @@ class BiasCorrection(Transform):
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         beta1 = ctx.hp("betas")[0]
-        return [u / (1 - beta1**t) for u, t in zip(updates, ctx.steps)]
+        return [u / (1 - p) for u, p in zip(updates, ctx.powers(beta1))]
 
 
 def check_rank(shape: Shape, group: Group, name: str = "") -> int:
@@ -147,13 +155,13 @@ class ScaleBySubsetNorm(Transform):
         beta2, eps = ctx.hp("betas")[1], ctx.hp("eps")
         size = ctx.hp("subset_size")
         out = []
-        for i, (u, g, v, t) in enumerate(zip(updates, ctx.grads, ctx.slot("exp_avg_sq"),
-                                            ctx.steps)):
+        for i, (u, g, v, p) in enumerate(zip(updates, ctx.grads, ctx.slot("exp_avg_sq"),
+                                            ctx.powers(beta2))):
             view, dim = subset_layout(ctx.shapes[i], size)
             v.mul_(beta2).add_(g.reshape(view).square().sum(dim=dim, keepdim=True),
                                alpha=1 - beta2)
             denom = v.sqrt().add_(eps)
-            out.append((u.reshape(view) / denom).mul_(math.sqrt(1 - beta2**t))
+            out.append((u.reshape(view) / denom).mul_(root(1 - p))
                        .reshape(u.shape))
         return out
 
@@ -481,17 +489,24 @@ class ScaleBySMMF(Transform):
         total = short.sum()
         short.div_(torch.where(total != 0, total, torch.ones_like(total)))
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        beta1, eps = ctx.hp("betas")[0], ctx.hp("eps")
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """Each tensor's ``beta_m`` and ``beta_v`` (computed before a compiled kernel, which
+        would otherwise evaluate the powers of the step in its loop)."""
+        beta1 = ctx.hp("betas")[0]
         decay, growth = ctx.hp("decay_rate"), ctx.hp("growth_rate")
+        return {"beta_m": [beta1 * growth ** (t - 1.0) for t in ctx.steps],
+                "beta_v": [1.0 - t**decay for t in ctx.steps]}
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        eps = ctx.hp("eps")
+        numbers = ctx.prelude()
         out = []
-        for i, (g, t) in enumerate(zip(updates, ctx.steps)):
-            beta_m = beta1 * growth ** (t - 1.0)
-            beta_v = 1.0 - t**decay
+        for i, (g, beta_m, beta_v) in enumerate(zip(updates, numbers["beta_m"],
+                                                    numbers["beta_v"])):
             if not smmf_factored(ctx.shapes[i], ctx.group):
                 m, v = ctx.slot("momentum_m", [i])[0], ctx.slot("momentum_v", [i])[0]
-                m.mul_(beta_m).add_(g, alpha=1.0 - beta_m)
-                v.mul_(beta_v).add_(g * g, alpha=1.0 - beta_v)
+                add_scaled_(m.mul_(beta_m), g, 1.0 - beta_m)
+                add_scaled_(v.mul_(beta_v), g * g, 1.0 - beta_v)
                 out.append(m / (v.sqrt() + eps))
                 continue
             a, b = square_shape(g.numel())
@@ -502,8 +517,8 @@ class ScaleBySMMF(Transform):
             m = torch.outer(rm, cm)
             m = torch.where(unpack_signs(sign, a * b).view(a, b), m, -m)
             v = torch.outer(rv, cv)
-            m.mul_(beta_m).add_(mat, alpha=1.0 - beta_m)
-            v.mul_(beta_v).add_(mat * mat, alpha=1.0 - beta_v)
+            add_scaled_(m.mul_(beta_m), mat, 1.0 - beta_m)
+            add_scaled_(v.mul_(beta_v), mat * mat, 1.0 - beta_v)
             pack_signs(m > 0, sign)
             self._compress(m.abs(), rm, cm)
             self._compress(v, rv, cv)

@@ -217,15 +217,24 @@ class ScaleByFAdam(Transform):
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
         return [SlotSpec("momentum", shape), SlotSpec("fim", shape, "unsigned")]
 
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """Each tensor's ``beta2_t`` (computed before a compiled kernel, which would otherwise
+        evaluate the powers of the step in its loop)."""
+        beta2 = ctx.hp("betas")[1]
+        return {"beta2_t": [beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
+                            for t in ctx.steps]}
+
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        beta1, beta2 = ctx.hp("betas")
+        beta1 = ctx.hp("betas")[0]
         eps, clip, power = ctx.hp("eps"), ctx.hp("clip"), ctx.hp("p")
         wd = float(ctx.hp("weight_decay"))
         out = []
-        for g, m, f, p, t in zip(updates, ctx.slot("momentum"), ctx.slot("fim"), ctx.params,
-                                 ctx.steps):
-            beta2_t = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
-            f.mul_(beta2_t).addcmul_(g, g, value=1 - beta2_t)
+        for g, m, f, p, beta2_t in zip(updates, ctx.slot("momentum"), ctx.slot("fim"),
+                                       ctx.params, ctx.prelude()["beta2_t"]):
+            if isinstance(beta2_t, Tensor):  # compiled: a 0-d tensor, which value cannot take
+                f.mul_(beta2_t).addcmul_(g, g * (1 - beta2_t))
+            else:
+                f.mul_(beta2_t).addcmul_(g, g, value=1 - beta2_t)
             grad_rms = _rms(g)
             eps_t = torch.where(grad_rms > 0, eps * grad_rms.clamp(max=1.0), eps)
             denom = f.pow(power).add_(eps_t)

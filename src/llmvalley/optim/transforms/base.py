@@ -444,6 +444,34 @@ def root(x: Any) -> Any:
     return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
 
 
+def shifted_powers(ctx: StepContext, steps: list[int]) -> dict[str, list[float]]:
+    """A :meth:`Transform.prelude`'s numbers for an inner chain that counts ``steps`` instead
+    of the group's steps (SOAP's inner Adam one step behind, FRUGAL's restarted count):
+    ``beta**s`` for each of the group's ``betas`` and each tensor's ``s``. The compiled tier's
+    table of step powers answers only the group's own counts, so without these the inner
+    chain would evaluate its powers inside the kernel (see :func:`shifted_power_table`)."""
+    betas = ctx.group.get("betas") or ()
+    return {f"power_{k}": [float(b)**s for s in steps] for k, b in enumerate(betas)}
+
+
+def shifted_power_table(ctx: StepContext, steps: list[Any], idx: list[int] | None = None
+                        ) -> dict[str, Any]:
+    """The ``power_table`` change for :meth:`StepContext.subset` of an inner chain counting
+    ``steps`` (of the tensors ``idx``, default all): in a compiled segment whose transform's
+    prelude gave :func:`shifted_powers`, a :class:`PowerTable` of those 0-d tensors; else
+    nothing (eager steps compute their floats as before)."""
+    numbers = ctx.preludes.get(id(ctx.transform)) if ctx.preludes is not None else None
+    if not numbers or not isinstance(ctx.power_table, PowerTable):
+        return {}
+    values: dict[float, list[Any]] = {}
+    for k, b in enumerate(ctx.group.get("betas") or ()):
+        row = numbers.get(f"power_{k}")
+        if row is None:
+            return {}
+        values[float(b)] = row if idx is None else [row[i] for i in idx]
+    return {"power_table": PowerTable(steps, values)}
+
+
 @dataclass
 class PowerTable:
     """``base**t`` at the step counts ``steps``, as 0-d tensors (one per tensor; tensors at

@@ -39,7 +39,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    Transform,
+    numel,
+    shifted_power_table,
+    shifted_powers,
+)
 from llmvalley.optim.transforms.combine import (
     Combinator,
     InBasis,
@@ -299,6 +307,11 @@ class InKroneckerBasis(InBasis):
     def paths(self) -> list[list[Transform]]:
         return [[self, *p] for p in chain_paths(self.inner)]
 
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """The step powers the inner chain reads at its count ``t - 1``
+        (:func:`~.base.shifted_powers`)."""
+        return shifted_powers(ctx, [t - 1 for t in ctx.steps])
+
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         proj = self.projector
         out: list[Tensor] = list(updates)
@@ -313,8 +326,9 @@ class InKroneckerBasis(InBasis):
         if not started:
             return out
         low = [proj.project(ctx, i, updates[i]) for i in started]
+        steps = [ctx.steps[i] - 1 for i in started]
         sub = ctx.subset(started, grads=[proj.project(ctx, i, ctx.grads[i]) for i in started],
-                         steps=[ctx.steps[i] - 1 for i in started])
+                         steps=steps, **shifted_power_table(ctx, steps, started))
         res = run_chain(self.inner, sub, low, ctx.keymap)
         ctx.plan.put(started, sub.plan)
         for j, i in enumerate(started):

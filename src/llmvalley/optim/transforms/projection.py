@@ -35,7 +35,15 @@ from torch import Tensor
 
 from llmvalley.optim.state import ABSMAX
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, StepPlan, Transform
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    StepPlan,
+    Transform,
+    shifted_power_table,
+    shifted_powers,
+)
 from llmvalley.optim.transforms.combine import (
     GroupView,
     InBasis,
@@ -471,21 +479,34 @@ class Subspace(InBasis):
             st.pop(key, None)
             st.pop(key + ABSMAX, None)
 
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """With the inner chain's count restarted, the step powers it reads at that count
+        (:func:`~.base.shifted_powers`); nothing otherwise."""
+        if self.reset_key is None or not ctx.hp(self.reset_key):
+            return {}
+        gap = int(ctx.hp("update_proj_gap"))
+        return shifted_powers(ctx, [(t - 1) % gap + 1 for t in ctx.steps])
+
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         proj = self.projector
         mats = [u if u.ndim == 2 else u.reshape(u.shape[0], -1) for u in updates]
         shapes = [tuple(x.shape) for x in mats]
         refreshed = [proj.refresh(ctx, i, x) for i, x in enumerate(mats)]
-        steps = list(ctx.steps)
+        steps = ctx.steps
+        restarted = {}
         if self.reset_key is not None and ctx.hp(self.reset_key):
             for i, done in enumerate(refreshed):
                 if done and steps[i] > 1:
                     self._reset_inner(ctx, i, shapes[i])
             gap = int(ctx.hp("update_proj_gap"))
-            steps = [(t - 1) % gap + 1 for t in steps]
+            steps = restarted["steps"] = [(t - 1) % gap + 1 for t in steps]
+            restarted.update(shifted_power_table(ctx, steps))
         low = [proj.project(ctx, i, x) for i, x in enumerate(mats)]
-        inner_ctx = ctx.subset(list(range(len(mats))), grads=low, steps=steps,
-                               shapes=[proj.projected_shape(s, ctx.group) for s in shapes])
+        # the group's own step counts unless restarted: the inner chain then reads the
+        # compiled tier's precomputed step powers (StepContext.powers)
+        inner_ctx = ctx.subset(list(range(len(mats))), grads=low,
+                               shapes=[proj.projected_shape(s, ctx.group) for s in shapes],
+                               **restarted)
         inner_ctx.plan = ctx.plan
         out = run_chain(self.inner, inner_ctx, low, ctx.keymap)
         result = self.combine(ctx, mats, shapes, low, out, steps)

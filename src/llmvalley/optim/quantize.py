@@ -68,8 +68,8 @@ eager counterparts and return bit-identical codes, absmax and decoded values, co
 codes, one that decodes. Blocks holding inf or NaN get the eager (garbage) codes too, and NaN
 absmax and decoded values where eager has them (a NaN's sign and payload bits may differ).
 On one CPU thread (4M elements) they encode 7-11x and decode 1.3-2.5x faster than the eager
-functions; each call costs about 70 us more (guards), still less than eager at 4096 elements
-(``benchmarks/results/codec_time_cpu.md``).
+functions; a call has a fixed cost of about 70-80 us (dynamo's guards and wrappers), less than
+an eager call takes at 4096 elements (``benchmarks/results/codec_time_cpu.md``).
 
 * The nearest-entry search becomes one gather. The eager code (``_nearest_codes``: entry
   below, residual test ``(x - below) >= gap / 2``, ties up) is a non-decreasing function of

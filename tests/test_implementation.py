@@ -418,3 +418,70 @@ def test_adabelief_branches_in_its_prelude():
     assert_same("adabelief", out[1], out[0])
     layouts = compile_stats(opt).segments["adabelief"]
     assert all(kind == "compiled" for layout in layouts for kind, _ in layout), layouts
+
+
+# ---- AdamP / SGDP: the projection's choice made on the device ---------------------------
+@pytest.mark.parametrize("name, hp", [
+    ("adamp", dict(lr=1e-2, weight_decay=0.1, delta=1.5, nesterov=True)),
+    ("sgdp", dict(lr=1e-2, momentum=0.9, weight_decay=0.1, delta=1.5)),
+])
+def test_scale_invariant_projection_compiles_without_graph_breaks(name, hp):
+    """The eager step branches on ``max |cos| < delta / sqrt(d)`` per tensor (a host sync:
+    a graph break per matrix in a compiled step); the compiled step makes the same choice with
+    ``torch.where`` and gives the foreach tier's results. delta=1.5 on these tensors mixes
+    per-row, whole-tensor and no projection (tests/test_adaptive_variants.py), and the
+    decoupled decay takes the ``wd_ratio`` of the tensors that project."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 6), (6,), (3, 4, 5), (1, 7), (16, 3)]
+    drift = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[0.5 * d + torch.randn(s, generator=gen, dtype=torch.float64)
+              for d, s in zip(drift, shapes)] for _ in range(8)]
+    out = {}
+    for impl in ("foreach", "compiled"):
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+        opt = llmvalley.create_optimizer(name, params, implementation=impl, **hp)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        out[impl] = [p.detach() for p in params]
+        if impl == "compiled":
+            # one graph (at most one recompile), not one per matrix (4 here) as with breaks
+            assert compile_stats(opt).graphs <= 2
+    plain = llmvalley.create_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], **hp)
+    assert plain is not None
+    for g, e in zip(out["compiled"], out["foreach"]):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=name)
+
+
+# ---- 8-/4-bit state in the compiled tier ------------------------------------------------
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
+def test_quantized_state_is_decoded_outside_the_compiled_graphs(name):
+    """Quantized slots are decoded before the compiled segment and encoded after it, by the
+    codec's compiled kernels: one graph per group (traced inside, the codec's lookups broke
+    the graphs and hit dynamo's recompile limit), the foreach tier's results, and the same
+    codes. The tensors are large enough to be quantized (>= 4096 elements; odd sizes)."""
+    shapes = [(64, 96), (4133,), (32, 32)]
+    out = {}
+    for impl in ("foreach", "compiled"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = llmvalley.create_optimizer(name, params, implementation=impl, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out[impl] = [p.detach() for p in params], list(opt.state.values())
+    assert compile_stats(opt).graphs <= 2
+    for g, e in zip(out["compiled"][0], out["foreach"][0]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    codes = 0
+    for got, expected in zip(out["compiled"][1], out["foreach"][1]):
+        assert got.keys() == expected.keys()
+        for k, v in expected.items():
+            if isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
+                codes += 1
+                assert (got[k] != v).float().mean() <= 1e-3, k
+    assert codes == 4  # two moments of the two quantized tensors

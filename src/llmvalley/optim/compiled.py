@@ -25,7 +25,10 @@ What is compiled, and what is not:
 - groups with statistics shared over every group (Prodigy, D-Adaptation, MoMo) run their
   chain in the shell's two passes, eagerly; only their parameter write is compiled;
 - a group holding a 0-d float64 CPU tensor runs eagerly: inductor (torch 2.13, CPU) drops
-  in-place updates of 0-d float64 inputs (:func:`_zero_dim_float64_cpu`).
+  in-place updates of 0-d float64 inputs (:func:`_zero_dim_float64_cpu`);
+- 8-/4-bit slots (``state_precision="int8"/"int4"``, adamw8bit, adamw4bit) are decoded before
+  the compiled segments and encoded after them by the codec's own compiled kernels
+  (``Codec(compiled=True)``: the eager codec's bits), so the graphs see plain float state.
 
 Recompilation: one compilation per chain, dtype and shape set. Step counts (``ctx.steps``,
 the state's ``step``) are symbolic integers from the first compilation, so the next step does
@@ -63,6 +66,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
+from llmvalley.optim.state import ABSMAX
 from llmvalley.optim.transforms.base import PowerTable, StepContext, StepPlan, Transform
 from llmvalley.optim.transforms.combine import KeyMap, call_bound, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
@@ -133,7 +137,47 @@ def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
         bases[key] = frozenset(recorder.bases)
         return
     segments = _segments(optimizer, key, spec.name, chain, group, ctx, write=True)
-    _run(optimizer, segments, keys, ctx, ctx.grads, working, group, form, scaled, bases[key])
+    held = _unpack_quantized(chain, keys, group, ctx)
+    done = False
+    try:
+        _run(optimizer, segments, keys, ctx, ctx.grads, working, group, form, scaled,
+             bases[key])
+        done = True
+    finally:
+        _repack_quantized(ctx, held, done)
+
+
+def _unpack_quantized(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str, Any],
+                      ctx: StepContext) -> list[tuple[dict[str, Any], str, Any, Tensor, Tensor]]:
+    """Decode the group's 8-/4-bit slots in place of their codes, before the compiled
+    segments run: the traced code then sees plain compute-dtype state and updates it in
+    place, and the codec's own compiled kernels (``Codec(compiled=True)``, bit-identical to
+    the eager codec) do the decoding and encoding outside the graphs. Traced inside them, the
+    codec's table lookups broke the graphs and hit dynamo's recompile limit. Returns what
+    :func:`_repack_quantized` needs."""
+    held = []
+    for i, st in enumerate(ctx.states):
+        if not any(k.endswith(ABSMAX) for k in st):
+            continue
+        ctx.codec.compiled = True
+        for owner, slot in chain_slots(chain, ctx.shapes[i], group, ctx.name(i)):
+            key = keys.get(id(owner), {}).get(slot.name, slot.name)
+            if key + ABSMAX in st:
+                value, _ = ctx.codec.load(st, key, slot, ctx.dtypes[i])
+                held.append((st, key, slot, st[key], st.pop(key + ABSMAX)))
+                st[key] = value
+    return held
+
+
+def _repack_quantized(ctx: StepContext, held: list[tuple[dict[str, Any], str, Any, Tensor,
+                                                          Tensor]], done: bool) -> None:
+    """Encode the slots :func:`_unpack_quantized` decoded (after a step that did not finish,
+    put the old codes back unchanged)."""
+    for st, key, slot, codes, absmax in held:
+        value = st[key]
+        st[key], st[key + ABSMAX] = codes, absmax
+        if done:
+            ctx.codec.store(st, key, slot, value)
 
 
 def compiled_apply(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
@@ -347,7 +391,9 @@ def write_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, l
                                                  plan.absolute, plan.weight_decay,
                                                  plan.decay_rate):
         lr_p = lr if mult == 1.0 else lr * mult
-        if wd != 0 and form == "decoupled":
+        # a tensor decay (AdamP's ratio chosen on the device) is always applied: no host sync
+        decays = isinstance(wd, Tensor) or wd != 0
+        if decays and form == "decoupled":
             _shrink(p, wd, rate, lr_p if scaled else None)
         target, step = p, u
         if isinstance(s, Tensor):
@@ -358,9 +404,9 @@ def write_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, l
         elif s != 1.0:
             step = u * s
         target.sub_(step if absolute else step * lr_p)
-        if wd != 0 and form == "decoupled_after":
+        if decays and form == "decoupled_after":
             _shrink(p, wd, rate, lr_p if scaled else None)
-        elif wd != 0 and form == "proximal":
+        elif decays and form == "proximal":
             p.div_(1.0 + lr_p * wd)
 
 

@@ -139,11 +139,19 @@ class ProjectScaleInvariant(Transform):
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         delta, ratio, eps = ctx.hp("delta"), ctx.hp("wd_ratio"), ctx.hp("eps")
         plan = ctx.plan
+        traced = torch.compiler.is_compiling()
         out = []
         for i, (u, g, p) in enumerate(zip(updates, ctx.grads, ctx.params)):
             if self.decay_over_momentum:
                 plan.weight_decay[i] = plan.weight_decay[i] / (1 - ctx.hp("momentum"))
             if u.ndim < 2:
+                out.append(u)
+                continue
+            if traced:  # the compiled tier: the same choice without a host sync
+                u, projected = project_without_sync(u, g, p, delta, eps)
+                if plan.weight_decay[i] != 0:
+                    plan.weight_decay[i] = plan.weight_decay[i] * torch.where(
+                        projected, ratio, 1.0)
                 out.append(u)
                 continue
             for rows in (p.shape[0], 1):  # per output channel, then the whole layer
@@ -158,6 +166,35 @@ class ProjectScaleInvariant(Transform):
                     break
             out.append(u)
         return out
+
+
+def project_without_sync(u: Tensor, g: Tensor, p: Tensor, delta: float,
+                         eps: float) -> tuple[Tensor, Tensor]:
+    """:class:`ProjectScaleInvariant`'s choice and projection of one tensor as tensor
+    arithmetic (no branch on a value: what a compiled step runs), and whether it projected.
+
+    Per row ``r`` of the ``(out, -1)`` views, one pass gathers ``g.p``, ``|g|^2``, ``|p|^2``
+    and ``p.u``; the whole-tensor sums are their totals. ``cos = g.p / (max(|g|, eps)
+    max(|p|, eps))`` is ``F.cosine_similarity``'s, and the projection
+    ``u - unit (unit.u)`` with ``unit = p / (|p| + eps)`` is ``u - p (p.u) / (|p| + eps)^2``;
+    the per-row projection wins when every row passes, else the whole one when it passes,
+    else none (the eager loop's order). Equal to the eager code to float rounding.
+    """
+    rows = p.shape[0]
+    pv, gv, uv = p.reshape(rows, -1), g.reshape(rows, -1), u.reshape(rows, -1)
+    sums = torch.stack([(gv * pv).sum(1), (gv * gv).sum(1), (pv * pv).sum(1),
+                        (pv * uv).sum(1)])
+    gp, gg, pp, pu = sums
+    gp_all, gg_all, pp_all, pu_all = sums.sum(1)
+
+    def cosine(dot: Tensor, g2: Tensor, p2: Tensor) -> Tensor:
+        return (dot / (g2.sqrt().clamp_min(eps) * p2.sqrt().clamp_min(eps))).abs()
+
+    by_rows = cosine(gp, gg, pp).amax() < delta / math.sqrt(pv.shape[1])
+    whole = cosine(gp_all, gg_all, pp_all) < delta / math.sqrt(p.numel())
+    coef = torch.where(by_rows, pu / (pp.sqrt() + eps) ** 2,
+                       torch.where(whole, pu_all / (pp_all.sqrt() + eps) ** 2, 0.0))
+    return (uv - pv * coef[:, None]).reshape(u.shape), by_rows | whole
 
 
 # ---- EXAdam ---------------------------------------------------------------------------------

@@ -3,9 +3,12 @@ enough (:mod:`llmvalley.optim.auto_tier`)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
+import llmvalley
 from llmvalley.optim import auto_tier
 from llmvalley.optim.compiled import compile_stats
 from tests.helpers import make_optimizer, train
@@ -161,3 +164,39 @@ def test_small_groups_never_compile(monkeypatch):
     monkeypatch.setenv(auto_tier.ENV, "1")
     graphs, _, _ = graphs_per_step("lion", 4)
     assert graphs == [0] * 4
+
+
+def test_a_failed_compile_leaves_quantized_state_as_it_was(monkeypatch):
+    """8-bit slots are decoded before the compiled segment: when its compile fails, the old
+    codes are put back and the step runs eagerly, so the run is the foreach run bit for
+    bit (parameters and codes)."""
+    from llmvalley.optim import compiled
+
+    def broken(stats):
+        def backend(gm, example_inputs):
+            raise RuntimeError("no compiler here")
+        return backend
+
+    monkeypatch.setattr(compiled, "_counting_backend", broken)
+    monkeypatch.setenv(auto_tier.ENV, "1")
+    out = []
+    for impl in ("auto", "foreach"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 96), (4133,)]]
+        opt = llmvalley.create_optimizer("adamw8bit", params, implementation=impl)
+        gen = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+        assert any("compiling the step failed" in str(w.message) for w in caught) \
+            == (impl == "auto")
+        out.append(([p.detach() for p in params], list(opt.state.values())))
+    (got, got_state), (expected, expected_state) = out
+    assert_close(got, expected, exact=True)
+    for a, b in zip(got_state, expected_state):
+        assert a.keys() == b.keys()
+        for k, v in b.items():
+            assert torch.equal(a[k], v) if isinstance(v, torch.Tensor) else a[k] == v, k

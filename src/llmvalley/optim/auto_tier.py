@@ -156,6 +156,7 @@ def restore(ctx: StepContext, saved: list[dict[str, Any]]) -> None:
     for st, values in zip(ctx.states, saved):
         st.update(values)
     ctx.power_table = ctx.preludes = None
+    ctx.codec.compiled = False  # the eager step decodes with the eager codec
 
 
 __all__ = ["THRESHOLDS", "AutoTier", "compile_works", "compiles_whole", "element_steps",

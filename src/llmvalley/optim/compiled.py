@@ -137,9 +137,10 @@ def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
         bases[key] = frozenset(recorder.bases)
         return
     segments = _segments(optimizer, key, spec.name, chain, group, ctx, write=True)
-    held = _unpack_quantized(chain, keys, group, ctx)
+    held: list[tuple[dict[str, Any], str, Any, Tensor, Tensor]] = []
     done = False
     try:
+        _unpack_quantized(chain, keys, group, ctx, held)
         _run(optimizer, segments, keys, ctx, ctx.grads, working, group, form, scaled,
              bases[key])
         done = True
@@ -148,14 +149,15 @@ def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
 
 
 def _unpack_quantized(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str, Any],
-                      ctx: StepContext) -> list[tuple[dict[str, Any], str, Any, Tensor, Tensor]]:
+                      ctx: StepContext,
+                      held: list[tuple[dict[str, Any], str, Any, Tensor, Tensor]]) -> None:
     """Decode the group's 8-/4-bit slots in place of their codes, before the compiled
     segments run: the traced code then sees plain compute-dtype state and updates it in
     place, and the codec's own compiled kernels (``Codec(compiled=True)``, bit-identical to
     the eager codec) do the decoding and encoding outside the graphs. Traced inside them, the
-    codec's table lookups broke the graphs and hit dynamo's recompile limit. Returns what
-    :func:`_repack_quantized` needs."""
-    held = []
+    codec's table lookups broke the graphs and hit dynamo's recompile limit. Appends to
+    ``held`` what :func:`_repack_quantized` needs, slot by slot (so that a failure part-way
+    can be undone)."""
     for i, st in enumerate(ctx.states):
         if not any(k.endswith(ABSMAX) for k in st):
             continue
@@ -166,7 +168,6 @@ def _unpack_quantized(chain: Sequence[Transform], keys: KeyMap, group: Mapping[s
                 value, _ = ctx.codec.load(st, key, slot, ctx.dtypes[i])
                 held.append((st, key, slot, st[key], st.pop(key + ABSMAX)))
                 st[key] = value
-    return held
 
 
 def _repack_quantized(ctx: StepContext, held: list[tuple[dict[str, Any], str, Any, Tensor,

@@ -7,6 +7,10 @@ LLaMA-shaped parameters and are timed round-robin (minimum of the repetitions).
 
     python benchmarks/revision_ab.py --base 21fd91f                 # every common optimizer
     python benchmarks/revision_ab.py --base 21fd91f --only adamw,came --reps 9 --markdown
+    python benchmarks/revision_ab.py --base 21fd91f --only adamw --compiled  # both compiled
+
+With ``--compiled`` both versions run ``implementation="compiled"`` (they compile in the
+warm-up steps, at least two; the compile time is not part of the step time).
 """
 
 from __future__ import annotations
@@ -53,7 +57,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--only", help="comma-separated optimizer names")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--compiled", action="store_true",
+                        help='time implementation="compiled" in both versions')
     args = parser.parse_args()
+    kw = {"implementation": "compiled"} if args.compiled else {}
+    warmup = max(args.warmup, 2) if args.compiled else args.warmup
 
     with tempfile.TemporaryDirectory() as tmp:
         base = import_revision(args.base, Path(tmp))
@@ -68,14 +76,15 @@ def main() -> None:
         names = args.only.split(",") if args.only else sorted(ours & theirs)
         rows = []
         for name in names:
-            a = base.create_optimizer(name, model, nonfinite="ignore", lr=1e-4)
-            b = llmvalley.create_optimizer(name, model, nonfinite="ignore", lr=1e-4)
-            t_base, t_new = time_interleaved([a, b], "cpu", args.warmup, args.reps)
+            a = base.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **kw)
+            b = llmvalley.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **kw)
+            t_base, t_new = time_interleaved([a, b], "cpu", warmup, args.reps)
             rows.append((name, t_base, t_new))
             del a, b
     print(f"{n_params / 1e6:.1f}M parameters (d={args.dim}, ffn={args.ffn}, "
           f"layers={args.layers}, vocab={args.vocab}) on cpu ({machine('cpu')}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}; base {args.base}, "
+          f"{'implementation=compiled, ' if args.compiled else ''}"
           f"minimum of {args.reps} interleaved repetitions")
     if args.markdown:
         print(f"\n| optimizer | {args.base} ms | this tree ms | ratio |")

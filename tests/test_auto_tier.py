@@ -157,6 +157,8 @@ def test_threshold_rule(monkeypatch):
     assert auto_tier.threshold("cpu") == 5e6 and auto_tier.threshold("cuda") is None
     monkeypatch.setenv(auto_tier.ENV, "off")
     assert auto_tier.threshold("cpu") is None
+    monkeypatch.setenv(auto_tier.ENV, "0")  # a number: compile from the first steps
+    assert auto_tier.threshold("cpu") == 0
 
 
 def test_small_groups_never_compile(monkeypatch):

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 def threshold(device_type: str) -> float | None:
     """Element-steps after which ``"auto"`` compiles on ``device_type`` (None: never)."""
     raw = os.environ.get(ENV, "").strip().lower()
-    if raw in ("off", "0", "false", "no", "never"):
+    if raw in ("off", "false", "no", "never"):
         return None
     base = THRESHOLDS.get(device_type)
     if base is None or not raw:

@@ -114,10 +114,10 @@ def test_a_resumed_run_switches_at_the_same_step(monkeypatch):
     assert_close([p.detach() for p in model2.parameters()], expected, exact=True)
 
 
-def test_a_failed_compile_runs_the_step_eagerly_and_stays_eager(monkeypatch):
-    """A compile error is not the user's problem under "auto": the step runs on the foreach
-    tier (NAdam's prelude-advanced momentum product restored first, so the numbers are the
-    foreach run's exactly), a warning says so, and the group never tries again."""
+@pytest.fixture
+def broken_compiler(monkeypatch):
+    """Every graph the compiled tier hands to its backend fails to compile; "auto" compiles
+    from the second step."""
     from llmvalley.optim import compiled
 
     def broken(stats):
@@ -127,6 +127,12 @@ def test_a_failed_compile_runs_the_step_eagerly_and_stays_eager(monkeypatch):
 
     monkeypatch.setattr(compiled, "_counting_backend", broken)
     monkeypatch.setenv(auto_tier.ENV, "1")
+
+
+def test_a_failed_compile_runs_the_step_eagerly_and_stays_eager(broken_compiler):
+    """A compile error is not the user's problem under "auto": the step runs on the foreach
+    tier (NAdam's prelude-advanced momentum product restored first, so the numbers are the
+    foreach run's exactly), a warning says so, and the group never tries again."""
     model = float64_model()
     opt = make_optimizer("nadam", model)
     with pytest.warns(RuntimeWarning, match="nadam: compiling the step failed"):
@@ -168,19 +174,10 @@ def test_small_groups_never_compile(monkeypatch):
     assert graphs == [0] * 4
 
 
-def test_a_failed_compile_leaves_quantized_state_as_it_was(monkeypatch):
+def test_a_failed_compile_leaves_quantized_state_as_it_was(broken_compiler):
     """8-bit slots are decoded before the compiled segment: when its compile fails, the old
     codes are put back and the step runs eagerly, so the run is the foreach run bit for
     bit (parameters and codes)."""
-    from llmvalley.optim import compiled
-
-    def broken(stats):
-        def backend(gm, example_inputs):
-            raise RuntimeError("no compiler here")
-        return backend
-
-    monkeypatch.setattr(compiled, "_counting_backend", broken)
-    monkeypatch.setenv(auto_tier.ENV, "1")
     out = []
     for impl in ("auto", "foreach"):
         torch.manual_seed(0)

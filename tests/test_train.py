@@ -126,6 +126,20 @@ def test_run_folder_records(corpus: Path, tmp_path: Path) -> None:
     assert 0 < summary["optimizer_share"] < 1 and summary["peak_memory_bytes"] > 0
 
 
+def test_optimizer_compile_time_is_reported_apart(corpus: Path, tmp_path: Path) -> None:
+    """A compiled optimizer step (``implementation="compiled"``, or ``"auto"`` once it
+    switches) spends seconds compiling once: that time is ``optimizer_compile_s``, not part
+    of the optimizer's share of the steady step (``train_time_s`` excludes it,
+    ``wall_clock_s`` includes it)."""
+    plain = train(small(corpus, tmp_path, name="eager", optimizer="lion", steps=4))
+    assert plain["optimizer_compile_s"] == 0
+    summary = train(small(corpus, tmp_path, name="compiled", optimizer="lion", steps=4,
+                          opt_args={"implementation": "compiled"}))
+    assert summary["optimizer_compile_s"] > 0
+    assert summary["train_time_s"] < summary["wall_clock_s"] - summary["optimizer_compile_s"]
+    assert 0 < summary["optimizer_share"] < 1
+
+
 def test_torch_adamw_baseline_and_state_bytes(corpus: Path, tmp_path: Path) -> None:
     trainer = Trainer(coerce_config(small(corpus, tmp_path, steps=2, weight_decay=0.1)))
     opt = trainer.optimizer

@@ -63,7 +63,8 @@ LR_LOW, LR_HIGH = 1e-7, 10.0
 # Summary fields kept with each trial (the rest stays in the run folder's summary.json).
 KEPT_SUMMARY = (
     "status", "final_val_loss", "final_val_bpb", "best_val_loss", "tokens", "steps",
-    "wall_clock_s", "train_time_s", "tokens_per_s", "optimizer_share", "peak_memory_bytes",
+    "wall_clock_s", "train_time_s", "tokens_per_s", "optimizer_share", "optimizer_compile_s",
+    "peak_memory_bytes",
     "state_bytes", "state_bytes_per_param", "n_params", "loss_spikes", "max_grad_norm",
     "diverged", "diverged_step", "diverged_reason",
     "shifted_corpus", "final_shifted_val_loss", "final_shifted_val_bpb",

@@ -160,6 +160,10 @@ class Progress:
     # the highest peak memory of earlier segments (a class default, so checkpoints written
     # before this field existed still load)
     peak_memory_bytes: int = 0
+    # seconds the optimizer spent compiling its step (implementation="auto" switching to the
+    # compiled tier, or "compiled"): kept out of optimizer_s and train_time_s, which measure
+    # the steady step; wall_clock_s includes it
+    compile_s: float = 0.0
 
 
 class Trainer:
@@ -460,6 +464,7 @@ class Trainer:
                                decay_fraction=self.config.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
+        compiled_before = getattr(self.optimizer, "compile_seconds", 0.0)
         if isinstance(self.optimizer, ChainOptimizer):
             # the clipping norm stands in for the non-finite screen: no second gradient pass
             self.optimizer.step(loss=self._loss, grad_norm=self._grad_norm)
@@ -467,7 +472,12 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sync()
-        return self.config.lr * factor, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        compiling = getattr(self.optimizer, "compile_seconds", 0.0) - compiled_before
+        if compiling > 0:  # a one-time compile: reported apart from the step's time
+            self.progress.compile_s += compiling
+            seconds = max(seconds - compiling, 0.0)
+        return self.config.lr * factor, seconds
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -603,6 +613,7 @@ class Trainer:
             "tokens_per_s": p.step * self.budget.tokens_per_step / p.train_time_s
             if p.train_time_s > 0 else None,
             "optimizer_share": p.optimizer_s / p.train_time_s if p.train_time_s > 0 else None,
+            "optimizer_compile_s": p.compile_s,
             "peak_memory_bytes": self.peak_memory(),
             "state_bytes": state_bytes,
             "state_bytes_per_param": state_bytes / n_params,

@@ -624,7 +624,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         if group.get("implementation", "auto") != "auto" or group.get("fused") is not None:
             return False
         chain = self._chain(group)
-        if not self._auto.compiles(chain, group, ctx, any(is_dtensor(p) for p in params)):
+        auto = self.__dict__.setdefault("_auto", AutoTier())  # (optimizers unpickled from before)
+        if not auto.compiles(chain, group, ctx, any(is_dtensor(p) for p in params)):
             return False
         from llmvalley.optim.auto_tier import float_state, restore
         from llmvalley.optim.compiled import compiled_step
@@ -634,7 +635,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             compiled_step(self, group, ctx, working)
         except Exception as e:  # noqa: BLE001 -- a compile failure: this step runs eagerly
             restore(ctx, saved)
-            self._auto.failed(chain, group, e)
+            auto.failed(chain, group, e)
             return False
         return True
 

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
-from llmvalley.optim.state import ABSMAX
+from llmvalley.optim.state import ABSMAX, QUANTIZED
 from llmvalley.optim.transforms.base import PowerTable, StepContext, StepPlan, Transform
 from llmvalley.optim.transforms.combine import KeyMap, call_bound, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
@@ -158,6 +158,10 @@ def _unpack_quantized(chain: Sequence[Transform], keys: KeyMap, group: Mapping[s
     codec's table lookups broke the graphs and hit dynamo's recompile limit. Appends to
     ``held`` what :func:`_repack_quantized` needs, slot by slot (so that a failure part-way
     can be undone)."""
+    codec = ctx.codec
+    if codec.default not in QUANTIZED and not any(v in QUANTIZED
+                                                   for v in codec.by_slot.values()):
+        return  # no 8-/4-bit slot (loaded ones were converted to the group's precision)
     for i, st in enumerate(ctx.states):
         if not any(k.endswith(ABSMAX) for k in st):
             continue

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.transforms.base import StepContext, Transform
+from llmvalley.optim.transforms.shards import is_dtensor
 
 #: element-steps after which ``"auto"`` compiles a group's step, per device type
 THRESHOLDS = {"cpu": 1e10}
@@ -117,15 +118,18 @@ class AutoTier:
         self._told: set[str] = set()
 
     def compiles(self, chain: list[Transform], group: Mapping[str, Any],
-                 ctx: StepContext, sharded: bool) -> bool:
-        """Whether this step of ``group`` runs on the compiled tier (see the module)."""
+                 ctx: StepContext, params: list[Tensor]) -> bool:
+        """Whether this step of ``group`` (``params``, the group's parameters as given)
+        runs on the compiled tier (see the module). The cheap tests come first: this runs
+        at every eager step of every ``"auto"`` group."""
         device = ctx.params[0].device.type
         limit = threshold(device)
-        if limit is None or sharded or torch.compiler.is_compiling():
-            return False
         key = (id(chain), group["optimizer"])
-        if key in self._eager or element_steps(ctx) < limit \
-                or sum(t.numel() for t in ctx.params) < MIN_NUMEL:
+        if limit is None or key in self._eager or torch.compiler.is_compiling():
+            return False
+        done = element_steps(ctx)
+        if done < limit or sum(t.numel() for t in ctx.params) < MIN_NUMEL \
+                or any(is_dtensor(p) for p in params):
             return False
         if not compiles_whole(chain, group, ctx) or not compile_works(device):
             self._eager.add(key)
@@ -133,8 +137,7 @@ class AutoTier:
         if group["optimizer"] not in self._told:
             self._told.add(group["optimizer"])
             log.info("%s: implementation='auto' compiles the step after %d element-steps "
-                     "(set implementation='foreach' to stay eager)", group["optimizer"],
-                     element_steps(ctx))
+                     "(set implementation='foreach' to stay eager)", group["optimizer"], done)
         return True
 
     def failed(self, chain: list[Transform], group: Mapping[str, Any],

@@ -137,7 +137,7 @@ def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
         bases[key] = frozenset(recorder.bases)
         return
     segments = _segments(optimizer, key, spec.name, chain, group, ctx, write=True)
-    held: list[tuple[dict[str, Any], str, Any, Tensor, Tensor]] = []
+    held: list[_Held] = []
     done = False
     try:
         _unpack_quantized(chain, keys, group, ctx, held)
@@ -148,9 +148,13 @@ def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
         _repack_quantized(ctx, held, done)
 
 
+#: a quantized slot decoded for a compiled step: its state dict, key, slot spec, codes and
+#: block scales
+_Held = tuple[dict[str, Any], str, Any, Tensor, Tensor]
+
+
 def _unpack_quantized(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str, Any],
-                      ctx: StepContext,
-                      held: list[tuple[dict[str, Any], str, Any, Tensor, Tensor]]) -> None:
+                      ctx: StepContext, held: list[_Held]) -> None:
     """Decode the group's 8-/4-bit slots in place of their codes, before the compiled
     segments run: the traced code then sees plain compute-dtype state and updates it in
     place, and the codec's own compiled kernels (``Codec(compiled=True)``, bit-identical to
@@ -165,17 +169,16 @@ def _unpack_quantized(chain: Sequence[Transform], keys: KeyMap, group: Mapping[s
     for i, st in enumerate(ctx.states):
         if not any(k.endswith(ABSMAX) for k in st):
             continue
-        ctx.codec.compiled = True
+        codec.compiled = True
         for owner, slot in chain_slots(chain, ctx.shapes[i], group, ctx.name(i)):
             key = keys.get(id(owner), {}).get(slot.name, slot.name)
             if key + ABSMAX in st:
-                value, _ = ctx.codec.load(st, key, slot, ctx.dtypes[i])
+                value, _ = codec.load(st, key, slot, ctx.dtypes[i])
                 held.append((st, key, slot, st[key], st.pop(key + ABSMAX)))
                 st[key] = value
 
 
-def _repack_quantized(ctx: StepContext, held: list[tuple[dict[str, Any], str, Any, Tensor,
-                                                          Tensor]], done: bool) -> None:
+def _repack_quantized(ctx: StepContext, held: list[_Held], done: bool) -> None:
     """Encode the slots :func:`_unpack_quantized` decoded (after a step that did not finish,
     put the old codes back unchanged)."""
     for st, key, slot, codes, absmax in held:

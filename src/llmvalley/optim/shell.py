@@ -624,8 +624,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         if group.get("implementation", "auto") != "auto" or group.get("fused") is not None:
             return False
         chain = self._chain(group)
-        auto = self.__dict__.setdefault("_auto", AutoTier())  # (optimizers unpickled from before)
-        if not auto.compiles(chain, group, ctx, any(is_dtensor(p) for p in params)):
+        auto = self.__dict__.get("_auto")
+        if auto is None:  # an optimizer unpickled from before the auto tier existed
+            auto = self._auto = AutoTier()
+        if not auto.compiles(chain, group, ctx, params):
             return False
         from llmvalley.optim.auto_tier import float_state, restore
         from llmvalley.optim.compiled import compiled_step

@@ -246,11 +246,7 @@ def _scale_blocks(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     ``scaled`` is padded with zeros to a whole number of blocks, shape (blocks, block_size);
     padding cannot change an absmax. All-zero blocks keep absmax 0 and are divided by 1.
     """
-    flat = x.detach().reshape(-1).float()
-    pad = -flat.numel() % block_size
-    if pad:
-        flat = F.pad(flat, (0, pad))
-    blocks = flat.view(-1, block_size)
+    blocks = _whole_blocks(x.detach().reshape(-1).float(), block_size)
     absmax = blocks.abs().amax(dim=1)
     divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     return blocks / divisor[:, None], absmax

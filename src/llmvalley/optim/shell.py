@@ -30,8 +30,9 @@ unless a group sets its own:
   and the write compiled with ``torch.compile``, :mod:`llmvalley.optim.compiled`),
   ``"fused"`` (a kernel computing the same math: torch's fused Adam for adam/adamw; other
   recipes raise) and ``"auto"`` (default): fused where the recipe has a kernel and no shell
-  option changes the chain, else foreach, moving to the compiled tier on CPU once the group
-  has run long enough for a compile to pay (never on the first steps;
+  option changes the chain, else foreach (on CPU, element-wise chains in cache-sized blocks,
+  bit for bit the same: :mod:`llmvalley.optim.blocked`), moving to the compiled tier on CPU
+  once the group has run long enough for a compile to pay (never on the first steps;
   :mod:`llmvalley.optim.auto_tier`). adam/adamw's ``fused=False`` means foreach,
   ``fused=True`` fused.
 
@@ -55,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmvalley.optim import blocked
 from llmvalley.optim.allocator import retain_freed_cpu_memory
 from llmvalley.optim.auto_tier import AutoTier
 from llmvalley.optim.options import chain_and_keys, is_plain
@@ -612,7 +614,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
             compiled_step(self, group, ctx, working)
         elif not (spec.fused is not None and is_plain(group) and spec.fused(ctx)) \
-                and not self._auto_compiled_step(group, params, ctx, working):
+                and not self._auto_compiled_step(group, params, ctx, working) \
+                and not self._blocked_step(group, params, ctx):
             self._apply(group, ctx, working, run_chain(self._chain(group), ctx, ctx.grads,
                                                        ctx.keymap))
         self._write_back(group, params, working, ctx.codec)
@@ -640,6 +643,28 @@ class ChainOptimizer(torch.optim.Optimizer):
             auto.failed(chain, group, e)
             return False
         return True
+
+    def _blocked_step(self, group: dict[str, Any], params: list[Tensor],
+                      ctx: StepContext) -> bool:
+        """``implementation="auto"`` on the foreach tier, on CPU: the chain and the write in
+        cache-sized blocks (:mod:`llmvalley.optim.blocked`). Returns whether it ran."""
+        if group.get("implementation", "auto") != "auto" or group.get("fused") is not None \
+                or not blocked.eligible_device(ctx.params) or self._shard_views or self._views \
+                or sum(t.numel() for t in ctx.params) < 2 * blocked.BLOCK_NUMEL:
+            return False
+        chain = self._chain(group)
+        key = (id(chain), group["optimizer"], tuple(ctx.shapes), tuple(ctx.dtypes))
+        cache = self.__dict__.setdefault("_blocks", {})
+        blocks = cache.get(key)
+        if blocks is None:  # the static conditions, once per chain and shape set
+            ok = blocked.blockable_chain(chain, group, ctx, self._chain_kinds(group)[0]) \
+                and not any(is_sharded(p) for p in params)
+            blocks = cache[key] = blocked.layout([tuple(s) for s in ctx.shapes]) if ok else []
+        if not blocks:
+            return False
+        decay = self.spec(group).decay_for(group)
+        return blocked.blocked_step(chain, ctx.keymap, ctx, blocks, float(group["lr"]),
+                                    decay.form, decay.scaled(group))
 
     def _apply(self, group: Mapping[str, Any], ctx: StepContext, working: list[Tensor],
                directions: list[Tensor]) -> None:

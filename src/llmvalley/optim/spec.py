@@ -215,8 +215,9 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
 
     ``implementation="auto"`` (default) is the fastest tier that is exact and never compiles
     on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw) and no shell
-    option changes the chain or its storage, else ``"foreach"``, which the shell moves to
-    the compiled tier once the group has run long enough for the compile to pay
+    option changes the chain or its storage, else ``"foreach"`` (on CPU run in cache-sized
+    blocks where the chain is element-wise, :mod:`llmvalley.optim.blocked`), which the shell
+    moves to the compiled tier once the group has run long enough for the compile to pay
     (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's
     ``fused`` hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is
     ``"foreach"`` (or ``"compiled"`` when asked), ``fused=True`` is ``"fused"``. Raises

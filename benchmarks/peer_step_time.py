@@ -227,6 +227,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--only", help="comma-separated llmvalley names")
     parser.add_argument("--library", choices=(PO, HB), help="one peer library only")
+    parser.add_argument("--nonfinite", choices=("raise", "ignore"), default="raise",
+                        help="our non-finite gradient policy (default: the library's; "
+                        "'ignore' times our step without the check, which no peer makes)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--setup", action="store_true", help="print the venv setup line")
     args = parser.parse_args()
@@ -248,8 +251,8 @@ def main() -> None:
     for match in matches(total_steps):
         if (only and match.ours not in only) or (args.library and match.library != args.library):
             continue
-        opts = [build(lambda m, x=match: llmvalley.create_optimizer(x.ours, m, **x.hparams),
-                      model()),
+        opts = [build(lambda m, x=match: llmvalley.create_optimizer(
+                    x.ours, m, **x.hparams, nonfinite=args.nonfinite), model()),
                 build(match.make, model()),
                 build(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True), model())]
         compiled = match.library == HB
@@ -269,7 +272,8 @@ def main() -> None:
           f"pytorch-optimizer {version('pytorch-optimizer')}, heavyball {version('heavyball')}, "
           f"llmvalley {llmvalley.__version__}; "
           f"{n / 1e6:.1f}M LLaMA-shaped parameters (d={args.dim}, ffn={args.ffn}, "
-          f"layers={args.layers}, vocab={args.vocab}); {args.warmup} warm-up steps, then the "
+          f"layers={args.layers}, vocab={args.vocab}); ours with nonfinite={args.nonfinite!r}; "
+          f"{args.warmup} warm-up steps, then the "
           f"minimum of {args.reps} round-robin repetitions; 1-minute load average at the "
           f"end {os.getloadavg()[0]:.2f}")
 

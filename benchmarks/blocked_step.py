@@ -23,11 +23,15 @@ from step_time import add_run_args, machine, params_with_gradients, time_interle
 import llmvalley
 from llmvalley.optim import blocked
 
-#: element-wise recipes whose default runs blocked (adam/adamw run torch's fused kernel, and
-#: ``fused=False`` asks for the plain foreach tier)
+#: recipes whose default runs blocked: element-wise ones in row blocks, then per-tensor ones
+#: in blocks of whole tensors (adam/adamw run torch's fused kernel unless a shell option
+#: such as caution changes their chain; ``fused=False`` asks for the plain foreach tier)
 RECIPES = ("lion", "signum", "nadam", "grams", "ademamix", "adan", "laprop", "adabelief",
            "diffgrad", "exadam", "ano", "rmsprop", "adagrad", "schedulefree_adamw",
-           "schedulefree_sgd")
+           "schedulefree_sgd",
+           # blocks of whole tensors (per-tensor reductions)
+           "adamp", "sgd_sai", "fadam", "adafactor", "came", "mars", "sinkgd",
+           "adamw (cautious=True)")
 
 
 class Blocked(torch.optim.Optimizer):
@@ -45,9 +49,12 @@ class Blocked(torch.optim.Optimizer):
             blocked.BLOCK_NUMEL = saved
 
 
-def build(name: str, implementation: str, args: argparse.Namespace) -> torch.optim.Optimizer:
+def build(label: str, implementation: str, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """``label`` is a recipe name, optionally with keyword hyperparameters in parentheses."""
+    name, _, extra = label.partition(" (")
+    hp = eval(f"dict({extra.rstrip(')')})") if extra else {}  # noqa: S307 - our own labels
     model = params_with_gradients(args.dim, args.ffn, args.layers, args.vocab)
-    return llmvalley.optim.create_optimizer(name, model, implementation=implementation)
+    return llmvalley.optim.create_optimizer(name, model, implementation=implementation, **hp)
 
 
 def main() -> None:

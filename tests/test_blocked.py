@@ -10,17 +10,22 @@ import torch
 
 import llmvalley
 from llmvalley.optim import blocked
+from llmvalley.optim.shell import ChainOptimizer
+from llmvalley.optim.transforms.base import Transform
 from tests.helpers import make_model, make_optimizer, train
 
 ALL = [s.name for s in llmvalley.list_optimizers()]
-#: recipes whose chain must run blocked (element-wise, one compiled segment): a change that
-#: silently stops blocking them fails here
-BLOCKED = ["lion", "signum", "nadam", "grams", "ademamix", "adan", "laprop", "adabelief",
-           "schedulefree_adamw", "schedulefree_sgd", "exadam", "diffgrad"]
-#: recipes that must fall back to the whole-group foreach chain: per-tensor statistics
-#: (AdamP's cosine test, SGD-SaI's SNR, FAdam's gradient normalisation), statistics shared
-#: over groups (Ranger21), factored or matrix state (Adafactor, Muon)
-NOT_BLOCKED = ["adamp", "sgd_sai", "ranger21", "adafactor", "muon", "fadam"]
+#: recipes whose chain must run in split blocks (element-wise, one compiled segment): a
+#: change that silently stops blocking them fails here
+SPLIT = ["lion", "signum", "nadam", "grams", "ademamix", "adan", "laprop", "adabelief",
+         "schedulefree_adamw", "schedulefree_sgd", "exadam", "diffgrad"]
+#: recipes whose chain reduces over each tensor but never across tensors: blocks of whole
+#: tensors (AdamP's cosine test, SGD-SaI's SNR, FAdam's gradient normalisation, Adafactor's
+#: and CAME's factors, MARS' per-tensor clipping)
+WHOLE = ["adamp", "sgdp", "sgd_sai", "fadam", "adafactor", "came", "mars"]
+#: recipes that must fall back to the whole-group foreach chain: statistics over the group
+#: or over every group (Ranger21, Prodigy, D-Adaptation, DoG, MoMo)
+NOT_BLOCKED = ["ranger21", "prodigy", "dadapt_adam", "dog", "momo"]
 
 
 @pytest.fixture(autouse=True)
@@ -46,11 +51,21 @@ def run(name: str, implementation: str, steps: int = 4, dtype: torch.dtype = tor
     return snapshot(model, opt), opt
 
 
+def block_kinds(opt: torch.optim.Optimizer) -> set[str]:
+    """The kinds of block layout the groups of ``opt`` (a routed optimizer's members
+    included) got at their first blocked step: ``"split"`` (some tensor cut into row
+    blocks) or ``"whole"``; empty when no group passed the static checks."""
+    kinds = set()
+    for m in getattr(opt, "optimizers", None) or [opt]:
+        for blocks in getattr(m, "_blocks", {}).values():
+            if blocks:
+                cut = any(rows is not None for b in blocks for _, _, rows in b)
+                kinds.add("split" if cut else "whole")
+    return kinds
+
+
 def ran_blocked(opt: torch.optim.Optimizer) -> bool:
-    """Whether some group of ``opt`` (a routed optimizer's members included) has a block
-    layout, i.e. has taken a blocked step's static checks and passed them."""
-    members = getattr(opt, "optimizers", None) or [opt]
-    return any(any(getattr(m, "_blocks", {}).values()) for m in members)
+    return bool(block_kinds(opt))
 
 
 def assert_identical(name: str, got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -69,19 +84,20 @@ def test_blocking_keeps_every_recipes_bits(name, monkeypatch):
     assert_identical(name, got, expected)
 
 
-@pytest.mark.parametrize("name", BLOCKED)
+@pytest.mark.parametrize("name", SPLIT + WHOLE)
 def test_blocked_recipes_match_the_foreach_tier(name):
     assert_identical(name, run(name, "auto")[0], run(name, "foreach")[0])
 
 
-@pytest.mark.parametrize("name", BLOCKED)
-def test_elementwise_recipes_run_blocked(name, monkeypatch):
+@pytest.mark.parametrize("name, kind", [(n, "split") for n in SPLIT]
+                         + [(n, "whole") for n in WHOLE])
+def test_recipes_run_blocked(name, kind, monkeypatch):
     calls = []
     real = blocked.blocked_step
     monkeypatch.setattr(blocked, "blocked_step",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     _, opt = run(name, "auto")
-    assert ran_blocked(opt) and len(calls) >= 3, name  # every step after the first
+    assert block_kinds(opt) == {kind} and len(calls) >= 3, name  # every step after the first
 
 
 @pytest.mark.parametrize("name", NOT_BLOCKED)
@@ -90,9 +106,9 @@ def test_other_recipes_fall_back(name):
     assert not ran_blocked(opt), name
 
 
-def test_foreach_and_compiled_are_not_blocked():
-    for implementation in ("foreach",):
-        _, opt = run("lion", implementation)
+def test_foreach_is_not_blocked():
+    for name in ("lion", "adamp"):
+        _, opt = run(name, "foreach")
         assert not ran_blocked(opt)
 
 
@@ -104,12 +120,13 @@ def test_foreach_and_compiled_are_not_blocked():
     dict(adagc=True),
 ])
 def test_shell_options_blocked_identically(hp):
-    """Shell options keep the bits: decay and maximize act per element and run blocked;
+    """Shell options keep the bits: decay and maximize act per element (split blocks);
     caution (rescaled by the mask's mean), MARS and AdaGC (clipped by per-tensor norms)
-    reduce over tensors, so their chains fall back."""
+    reduce over each tensor (blocks of whole tensors)."""
     expected, _ = run("nadam", "foreach", **hp)
     got, opt = run("nadam", "auto", **hp)
-    assert ran_blocked(opt) == (set(hp) <= {"weight_decay", "maximize"})
+    assert block_kinds(opt) == {"split" if set(hp) <= {"weight_decay", "maximize"}
+                                else "whole"}
     assert_identical(f"nadam {hp}", got, expected)
 
 
@@ -123,12 +140,14 @@ def test_float64_and_bfloat16_parameters():
 
 @pytest.mark.parametrize("hp", [dict(state_precision="int8"),
                                 dict(state_dtype=torch.bfloat16)])
-def test_stored_state_in_another_format_falls_back(hp):
-    """8-bit codes and bf16 storage are decoded per tensor: such steps run the whole-group
-    chain (same bits as foreach), never a block of a decoded copy."""
-    expected, _ = run("lion", "foreach", **hp)
-    got, opt = run("lion", "auto", **hp)
-    assert_identical(f"lion {hp}", got, expected)
+@pytest.mark.parametrize("name", ["lion", "adamp"])
+def test_stored_state_in_another_format(hp, name):
+    """8-bit codes and bf16 storage are decoded per tensor: a step that would split such a
+    tensor runs the whole-group chain instead (never a block of a decoded copy); blocks of
+    whole tensors decode and store each one as the plain chain does. Same bits either way."""
+    expected, _ = run(name, "foreach", **hp)
+    got, opt = run(name, "auto", **hp)
+    assert_identical(f"{name} {hp}", got, expected)
 
 
 def test_schedule_free_modes_and_resume():
@@ -189,3 +208,47 @@ def test_small_groups_are_not_blocked(monkeypatch):
     monkeypatch.setattr(blocked, "BLOCK_NUMEL", 1 << 19)
     _, opt = run("lion", "auto")
     assert not getattr(opt, "_blocks", {})
+
+
+class GroupNormalize(Transform):
+    """A test transform whose statistic runs over the whole group: each update divided by
+    the 2-norm of all the group's updates together (so blocks would change it)."""
+
+    whole_group = True
+
+    def __call__(self, ctx, updates):
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u)
+                                                      for u in updates]))
+        return [u / total for u in updates]
+
+
+class TensorNormalize(Transform):
+    """The same, per tensor: each update divided by its own 2-norm (declared)."""
+
+    per_tensor = True
+
+    def __call__(self, ctx, updates):
+        return [u / torch.linalg.vector_norm(u) for u in updates]
+
+
+class Undeclared(GroupNormalize):
+    """A group statistic with no declaration at all: must not be blocked either."""
+
+    whole_group = False
+
+
+@pytest.mark.parametrize("transform, kind", [(GroupNormalize(), set()), (Undeclared(), set()),
+                                             (TensorNormalize(), {"whole"})])
+def test_custom_chains_block_only_when_declared_per_tensor(transform, kind):
+    """A chain of your own runs in blocks of whole tensors only when its transforms declare
+    ``per_tensor`` (and none ``whole_group``); the results are the foreach tier's bits."""
+    def go(implementation: str) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+        model = make_model()
+        opt = ChainOptimizer(model.parameters(), [transform], lr=1e-2,
+                             implementation=implementation)
+        train(model, opt, 0, 4)
+        return snapshot(model, opt), opt
+
+    got, opt = go("auto")
+    assert block_kinds(opt) == kind
+    assert_identical(type(transform).__name__, got, go("foreach")[0])

@@ -1,29 +1,40 @@
-"""Cache-blocked eager steps: ``implementation="auto"`` on CPU runs an element-wise chain in
-blocks of about :data:`BLOCK_NUMEL` elements.
+"""Cache-blocked eager steps: ``implementation="auto"`` on CPU runs a chain in blocks of
+about :data:`BLOCK_NUMEL` elements.
 
 On a CPU a ``torch._foreach_*`` call is a loop of one kernel per tensor, and each kernel
 streams its whole tensor: a chain of ten calls over a group larger than the caches reads
 and writes every parameter-sized tensor from memory ten times. Run block by block (the
-whole chain and the parameter write on the first rows of the large tensors, and on small
-tensors together, then on the next ones), every call after the first finds its operands in
-the cache. Each element sees the same operations in the same order, so the results are the
-foreach tier's bit for bit (tested for every element-wise recipe); the gain is 1.1-1.5x on
-one core (``benchmarks/blocked_step.py``). Other devices run the foreach tier as it is:
-their kernels are not cache-bound, and more launches would cost.
+whole chain and the parameter write on some tensors, then on the next ones), every call
+after the first finds its operands in the cache. Each element sees the same operations in
+the same order, so the results are the foreach tier's bit for bit (tested for every
+recipe); the gain is up to 2.9x on one core (``benchmarks/results/blocked_step_cpu.md``).
+Other devices run the foreach tier as it is: their kernels are not cache-bound, and more
+launches would cost.
+
+Two kinds of blocks:
+
+- *split*, for element-wise chains (every transform any tensor passes through is
+  element-wise): large tensors are cut along their first dimension into row ranges, small
+  ones packed together. A block keeps each tensor's rank, and the context keeps each
+  tensor's full shape and name (routing by shape or name, as partitions do, is unchanged);
+- *whole tensors*, for chains whose transforms reduce over each tensor (AdamP's cosine
+  test, caution's mask mean, Adafactor's factors, norms) but never across tensors: every
+  transform is element-wise or declares :attr:`~.Transform.per_tensor`, and none has
+  statistics over the group (:attr:`~.Transform.whole_group`) or over every group
+  (:attr:`~.Transform.shared_stats`). Tensors are packed in order, one block per tensor
+  beyond :data:`BLOCK_NUMEL`: the gain comes from tensors smaller than the caches. Matrix
+  methods (orthogonalization, Kronecker and subspace preconditioners) do not declare
+  ``per_tensor``: their cost is matrix products, and they batch same-shape matrices.
 
 A step is blocked when all of these hold (otherwise it runs the foreach chain):
 
 - the device is a CPU, the parameters are not sharded and the step is not being traced;
-- every transform the tensors pass through is element-wise, and the chain compiles as one
-  segment (:func:`~llmvalley.optim.auto_tier.compiles_whole`): Python-float state is
-  advanced only in preludes, which run once for the whole group before the blocks;
-- the state already exists (not the first step) and every slot of a tensor that is split
+- the chain compiles as one segment (:func:`~llmvalley.optim.auto_tier.compiles_whole`):
+  Python-float state is advanced only in preludes, which run once for the whole group
+  before the blocks;
+- the state already exists (not the first step), and every slot of a tensor that is split
   has the parameter's shape and compute dtype (not 8-/4-bit, no other storage dtype);
 - the group holds at least two blocks' worth of elements.
-
-Tensors are split along their first dimension, so a block keeps the tensor's rank, and
-the context keeps each tensor's full shape and name (routing by shape or name, as
-partitions do, is unchanged).
 """
 
 from __future__ import annotations
@@ -36,7 +47,13 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.transforms.base import StepContext, Transform
-from llmvalley.optim.transforms.combine import KeyMap, call_bound, chain_slots, run_chain
+from llmvalley.optim.transforms.combine import (
+    KeyMap,
+    call_bound,
+    chain_paths,
+    chain_slots,
+    run_chain,
+)
 
 #: elements per block (2 MiB of float32 per operand): 2^18 to 2^20 ran within a few percent
 #: of each other on this project's EPYC machines (1 and 2 threads, 3.7M and 45M parameters;
@@ -47,10 +64,12 @@ BLOCK_NUMEL = 1 << 19
 Piece = tuple[int, int, int | None]
 
 
-def layout(shapes: list[tuple[int, ...]], block: int | None = None) -> list[list[Piece]]:
+def layout(shapes: list[tuple[int, ...]], block: int | None = None,
+           split: bool = True) -> list[list[Piece]]:
     """The blocks of a group with these shapes: large tensors cut into row ranges of about
-    ``block`` elements (default :data:`BLOCK_NUMEL`), small ones whole, packed in order
-    until a block is full. A row larger than a block is a block of its own."""
+    ``block`` elements (default :data:`BLOCK_NUMEL`; with ``split=False`` kept whole), small
+    ones whole, packed in order until a block is full. A row (or, unsplit, a tensor) larger
+    than a block is a block of its own."""
     block = block or BLOCK_NUMEL
     blocks: list[list[Piece]] = []
     current: list[Piece] = []
@@ -59,7 +78,7 @@ def layout(shapes: list[tuple[int, ...]], block: int | None = None) -> list[list
         n = 1
         for d in shape:
             n *= d
-        if n <= block or len(shape) == 0:
+        if n <= block or len(shape) == 0 or not split:
             pieces: list[tuple[Piece, int]] = [((i, 0, None), n)]
         else:
             row = n // shape[0]
@@ -77,19 +96,23 @@ def layout(shapes: list[tuple[int, ...]], block: int | None = None) -> list[list
     return blocks
 
 
-def blockable_chain(chain: list[Transform], group: Mapping[str, Any], ctx: StepContext,
-                    elementwise: bool) -> bool:
-    """The static conditions (module docstring): element-wise, one compiled segment, and
-    every slot shaped as its tensor (or a float kept by a prelude)."""
+def block_kind(chain: list[Transform], group: Mapping[str, Any], ctx: StepContext,
+               elementwise: bool) -> str | None:
+    """``"split"``, ``"whole"`` or None (not blocked): the static conditions (module
+    docstring), checked once per chain and shape set."""
     from llmvalley.optim.auto_tier import compiles_whole
 
-    if not elementwise or not compiles_whole(chain, group, ctx):
-        return False
+    if not compiles_whole(chain, group, ctx):
+        return None
+    if not elementwise:
+        alone = all((t.elementwise or t.per_tensor) and not (t.whole_group or t.shared_stats)
+                    for path in chain_paths(chain) for t in path)
+        return "whole" if alone else None
     for i, shape in enumerate(ctx.shapes):
         for _, slot in chain_slots(chain, shape, group, ctx.name(i)):
             if slot.shape is not None and tuple(slot.shape) != tuple(shape):
-                return False
-    return True
+                return None
+    return "split"
 
 
 def _state_fits(ctx: StepContext, blocks: list[list[Piece]]) -> bool:
@@ -158,4 +181,4 @@ def eligible_device(params: list[Tensor]) -> bool:
     return params[0].device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-__all__ = ["BLOCK_NUMEL", "blockable_chain", "blocked_step", "eligible_device", "layout"]
+__all__ = ["BLOCK_NUMEL", "block_kind", "blocked_step", "eligible_device", "layout"]

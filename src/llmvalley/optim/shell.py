@@ -30,7 +30,7 @@ unless a group sets its own:
   and the write compiled with ``torch.compile``, :mod:`llmvalley.optim.compiled`),
   ``"fused"`` (a kernel computing the same math: torch's fused Adam for adam/adamw; other
   recipes raise) and ``"auto"`` (default): fused where the recipe has a kernel and no shell
-  option changes the chain, else foreach (on CPU, element-wise chains in cache-sized blocks,
+  option changes the chain, else foreach (on CPU in cache-sized blocks where the chain allows,
   bit for bit the same: :mod:`llmvalley.optim.blocked`), moving to the compiled tier on CPU
   once the group has run long enough for a compile to pay (never on the first steps;
   :mod:`llmvalley.optim.auto_tier`). adam/adamw's ``fused=False`` means foreach,
@@ -647,7 +647,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _blocked_step(self, group: dict[str, Any], params: list[Tensor],
                       ctx: StepContext) -> bool:
         """``implementation="auto"`` on the foreach tier, on CPU: the chain and the write in
-        cache-sized blocks (:mod:`llmvalley.optim.blocked`). Returns whether it ran."""
+        cache-sized blocks (:mod:`llmvalley.optim.blocked`). Returns whether it ran (a group
+        of a single block, or of one tensor, runs the plain chain)."""
         if group.get("implementation", "auto") != "auto" or group.get("fused") is not None \
                 or not blocked.eligible_device(ctx.params) or self._shard_views or self._views \
                 or sum(t.numel() for t in ctx.params) < 2 * blocked.BLOCK_NUMEL:
@@ -657,9 +658,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         cache = self.__dict__.setdefault("_blocks", {})
         blocks = cache.get(key)
         if blocks is None:  # the static conditions, once per chain and shape set
-            ok = blocked.blockable_chain(chain, group, ctx, self._chain_kinds(group)[0]) \
-                and not any(is_sharded(p) for p in params)
-            blocks = cache[key] = blocked.layout([tuple(s) for s in ctx.shapes]) if ok else []
+            kind = None if any(is_sharded(p) for p in params) else \
+                blocked.block_kind(chain, group, ctx, self._chain_kinds(group)[0])
+            blocks = [] if kind is None else \
+                blocked.layout([tuple(s) for s in ctx.shapes], split=kind == "split")
+            blocks = cache[key] = blocks if len(blocks) > 1 else []
         if not blocks:
             return False
         decay = self.spec(group).decay_for(group)

@@ -216,7 +216,7 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     ``implementation="auto"`` (default) is the fastest tier that is exact and never compiles
     on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw) and no shell
     option changes the chain or its storage, else ``"foreach"`` (on CPU run in cache-sized
-    blocks where the chain is element-wise, :mod:`llmvalley.optim.blocked`), which the shell
+    blocks where the chain allows, :mod:`llmvalley.optim.blocked`), which the shell
     moves to the compiled tier once the group has run long enough for the compile to pay
     (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's
     ``fused`` hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is

@@ -333,6 +333,12 @@ class Transform:
     #: transform on its own shard of a sharded parameter; chains with any other transform get
     #: whole tensors (:mod:`llmvalley.optim.sharded`). Subclasses must re-declare it.
     elementwise: bool = False
+    #: each tensor's output reads only that tensor's update, gradient, parameter and state
+    #: (reductions over the tensor, such as norms, are fine): the shell may run the chain on
+    #: some of a group's tensors at a time (``"auto"``'s blocks of whole tensors on CPU,
+    #: :mod:`llmvalley.optim.blocked`). Element-wise transforms are per-tensor by definition;
+    #: leave it False for a transform that batches or compares tensors
+    per_tensor: bool = False
     #: the transform's statistics sum over all tensors of its group (DoG's distance and
     #: gradient sums): when the group's tensors are sharded, one rank owns all of them
     whole_group: bool = False

@@ -135,6 +135,8 @@ class Branch:
 class Partition(Combinator):
     """Send each tensor through one branch, chosen by ``select(shape, group, name)``."""
 
+    per_tensor = True
+
     def __init__(self, select: Callable[[Shape, Mapping[str, Any], str], str],
                  branches: Mapping[str, Branch | list[Transform]]) -> None:
         self.select = select

@@ -70,6 +70,8 @@ class ScaleByAdafactor(Transform):
     State: ``row_var`` and ``col_var`` (factored) or ``variance``.
     """
 
+    per_tensor = True
+
     slot_names = ("row_var", "col_var", "variance")
 
     def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
@@ -125,6 +127,8 @@ class ScaleByCAME(Transform):
     State: ``exp_avg`` + ``exp_avg_sq_row/col`` + ``exp_avg_res_row/col`` (factored) or
     ``exp_avg`` + ``exp_avg_sq``.
     """
+
+    per_tensor = True
 
     slot_names = (
         "exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col",

@@ -18,6 +18,8 @@ class Cautious(Transform):
     foreach variant of the reference code does by mistake.
     """
 
+    per_tensor = True
+
     def __init__(self, min_fraction: float = 1e-3) -> None:
         self.min_fraction = min_fraction
 

@@ -128,6 +128,8 @@ class MARSCorrection(Transform):
     State ``last_grad``.
     """
 
+    per_tensor = True
+
     slot_names = ("last_grad",)
 
     def __init__(self, gamma_key: str = "gamma") -> None:

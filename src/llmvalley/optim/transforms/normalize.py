@@ -87,6 +87,8 @@ def whiten(x: Tensor, method: str = "newton_schulz", steps: int = 10) -> Tensor:
 class SinkhornNormalize(Transform):
     """Gradient multi-normalization of SinkGD (hyperparameter ``sinkhorn_steps`` = L)."""
 
+    per_tensor = True
+
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         mats = [matrix_view(u, ctx.name(i)) for i, u in enumerate(updates)]
         steps = int(ctx.hp("sinkhorn_steps"))
@@ -132,6 +134,8 @@ class ScaleBySNR(Transform):
     (plain momentum SGD) for them.
     """
 
+    per_tensor = True
+
     slot_names = ("momentum_buffer", "gsnr")
 
     def slots(self, shape: Shape, group: Mapping[str, Any], name: str = "") -> list[SlotSpec]:
@@ -162,6 +166,8 @@ class RMSNormalize(Transform):
     """Unit RMS along one dimension of the matrix view (SCALE's column normalization):
     ``u / max(sqrt(mean(u^2, dim)), 1e-8)``; ``dim=1`` normalizes each output row (over the
     inputs), ``dim=0`` each column."""
+
+    per_tensor = True
 
     def __init__(self, dim: int) -> None:
         self.dim = dim

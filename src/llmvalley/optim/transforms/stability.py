@@ -147,6 +147,8 @@ class ScaleByStableSPAM(ScaleByAdam):
     ``m_max``, ``m_norm``, ``v_norm``.
     """
 
+    per_tensor = True
+
     elementwise = False  # max-clip and norm scaling reduce over the tensor
 
     STATS = ("m_max", "m_norm", "v_norm")
@@ -219,6 +221,8 @@ class AdaptiveGradClip(Transform):
     ``ctx.grads`` for the rest of the chain, as the reference clips ``.grad`` in place (the
     tensors themselves are never written). State: ``adagc_norm`` (a 0-d tensor; no host sync).
     """
+
+    per_tensor = True
 
     slot_names = ("adagc_norm",)
 

@@ -144,6 +144,8 @@ class ScaleBySubsetNorm(Transform):
     State ``exp_avg_sq`` (``(rows, 1)`` or ``(1, cols)`` for the heuristic rule).
     """
 
+    per_tensor = True
+
     slot_names = ("exp_avg_sq",)
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
@@ -466,6 +468,8 @@ class ScaleBySMMF(Transform):
     counts; the reference stores one bool byte each). Tensors left unfactorized
     (:func:`smmf_factored`) keep full ``momentum_m`` and ``momentum_v``.
     """
+
+    per_tensor = True
 
     slot_names = ("momentum_m_row", "momentum_m_col", "sign", "momentum_v_row",
                   "momentum_v_col", "momentum_m", "momentum_v")

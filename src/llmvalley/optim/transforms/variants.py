@@ -133,6 +133,8 @@ class ProjectScaleInvariant(Transform):
     tensor is also divided by ``1 - momentum``, as the reference does.
     """
 
+    per_tensor = True
+
     def __init__(self, decay_over_momentum: bool = False) -> None:
         self.decay_over_momentum = decay_over_momentum
 
@@ -249,6 +251,8 @@ class ScaleByFAdam(Transform):
     formula's ``0/0`` would poison the momentum). State: ``momentum``, ``fim``.
     """
 
+    per_tensor = True
+
     slot_names = ("momentum", "fim")
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
@@ -336,6 +340,8 @@ class TorqueAwareMomentum(Transform):
     the whole chain in one function). A checkpoint that holds the torque as a Python float
     (written before it was a tensor) is converted when the slot is first read.
     """
+
+    per_tensor = True
 
     slot_names = ("momentum_buffer", "torque")
 

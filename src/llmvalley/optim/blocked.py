@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import StepContext, Transform
+from llmvalley.optim.transforms.base import StepContext, Transform, numel
 from llmvalley.optim.transforms.combine import (
     KeyMap,
     call_bound,
@@ -75,9 +75,7 @@ def layout(shapes: list[tuple[int, ...]], block: int | None = None,
     current: list[Piece] = []
     filled = 0
     for i, shape in enumerate(shapes):
-        n = 1
-        for d in shape:
-            n *= d
+        n = numel(shape)
         if n <= block or len(shape) == 0 or not split:
             pieces: list[tuple[Piece, int]] = [((i, 0, None), n)]
         else:

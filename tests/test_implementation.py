@@ -518,3 +518,49 @@ def test_adafactor_compiled_preconditioner_matches_foreach():
     assert compile_stats(opt).graphs > 0
     for g, e in zip(out["compiled"], out["foreach"]):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "came"])
+def test_factored_compiled_reductions_match_foreach(name):
+    """In a compiled CPU step the factored statistics sum groups of rows before the columns,
+    matrices' squares per row before the whole, and the clip factors are stored scalars
+    (:func:`llmvalley.optim.transforms.factored.column_mean`, ``rms``, ``stored_scalars``):
+    the foreach tier's results, on matrices whose row count takes the grouped path (32, 48
+    with a leading dimension) and one that does not (20)."""
+    out = {}
+    for impl in ("foreach", "compiled"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64))
+                  for s in [(32, 12), (2, 48, 5), (20, 7), (6,)]]
+        opt = llmvalley.create_optimizer(name, params, implementation=impl, lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 3.0
+            opt.step()
+        out[impl] = [p.detach() for p in params]
+    assert compile_stats(opt).graphs > 0
+    for g, e in zip(out["compiled"], out["foreach"]):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+def test_factored_reduction_helpers_compiled_equal_eager():
+    """The helpers' compiled forms (grouped column sums, row-first squares, stored scalars)
+    equal their eager ones to rounding, for shapes on and off the grouped path."""
+    from llmvalley.optim.transforms.factored import column_mean, rms, stored_scalars
+
+    def helpers(x):
+        a, b = stored_scalars([rms(x), x.sum() * 2])
+        return column_mean(x), a, b
+
+    compiled = torch.compile(helpers, fullgraph=True, dynamic=False)
+    for shape in [(64, 5), (3, 32, 4), (20, 3), (17,)]:
+        if len(shape) == 1:
+            x = torch.randn(shape, dtype=torch.float64)
+            torch.testing.assert_close(torch.compile(rms, fullgraph=True)(x), rms(x))
+            continue
+        x = torch.randn(shape, dtype=torch.float64)
+        for got, want in zip(compiled(x), helpers(x)):
+            assert got.shape == want.shape, shape
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        assert torch.equal(helpers(x)[0], x.mean(dim=-2, keepdim=True))  # eager: unchanged

@@ -14,15 +14,45 @@ from torch import Tensor
 
 from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
 
+#: rows summed together first when a compiled CPU step reduces over a matrix's columns
+#: (:func:`column_mean`)
+COLUMN_GROUP = 16
+
+
+def _compiled_cpu(x: Tensor) -> bool:
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
 
 def rms(x: Tensor) -> Tensor:
-    """Root mean square of all entries, as a 0-d tensor (no host sync)."""
+    """Root mean square of all entries, as a 0-d tensor (no host sync).
+
+    In a compiled CPU step a matrix's squares are summed per row first: inductor did not
+    vectorise one whole-tensor sum over a product with broadcast factors (Adafactor's
+    ``u = g r c``), 2.4x slower than the row sums (8192 x 512 float32). Equal to rounding.
+    """
+    if _compiled_cpu(x) and x.dim() >= 2:
+        return ((x * x).sum(dim=-1).sum() / x.numel()).sqrt()
     return torch.linalg.vector_norm(x) / (x.numel() ** 0.5)
+
+
+def column_mean(x: Tensor) -> Tensor:
+    """Mean over dimension -2, kept: ``(..., m, n) -> (..., 1, n)``.
+
+    In a compiled CPU step, groups of :data:`COLUMN_GROUP` rows are summed first: inductor
+    reduces over an outer dimension one 16-column strip at a time down the whole matrix,
+    while the grouped sums fuse with the row sums into one pass (8192 x 512 float32: row and
+    column sums 0.69 ms, against 1.69 ms). Equal to float rounding.
+    """
+    m = x.shape[-2]
+    if _compiled_cpu(x) and m % COLUMN_GROUP == 0 and m > COLUMN_GROUP:
+        groups = x.unflatten(-2, (m // COLUMN_GROUP, COLUMN_GROUP)).sum(dim=-2)
+        return groups.sum(dim=-2, keepdim=True) / m
+    return x.mean(dim=-2, keepdim=True)
 
 
 def clip_by_rms(update: Tensor, threshold: float) -> Tensor:
     """``update / max(1, rms(update) / threshold)`` (Adafactor's update clipping), in place."""
-    return update.div_((rms(update) / threshold).clamp_(min=1.0))
+    return update.div_(stored_scalars([(rms(update) / threshold).clamp_(min=1.0)])[0])
 
 
 def row_col_shapes(shape: Shape, keepdim: bool) -> tuple[Shape, Shape]:
@@ -43,6 +73,19 @@ def stored_factors(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     two tiny copies."""
     one = torch.ones(1, 1, dtype=rows.dtype, device=rows.device)
     return rows @ one, one @ cols
+
+
+def stored_scalars(values: list[Tensor]) -> list[Tensor]:
+    """0-d tensors of one dtype, unchanged, that a compiled step should compute once: stacked
+    and passed through a product with a 1x1 ones matrix (one extern kernel, exact), so the
+    loops that scale a tensor by them load a number instead of recomputing its square roots
+    and divisions for every vector (GCC does not hoist ``std::sqrt`` out of inductor's loops,
+    which are compiled with ``-fmath-errno``). Outside a compiled step: ``values`` itself."""
+    if not values or not torch.compiler.is_compiling():
+        return values
+    column = torch.stack(values).reshape(-1, 1)
+    one = torch.ones(1, 1, dtype=column.dtype, device=column.device)
+    return list((column @ one).reshape(-1).unbind(0))
 
 
 def factored_rsqrt(row: Tensor, col: Tensor, eps1: float) -> Tensor:
@@ -105,7 +148,7 @@ class ScaleByAdafactor(Transform):
                 # 17x slower than a row norm on CPU (4096 x 256)
                 sq = g * g
                 row.lerp_(sq.mean(dim=-1, keepdim=True), weight)
-                col.lerp_(sq.mean(dim=-2, keepdim=True), weight)
+                col.lerp_(column_mean(sq), weight)
                 # a per-row times a per-column rsqrt, capped (torch.optim.Adafactor forms
                 # R C / mean(R) over every element first: equal to rounding, two passes more)
                 u = factored_rsqrt(row, col, e1).mul_(g)
@@ -113,7 +156,8 @@ class ScaleByAdafactor(Transform):
                 variance = ctx.slot("variance", [i])[0]
                 variance.lerp_(g * g, weight)
                 u = variance.clamp(min=e1 * e1).rsqrt_().mul_(g)
-            out.append(clip_by_rms(u, d).mul_(alpha))
+            clip, alpha = stored_scalars([(rms(u) / d).clamp_(min=1.0), alpha.to(u.dtype)])
+            out.append(u.div_(clip).mul_(alpha))
             ctx.plan.absolute[i] = True
         return out
 
@@ -167,7 +211,7 @@ class ScaleByCAME(Transform):
                 row, col, rrow, rcol = (ctx.slot(k, [i])[0] for k in (
                     "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col"))
                 row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1 - beta2)
-                col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1 - beta2)
+                col.mul_(beta2).add_(column_mean(sq).squeeze(-2), alpha=1 - beta2)
                 u = self._approx_rsqrt(row, col).mul_(g)
             else:
                 second = ctx.slot("exp_avg_sq", [i])[0]
@@ -178,7 +222,7 @@ class ScaleByCAME(Transform):
             if factored:
                 res = (u - m[i]).square_().add_(eps2)
                 rrow.mul_(beta3).add_(res.mean(dim=-1), alpha=1 - beta3)
-                rcol.mul_(beta3).add_(res.mean(dim=-2), alpha=1 - beta3)
+                rcol.mul_(beta3).add_(column_mean(res).squeeze(-2), alpha=1 - beta3)
                 out.append(self._approx_rsqrt(rrow, rcol).mul_(m[i]))
             else:
                 out.append(m[i].clone())

@@ -80,12 +80,15 @@ def stored_scalars(values: list[Tensor]) -> list[Tensor]:
     and passed through a product with a 1x1 ones matrix (one extern kernel, exact), so the
     loops that scale a tensor by them load a number instead of recomputing its square roots
     and divisions for every vector (GCC does not hoist ``std::sqrt`` out of inductor's loops,
-    which are compiled with ``-fmath-errno``). Outside a compiled step: ``values`` itself."""
+    which are compiled with ``-fmath-errno``). Outside a compiled step: ``values`` itself.
+
+    A single value is stacked twice: inductor rewrites a ``(1, 1) @ (1, 1)`` product on CPU
+    as a multiplication, which it would inline again."""
     if not values or not torch.compiler.is_compiling():
         return values
-    column = torch.stack(values).reshape(-1, 1)
+    column = torch.stack(values if len(values) > 1 else values * 2).reshape(-1, 1)
     one = torch.ones(1, 1, dtype=column.dtype, device=column.device)
-    return list((column @ one).reshape(-1).unbind(0))
+    return list((column @ one).reshape(-1).unbind(0))[:len(values)]
 
 
 def factored_rsqrt(row: Tensor, col: Tensor, eps1: float) -> Tensor:

@@ -524,7 +524,8 @@ def test_adafactor_compiled_preconditioner_matches_foreach():
 def test_factored_compiled_reductions_match_foreach(name):
     """In a compiled CPU step the factored statistics sum groups of rows before the columns,
     matrices' squares per row before the whole, and the clip factors are stored scalars
-    (:func:`llmvalley.optim.transforms.factored.column_mean`, ``rms``, ``stored_scalars``):
+    (:func:`llmvalley.optim.transforms.factored.column_mean`, ``rms``,
+    :func:`llmvalley.optim.transforms.stored.stored_scalars`):
     the foreach tier's results, on matrices whose row count takes the grouped path (32, 48
     with a leading dimension) and one that does not (20)."""
     out = {}
@@ -547,7 +548,8 @@ def test_factored_compiled_reductions_match_foreach(name):
 def test_factored_reduction_helpers_compiled_equal_eager():
     """The helpers' compiled forms (grouped column sums, row-first squares, stored scalars)
     equal their eager ones to rounding, for shapes on and off the grouped path."""
-    from llmvalley.optim.transforms.factored import column_mean, rms, stored_scalars
+    from llmvalley.optim.transforms.factored import column_mean, rms
+    from llmvalley.optim.transforms.stored import stored_scalars
 
     def helpers(x):
         a, b = stored_scalars([rms(x), x.sum() * 2])
@@ -564,3 +566,18 @@ def test_factored_reduction_helpers_compiled_equal_eager():
             assert got.shape == want.shape, shape
             torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
         assert torch.equal(helpers(x)[0], x.mean(dim=-2, keepdim=True))  # eager: unchanged
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_stored_rows_compiled_keep_their_values(n):
+    """:func:`llmvalley.optim.transforms.stored.stored_rows` (AdamP's per-row projection
+    coefficients) returns its input's values in a compiled step, one row included (a 1 x 1
+    product that inductor would turn into an inlined multiplication)."""
+    from llmvalley.optim.transforms.stored import stored_rows
+
+    def scale(x, c):
+        return x * stored_rows(c.sqrt())[:, None]
+
+    x, c = torch.randn(n, 7, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+    got = torch.compile(scale, fullgraph=True, dynamic=False)(x, c)
+    torch.testing.assert_close(got, x * c.sqrt()[:, None], rtol=1e-15, atol=0)

@@ -425,7 +425,11 @@ def scalars(values: list[Any]) -> Any:
     every tensor holds the same one."""
     first = values[0]
     if isinstance(first, Tensor):
-        return first if all(v is first for v in values) else values
+        from llmvalley.optim.transforms.stored import stored_scalars
+
+        if all(v is first for v in values):
+            return stored_scalars([first])[0]
+        return stored_scalars(values)
     return first if all(v == first for v in values) else values
 
 

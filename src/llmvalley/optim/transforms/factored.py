@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
+from llmvalley.optim.transforms.stored import stored_factors, stored_scalars
 
 #: rows summed together first when a compiled CPU step reduces over a matrix's columns
 #: (:func:`column_mean`)
@@ -64,37 +65,11 @@ def row_col_shapes(shape: Shape, keepdim: bool) -> tuple[Shape, Shape]:
     return (*lead, shape[-2]), (*lead, shape[-1])
 
 
-def stored_factors(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row ``(..., m, 1)`` and per-column ``(..., 1, n)`` factors, unchanged, for a
-    compiled step that broadcasts them over a matrix: passed through a product with a 1x1
-    ones matrix (an extern kernel, exact), so inductor stores the m + n values instead of
-    inlining the arithmetic that made them (square roots, divisions) into the loop over every
-    element (Adafactor's compiled step 0.46x, 45M parameters, CPU). In an eager step it is
-    two tiny copies."""
-    one = torch.ones(1, 1, dtype=rows.dtype, device=rows.device)
-    return rows @ one, one @ cols
-
-
-def stored_scalars(values: list[Tensor]) -> list[Tensor]:
-    """0-d tensors of one dtype, unchanged, that a compiled step should compute once: stacked
-    and passed through a product with a 1x1 ones matrix (one extern kernel, exact), so the
-    loops that scale a tensor by them load a number instead of recomputing its square roots
-    and divisions for every vector (GCC does not hoist ``std::sqrt`` out of inductor's loops,
-    which are compiled with ``-fmath-errno``). Outside a compiled step: ``values`` itself.
-
-    A single value is stacked twice: inductor rewrites a ``(1, 1) @ (1, 1)`` product on CPU
-    as a multiplication, which it would inline again."""
-    if not values or not torch.compiler.is_compiling():
-        return values
-    column = torch.stack(values if len(values) > 1 else values * 2).reshape(-1, 1)
-    one = torch.ones(1, 1, dtype=column.dtype, device=column.device)
-    return list((column @ one).reshape(-1).unbind(0))[:len(values)]
-
-
 def factored_rsqrt(row: Tensor, col: Tensor, eps1: float) -> Tensor:
     """``rsqrt(max(row col / max(mean(row), eps1), eps1**2))`` (Adafactor's preconditioner
     from its ``(..., m, 1)`` and ``(..., 1, n)`` factors), computed as the product of a
-    per-row and a per-column ``rsqrt`` (:func:`stored_factors`), capped at ``1 / eps1``:
+    per-row and a per-column ``rsqrt`` (:func:`~llmvalley.optim.transforms.stored.stored_factors`),
+    capped at ``1 / eps1``:
     equal in exact arithmetic (``rsqrt`` is decreasing; a zero factor gives the cap), and
     to float rounding in practice. torch.optim.Adafactor divides the outer product element
     by element first, which costs two more passes over the matrix; Shazeer & Stern's

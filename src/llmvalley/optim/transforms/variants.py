@@ -33,6 +33,7 @@ from llmvalley.optim.transforms.base import (
     scalars,
 )
 from llmvalley.optim.transforms.combine import Combinator, chain_paths, chain_slots, run_chain
+from llmvalley.optim.transforms.stored import stored_rows, stored_scalars
 
 Group = Mapping[str, Any]
 
@@ -152,8 +153,8 @@ class ProjectScaleInvariant(Transform):
             if traced:  # the compiled tier: the same choice without a host sync
                 u, projected = project_without_sync(u, g, p, delta, eps)
                 if plan.weight_decay[i] != 0:
-                    plan.weight_decay[i] = plan.weight_decay[i] * torch.where(
-                        projected, ratio, 1.0)
+                    plan.weight_decay[i] = plan.weight_decay[i] * stored_scalars(
+                        [torch.where(projected, ratio, 1.0)])[0]
                 out.append(u)
                 continue
             for rows in (p.shape[0], 1):  # per output channel, then the whole layer
@@ -196,7 +197,8 @@ def project_without_sync(u: Tensor, g: Tensor, p: Tensor, delta: float,
     whole = cosine(gp_all, gg_all, pp_all) < delta / math.sqrt(p.numel())
     coef = torch.where(by_rows, pu / (pp.sqrt() + eps) ** 2,
                        torch.where(whole, pu_all / (pp_all.sqrt() + eps) ** 2, 0.0))
-    return (uv - pv * coef[:, None]).reshape(u.shape), by_rows | whole
+    # stored: inlined, the choice and its square roots ran once per vector of the write
+    return (uv - pv * stored_rows(coef)[:, None]).reshape(u.shape), by_rows | whole
 
 
 # ---- EXAdam ---------------------------------------------------------------------------------

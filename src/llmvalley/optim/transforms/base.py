@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmvalley.optim.transforms.stored import stored_scalars
+
 Shape = tuple[int, ...]
 
 #: how a tensor slot may be stored: ``signed`` and ``unsigned`` values can be quantized with a
@@ -421,12 +423,12 @@ def bias_corrections(beta: float, steps: list[int]) -> list[float]:
 
 def scalars(values: list[Any]) -> Any:
     """One scalar when every tensor shares it (the common case), else the list. Values
-    derived from :meth:`StepContext.powers` in a compiled segment are 0-d tensors: one when
-    every tensor holds the same one."""
+    derived from :meth:`StepContext.powers` in a compiled segment are 0-d tensors (one when
+    every tensor holds the same one), stored by
+    :func:`~llmvalley.optim.transforms.stored.stored_scalars` so that the kernel loads them
+    instead of recomputing their arithmetic for every vector of elements."""
     first = values[0]
     if isinstance(first, Tensor):
-        from llmvalley.optim.transforms.stored import stored_scalars
-
         if all(v is first for v in values):
             return stored_scalars([first])[0]
         return stored_scalars(values)

@@ -13,15 +13,11 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform
-from llmvalley.optim.transforms.stored import stored_factors, stored_scalars
+from llmvalley.optim.transforms.stored import compiled_cpu, stored_factors, stored_scalars
 
 #: rows summed together first when a compiled CPU step reduces over a matrix's columns
 #: (:func:`column_mean`)
 COLUMN_GROUP = 16
-
-
-def _compiled_cpu(x: Tensor) -> bool:
-    return torch.compiler.is_compiling() and x.device.type == "cpu"
 
 
 def rms(x: Tensor) -> Tensor:
@@ -31,7 +27,7 @@ def rms(x: Tensor) -> Tensor:
     vectorise one whole-tensor sum over a product with broadcast factors (Adafactor's
     ``u = g r c``), 2.4x slower than the row sums (8192 x 512 float32). Equal to rounding.
     """
-    if _compiled_cpu(x) and x.dim() >= 2:
+    if compiled_cpu(x) and x.dim() >= 2:
         return ((x * x).sum(dim=-1).sum() / x.numel()).sqrt()
     return torch.linalg.vector_norm(x) / (x.numel() ** 0.5)
 
@@ -45,7 +41,7 @@ def column_mean(x: Tensor) -> Tensor:
     column sums 0.69 ms, against 1.69 ms). Equal to float rounding.
     """
     m = x.shape[-2]
-    if _compiled_cpu(x) and m % COLUMN_GROUP == 0 and m > COLUMN_GROUP:
+    if compiled_cpu(x) and m % COLUMN_GROUP == 0 and m > COLUMN_GROUP:
         groups = x.unflatten(-2, (m // COLUMN_GROUP, COLUMN_GROUP)).sum(dim=-2)
         return groups.sum(dim=-2, keepdim=True) / m
     return x.mean(dim=-2, keepdim=True)
@@ -171,9 +167,7 @@ class ScaleByCAME(Transform):
     @staticmethod
     def _approx_rsqrt(row: Tensor, col: Tensor) -> Tensor:
         r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-        c = col.unsqueeze(-2).rsqrt()
-        if torch.compiler.is_compiling():
-            r, c = stored_factors(r, c)
+        r, c = stored_factors(r, col.unsqueeze(-2).rsqrt())
         return torch.mul(r, c)
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:

@@ -5,7 +5,8 @@ divisions, selections) into the loop over a matrix's elements, where it runs onc
 of 16 floats: GCC does not hoist ``std::sqrt`` out of inductor's CPU loops, which are
 compiled with ``-fmath-errno``. A product with a 1x1 ones matrix is an extern kernel that
 inductor cannot inline, so the values go through one (exact) and the loops load them.
-Outside a compiled step these return their inputs (``stored_factors``: two tiny copies).
+Outside a compiled CPU step these return their inputs: the problem is GCC's, and on a GPU the
+extern product would only cut inductor's fused kernels in two.
 """
 
 from __future__ import annotations
@@ -18,21 +19,29 @@ def _one(x: Tensor) -> Tensor:
     return torch.ones(1, 1, dtype=x.dtype, device=x.device)
 
 
+def compiled_cpu(x: Tensor) -> bool:
+    """Whether ``x`` is being traced for a compiled CPU step (where inductor's C++ loops, not
+    Triton's, will compute with it)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
 def stored_factors(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row ``(..., m, 1)`` and per-column ``(..., 1, n)`` factors, unchanged, for a
     compiled step that broadcasts them over a matrix (Adafactor's compiled step 0.46x, 45M
-    parameters, CPU). In an eager step it is two tiny copies."""
+    parameters, CPU)."""
+    if not compiled_cpu(rows):
+        return rows, cols
     one = _one(rows)
     return rows @ one, one @ cols
 
 
 def stored_scalars(values: list[Tensor]) -> list[Tensor]:
     """0-d tensors of one dtype, unchanged, computed once in a compiled step (stacked, one
-    extern kernel). Outside a compiled step: ``values`` itself.
+    extern kernel). Outside a compiled CPU step: ``values`` itself.
 
     A single value is stacked twice: inductor rewrites a ``(1, 1) @ (1, 1)`` product on CPU
     as a multiplication, which it would inline again."""
-    if not values or not torch.compiler.is_compiling():
+    if not values or not compiled_cpu(values[0]):
         return values
     column = torch.stack(values if len(values) > 1 else values * 2).reshape(-1, 1)
     return list((column @ _one(column)).reshape(-1).unbind(0))[:len(values)]
@@ -40,12 +49,12 @@ def stored_scalars(values: list[Tensor]) -> list[Tensor]:
 
 def stored_rows(x: Tensor) -> Tensor:
     """A 1-D tensor of per-row numbers, unchanged, computed once in a compiled step (AdamP's
-    projection coefficients). Outside a compiled step: ``x`` itself."""
-    if not torch.compiler.is_compiling():
+    projection coefficients). Outside a compiled CPU step: ``x`` itself."""
+    if not compiled_cpu(x):
         return x
     n = x.shape[0]
     column = (x if n > 1 else x.repeat(2)).reshape(-1, 1)  # 1 x 1: see stored_scalars
     return (column @ _one(column)).reshape(-1)[:n]
 
 
-__all__ = ["stored_factors", "stored_rows", "stored_scalars"]
+__all__ = ["compiled_cpu", "stored_factors", "stored_rows", "stored_scalars"]

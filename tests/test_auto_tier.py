@@ -199,3 +199,29 @@ def test_a_failed_compile_leaves_quantized_state_as_it_was(broken_compiler):
         assert a.keys() == b.keys()
         for k, v in b.items():
             assert torch.equal(a[k], v) if isinstance(v, torch.Tensor) else a[k] == v, k
+
+
+def test_whether_a_chain_compiles_whole_is_decided_once_per_layout(monkeypatch):
+    """The walk over a chain's slots (every tensor's) runs at the first step past the
+    threshold, not at every compiled step after it; a group whose tensors change shape is
+    walked again."""
+    monkeypatch.setenv(auto_tier.ENV, "0")
+    calls = []
+    walk = auto_tier.compiles_whole
+
+    def counted(chain, group, ctx):
+        calls.append(tuple(ctx.shapes))
+        return walk(chain, group, ctx)
+
+    monkeypatch.setattr(auto_tier, "compiles_whole", counted)
+    params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))]
+    opt = llmvalley.create_optimizer("nadam", params, lr=1e-2)
+    for _ in range(5):
+        params[0].grad = torch.randn_like(params[0])
+        opt.step()
+    assert calls == [((4, 3),)], calls
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.randn(2, dtype=torch.float64)))
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls == [((4, 3),), ((4, 3), (2,))], calls

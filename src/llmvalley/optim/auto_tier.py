@@ -115,6 +115,8 @@ class AutoTier:
     def __init__(self) -> None:
         #: chains (by id) found not to compile whole, and chains whose compile failed
         self._eager: set[tuple[int, str]] = set()
+        #: chains, with the shapes and dtypes of their tensors, found to compile whole
+        self._whole: set[tuple[Any, ...]] = set()
         self._told: set[str] = set()
 
     def compiles(self, chain: list[Transform], group: Mapping[str, Any],
@@ -131,9 +133,12 @@ class AutoTier:
         if done < limit or sum(t.numel() for t in ctx.params) < MIN_NUMEL \
                 or any(is_dtensor(p) for p in params):
             return False
-        if not compiles_whole(chain, group, ctx) or not compile_works(device):
-            self._eager.add(key)
-            return False
+        whole = (*key, tuple(ctx.shapes), tuple(ctx.dtypes))
+        if whole not in self._whole:  # the chain's slots, walked once per layout
+            if not compiles_whole(chain, group, ctx) or not compile_works(device):
+                self._eager.add(key)
+                return False
+            self._whole.add(whole)
         if group["optimizer"] not in self._told:
             self._told.add(group["optimizer"])
             log.info("%s: implementation='auto' compiles the step after %d element-steps "

@@ -34,8 +34,8 @@ print(statistics.median(faults))
 """
 
 
-def faults_per_step(shapes: list[tuple[int, ...]] = [(512, 512)] * 4, kw: dict | None = None,
-                    **env: str) -> float:
+def faults_per_step(shapes: tuple[tuple[int, ...], ...] = ((512, 512),) * 4,
+                    kw: dict | None = None, **env: str) -> float:
     # glibc's static mmap threshold (128 KiB, as before its dynamic adjustment kicks in):
     # every 1 MiB temporary is mapped and unmapped, so the baseline faults deterministically
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", **env}
@@ -59,7 +59,7 @@ def test_temporaries_above_glibcs_mmap_ceiling_are_kept_too():
     # a 36 MiB matrix: its temporaries are above the largest mmap threshold glibc accepts
     # (32 MiB), so only M_MMAP_MAX=0 keeps them out of fresh mappings (the foreach tier: the
     # default runs element-wise chains in blocks, whose temporaries are small)
-    big, kw = [(9 << 10, 1 << 10)], {"implementation": "foreach"}
+    big, kw = ((9 << 10, 1 << 10),), {"implementation": "foreach"}
     released = faults_per_step(big, kw, **{allocator.OPT_OUT: "0"})
     kept = faults_per_step(big, kw)
     assert released > 9000, released  # 9216 pages per temporary

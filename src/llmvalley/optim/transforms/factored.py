@@ -64,9 +64,9 @@ def row_col_shapes(shape: Shape, keepdim: bool) -> tuple[Shape, Shape]:
 def factored_rsqrt(row: Tensor, col: Tensor, eps1: float) -> Tensor:
     """``rsqrt(max(row col / max(mean(row), eps1), eps1**2))`` (Adafactor's preconditioner
     from its ``(..., m, 1)`` and ``(..., 1, n)`` factors), computed as the product of a
-    per-row and a per-column ``rsqrt`` (:func:`~llmvalley.optim.transforms.stored.stored_factors`),
-    capped at ``1 / eps1``:
-    equal in exact arithmetic (``rsqrt`` is decreasing; a zero factor gives the cap), and
+    per-row and a per-column ``rsqrt``
+    (:func:`~llmvalley.optim.transforms.stored.stored_factors`), capped at ``1 / eps1``: equal
+    in exact arithmetic (``rsqrt`` is decreasing; a zero factor gives the cap), and
     to float rounding in practice. torch.optim.Adafactor divides the outer product element
     by element first, which costs two more passes over the matrix; Shazeer & Stern's
     reference (tensor2tensor) multiplies the two factors' rsqrt, as here."""

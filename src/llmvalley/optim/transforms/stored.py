@@ -36,24 +36,23 @@ def stored_factors(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def stored_scalars(values: list[Tensor]) -> list[Tensor]:
-    """0-d tensors of one dtype, unchanged, computed once in a compiled step (stacked, one
-    extern kernel). Outside a compiled CPU step: ``values`` itself.
-
-    A single value is stacked twice: inductor rewrites a ``(1, 1) @ (1, 1)`` product on CPU
-    as a multiplication, which it would inline again."""
+    """0-d tensors of one dtype, unchanged, computed once in a compiled step (stacked into
+    one :func:`stored_rows`). Outside a compiled CPU step: ``values`` itself."""
     if not values or not compiled_cpu(values[0]):
         return values
-    column = torch.stack(values if len(values) > 1 else values * 2).reshape(-1, 1)
-    return list((column @ _one(column)).reshape(-1).unbind(0))[:len(values)]
+    return list(stored_rows(torch.stack(values)).unbind(0))
 
 
 def stored_rows(x: Tensor) -> Tensor:
     """A 1-D tensor of per-row numbers, unchanged, computed once in a compiled step (AdamP's
-    projection coefficients). Outside a compiled CPU step: ``x`` itself."""
+    projection coefficients). Outside a compiled CPU step: ``x`` itself.
+
+    A single number is repeated twice: inductor rewrites a ``(1, 1) @ (1, 1)`` product on
+    CPU as a multiplication, which it would inline again."""
     if not compiled_cpu(x):
         return x
     n = x.shape[0]
-    column = (x if n > 1 else x.repeat(2)).reshape(-1, 1)  # 1 x 1: see stored_scalars
+    column = (x if n > 1 else x.repeat(2)).reshape(-1, 1)
     return (column @ _one(column)).reshape(-1)[:n]
 
 

@@ -12,6 +12,12 @@ import torch
 # (llmvalley.optim.transforms.orthogonalize.cpu_has_native_bf16); subprocesses inherit it
 os.environ["LLMVALLEY_CPU_BF16"] = "0"
 
+# Under pytest-xdist each worker is one process of two on CI's two cores: one torch thread
+# each (subprocesses too), since OpenMP threads outnumbering the cores wait on each other
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -28,6 +28,12 @@ CHECKPOINT_01 = Path(__file__).parent / "data" / "checkpoint-0.1.pt"
 # factored rsqrt and mean squares, SinkGD's column norms as sums of squares); their resumed
 # runs agree to rounding, the others bit for bit
 REORDERED = {"mars", "conda", "cosmos", "namo", "namo_d", "scale", "adafactor", "sinkgd"}
+# the checkpoint's continuations were recorded where ATen runs its AVX512 kernels; its AVX2
+# kernels round a few operations differently (18 methods land 1 ulp apart after 5 steps), so
+# elsewhere every method is held to rounding (Dion's QR magnifies a 1-ulp input difference to
+# ~3e-5 of the weights' norm)
+SAME_KERNELS_AS_CHECKPOINT = torch.backends.cpu.get_cpu_capability() == "AVX512"
+REORDERED_TOLERANCE = {"dion": 1e-4}
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -51,8 +57,9 @@ def test_checkpoint_written_by_0_1_resumes(name, checkpoint_01):
     train(model, opt, 5, 5)
     for key, value in model.state_dict().items():
         ref = entry["after_5_more"][key]
-        if name in REORDERED:
-            assert (value - ref).norm() <= 1e-5 * ref.norm(), (name, key)
+        if name in REORDERED or not SAME_KERNELS_AS_CHECKPOINT:
+            tolerance = REORDERED_TOLERANCE.get(name, 1e-5)
+            assert (value - ref).norm() <= tolerance * ref.norm(), (name, key)
         else:
             assert torch.equal(value, ref), (name, key)
 

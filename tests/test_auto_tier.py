@@ -84,12 +84,26 @@ def test_fused_and_explicit_fused_false_stay_as_asked(monkeypatch):
 
 
 def test_chains_that_do_not_compile_whole_stay_eager(monkeypatch):
-    """Prodigy's statistics are shared over groups: its chain runs eagerly in the compiled
-    tier, so ``"auto"`` keeps it on the foreach tier."""
+    """DoG keeps Python-float state without a prelude: its transform runs eagerly in the
+    compiled tier, so ``"auto"`` keeps the chain on the foreach tier."""
     monkeypatch.setenv(auto_tier.ENV, "1")
-    graphs, got, _ = graphs_per_step("prodigy", 4)
+    graphs, got, _ = graphs_per_step("dog", 4)
     assert graphs == [0] * 4
-    assert_close(got, foreach_run("prodigy", 4), exact=True)
+    assert_close(got, foreach_run("dog", 4), exact=True)
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam"])
+def test_shared_statistics_compile_both_passes(monkeypatch, name):
+    """Prodigy's and D-Adapt Adam's sums run over every group, in the shell's two passes;
+    both passes compile (their float state is read and advanced in preludes), so ``"auto"``
+    moves them to the compiled tier too, with the foreach tier's results."""
+    monkeypatch.setenv(auto_tier.ENV, str(2 * numel(float64_model())))
+    graphs, got, opt = graphs_per_step(name, 7, weight_decay=0.1)
+    assert graphs[:3] == [0, 0, 0] and graphs[-1] > 0, graphs
+    assert graphs[-1] == graphs[-2], graphs  # later steps reuse the graphs: d is a tensor
+    assert_close(got, foreach_run(name, 7, weight_decay=0.1))
+    layouts = compile_stats(opt).segments[name]
+    assert all(kind == "compiled" for layout in layouts for kind, _ in layout), layouts
 
 
 def test_a_resumed_run_switches_at_the_same_step(monkeypatch):

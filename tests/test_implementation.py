@@ -160,7 +160,7 @@ def test_compiled_float32_matches_foreach():
 
 
 # ---- no recompilation ---------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["adamw", "lion"])
+@pytest.mark.parametrize("name", ["adamw", "lion", "prodigy", "dadapt_adam"])
 def test_lr_schedule_and_next_step_do_not_recompile(name):
     """One compilation: the graphs compiled at the first compiled step serve every later
     step, with the learning rate changed by a scheduler at each one."""
@@ -198,6 +198,11 @@ def test_segments_report_what_runs_eagerly():
         ("compiled", ("ScaleByAdam", "CoupledWeightDecay", "ScheduleFree", "write"))]]
     _, opt = run("adamw", "compiled", steps=2)
     assert compile_stats(opt).segments["adamw"] == [[("compiled", ("ScaleByAdam", "write"))]]
+    # statistics shared over groups: both of the shell's passes compile (Prodigy's float
+    # state is read before the gathering kernel and advanced before the second one)
+    _, opt = run("prodigy", "compiled", steps=3)
+    assert compile_stats(opt).segments["prodigy"] == [
+        [("compiled", ("ProdigyStep.gather",))], [("compiled", ("ProdigyStep", "write"))]]
 
 
 # ---- TAM: its torque is a tensor slot, computed without a host sync -----------------------

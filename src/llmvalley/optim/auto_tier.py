@@ -17,7 +17,8 @@ The rule, for a group with ``implementation="auto"`` that does not run a fused k
   checked on a GPU; ask for ``implementation="compiled"`` there), its parameters are not
   sharded (DTensor), and the step is not itself being traced by ``torch.compile``;
 - the whole chain compiles as one segment (no transform runs eagerly between compiled
-  pieces: element-wise recipes; see :mod:`llmvalley.optim.compiled`);
+  pieces: element-wise recipes; see :mod:`llmvalley.optim.compiled`), or as the two compiled
+  passes of a shared-statistics step (Prodigy, D-Adapt Adam);
 - the group holds at least :data:`MIN_NUMEL` (2^20) elements: below that, the compiled
   call's fixed cost (guards over every tensor, about a millisecond on CPU) eats most of the
   gain (measured on nano, 0.9M parameters: lion 1.02x its eager step, nadam 0.44x; micro,

@@ -22,8 +22,14 @@ What is compiled, and what is not:
 - inside a segment, what dynamo cannot trace (a host sync such as ``.item()``, a random
   generator) is a graph break: that piece runs eagerly and the rest stays compiled
   (:func:`compile_stats` counts the graphs);
-- groups with statistics shared over every group (Prodigy, D-Adaptation, MoMo) run their
-  chain in the shell's two passes, eagerly; only their parameter write is compiled;
+- groups with statistics shared over every group run in the shell's two passes. Where the
+  shared transform declares ``compiled_gather`` (Prodigy, D-Adapt Adam) both passes compile:
+  the chain up to it with its ``gather`` (:func:`compiled_gather`), then, once the sums over
+  every group are known (one host sync per sum and step), the rest with the write
+  (:func:`compiled_finish`); their float state (``d``) is read in a ``gather_prelude`` and
+  advanced in the ``prelude``, eagerly, and reaches the kernels as 0-d tensors. Otherwise
+  (MoMo, Ranger21's stable weight decay) the chain runs eagerly and only the parameter write
+  is compiled;
 - a group holding a 0-d float64 CPU tensor runs eagerly: inductor (torch 2.13, CPU) drops
   in-place updates of 0-d float64 inputs (:func:`_zero_dim_float64_cpu`);
 - 8-/4-bit slots (``state_precision="int8"/"int4"``, adamw8bit, adamw4bit) are decoded before
@@ -37,9 +43,9 @@ schedule does not recompile a chain that does not read ``lr`` itself. Other hype
 are Python floats that dynamo specialises (``torch._foreach_*`` scalar arguments cannot be
 symbolic in torch 2.13): changing one recompiles that segment once per new value, up to
 dynamo's ``recompile_limit`` per segment (then the segment runs eagerly, still exact).
-Chains that read ``lr`` inside a compiled segment (Prodigy-style, MoMo, Ranger21 and a few
-others) recompile on an lr change for the same reason; schedule-free and LaProp read it in
-their preludes, so they do not.
+Chains that read ``lr`` inside a compiled segment (MoMo, Ranger21 and a few others)
+recompile on an lr change for the same reason; schedule-free, LaProp, Prodigy and D-Adapt
+Adam read it in their preludes, so they do not.
 
 Step powers: a bias correction ``1 - beta**t`` of the symbolic step would be a ``pow``
 evaluated inside the kernel's loop, once per vector of elements (on CPU that made the compiled
@@ -67,7 +73,13 @@ from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
 from llmvalley.optim.state import ABSMAX, QUANTIZED
-from llmvalley.optim.transforms.base import PowerTable, StepContext, StepPlan, Transform
+from llmvalley.optim.transforms.base import (
+    PowerTable,
+    StepContext,
+    StepPlan,
+    Transform,
+    prelude_key,
+)
 from llmvalley.optim.transforms.combine import KeyMap, call_bound, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
 
@@ -146,6 +158,104 @@ def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
         done = True
     finally:
         _repack_quantized(ctx, held, done)
+
+
+def shared_compiles(chain: Sequence[Transform], barrier: int, group: Mapping[str, Any],
+                    ctx: StepContext) -> bool:
+    """Whether the compiled tier compiles both passes of a shared-statistics group (the
+    transforms before ``chain[barrier]`` and its :meth:`~.Transform.gather`, then the rest
+    and the write): every top-level transform compiles and the barrier declares
+    :attr:`~.Transform.compiled_gather`. Otherwise the chain runs eagerly and only the write
+    is compiled (MoMo, Ranger21's stable weight decay)."""
+    return chain[barrier].compiled_gather and not _zero_dim_float64_cpu(ctx) \
+        and all(_compilable(t, group, ctx) for t in chain)
+
+
+def compiled_gather(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
+                    barrier: int) -> tuple[list[Tensor], dict[str, Any]]:
+    """The first pass of a shared-statistics group on the compiled tier: the chain up to
+    ``chain[barrier]`` and that transform's :meth:`~.Transform.gather`, compiled as one
+    function (its float inputs from :meth:`~.Transform.gather_prelude`, run eagerly first).
+    Returns the updates that reach the barrier and the group's sums (0-d tensors). The group's
+    first step, and the first this process sees, run eagerly, recording the step powers both
+    passes read (:func:`compiled_finish` completes the record)."""
+    spec = optimizer.spec(group)
+    chain, keys = chain_and_keys(spec, group)
+    key = _key(spec.name, chain, ctx)
+    bases = _BASES.setdefault(optimizer, {})
+    t = chain[barrier]
+    if ctx.created or key not in bases:
+        recorder = ctx.power_table = _PowerRecorder()
+        updates = run_chain(chain[:barrier], ctx, ctx.grads, keys)
+        part = call_bound(t, ctx, keys, t.gather, updates)
+        ctx.power_table = None
+        ctx.stash[_RECORDER] = recorder
+        return updates, part
+    fns = _ENTRIES.setdefault(optimizer, {})
+    fkey = (*key, "gather")
+    stats = compile_stats(optimizer)
+    if fkey not in fns:
+        stats.functions += 1
+        fns[fkey] = torch.compile(_fresh_copy(_gather_step, f"{spec.name}_{stats.functions}"),
+                                  backend=_counting_backend(stats))
+        layout = [("compiled", (*(type(x).__name__ for x in chain[:barrier]),
+                                f"{type(t).__name__}.gather"))]
+        if layout not in stats.segments.setdefault(spec.name, []):
+            stats.segments[spec.name].append(layout)
+    device = ctx.grads[0].device
+    steps = list(ctx.steps)
+    before, start = stats.graphs, time.perf_counter()
+    ctx.power_table = _power_table(bases[key], steps, device)
+    ctx.preludes = _preludes(chain[:barrier], ctx, keys, device) or {}
+    ctx.preludes.update(_preludes([t], ctx, keys, device, gather=True) or {})
+    try:
+        with torch.compiler.config.patch(dynamic_sources=STEP_SOURCES):
+            updates, part = fns[fkey](tuple(chain[:barrier]), t, keys, ctx, ctx.grads, steps)
+    finally:
+        ctx.power_table = ctx.preludes = None
+    if stats.graphs != before:
+        stats.seconds += time.perf_counter() - start
+        optimizer.compile_seconds = stats.seconds
+    return updates, part
+
+
+def _gather_step(transforms: tuple[Transform, ...], barrier: Transform, keys: KeyMap,
+                 ctx: StepContext, updates: list[Tensor], steps: list[int]
+                 ) -> tuple[list[Tensor], dict[str, Any]]:
+    """What :func:`compiled_gather` compiles."""
+    ctx.steps = steps  # the symbolic step counts (STEP_SOURCES)
+    updates = run_chain(transforms, ctx, updates, keys)
+    return updates, call_bound(barrier, ctx, keys, barrier.gather, updates)
+
+
+def compiled_finish(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
+                    barrier: int, updates: list[Tensor], working: list[Tensor]) -> None:
+    """The second pass of a shared-statistics group on the compiled tier (``ctx.totals``
+    set): the chain from ``chain[barrier]`` on (its :meth:`~.Transform.prelude`, which reads
+    the totals, runs eagerly first) and the parameter write, compiled as one function."""
+    spec = optimizer.spec(group)
+    chain, keys = chain_and_keys(spec, group)
+    decay = spec.decay_for(group)
+    form, scaled = decay.form, decay.scaled(group)
+    key = _key(spec.name, chain, ctx)
+    recorder = ctx.stash.pop(_RECORDER, None)
+    if recorder is not None:  # the eager step that records the powers
+        from llmvalley.optim.shell import apply_step
+
+        ctx.power_table = recorder
+        directions = run_chain(chain[barrier:], ctx, updates, keys)
+        ctx.power_table = None
+        apply_step(working, directions, ctx.plan, float(group["lr"]), form, scaled)
+        _BASES.setdefault(optimizer, {})[key] = frozenset(recorder.bases)
+        return
+    segments = _segments(optimizer, (*key, "finish"), spec.name, chain[barrier:], group, ctx,
+                         write=True)
+    _run(optimizer, segments, keys, ctx, updates, working, group, form, scaled,
+         _BASES[optimizer][key])
+
+
+#: where :func:`compiled_gather` leaves its power recorder for :func:`compiled_finish`
+_RECORDER = "compiled_power_recorder"
 
 
 #: a quantized slot decoded for a compiled step: its state dict, key, slot spec, codes and
@@ -266,22 +376,25 @@ def _power_table(bases: frozenset[float], steps: list[int], device: torch.device
     return PowerTable(steps, table)
 
 
-def has_prelude(t: Transform) -> bool:
+def has_prelude(t: Transform, gather: bool = False) -> bool:
     """Whether ``t`` computes per-step numbers from float state in a
-    :meth:`~llmvalley.optim.transforms.base.Transform.prelude`."""
+    :meth:`~llmvalley.optim.transforms.base.Transform.prelude` (``gather``: in a
+    :meth:`~llmvalley.optim.transforms.base.Transform.gather_prelude`)."""
+    if gather:
+        return type(t).gather_prelude is not Transform.gather_prelude
     return type(t).prelude is not Transform.prelude
 
 
 def _preludes(transforms: Sequence[Transform], ctx: StepContext, keys: KeyMap,
-              device: torch.device) -> dict[int, dict[str, list[Any]]] | None:
-    """The preludes of a compiled segment's transforms, run eagerly now (advancing their
-    float state), floats as 0-d float64 tensors (equal values share one; other values, such
-    as flags, stay Python values)."""
-    out: dict[int, dict[str, list[Any]]] = {}
+              device: torch.device, gather: bool = False) -> dict[Any, dict[str, list[Any]]] | None:
+    """The preludes of a compiled segment's transforms (``gather``: their gather preludes),
+    run eagerly now (advancing their float state), floats as 0-d float64 tensors (equal
+    values share one; other values, such as flags, stay Python values)."""
+    out: dict[Any, dict[str, list[Any]]] = {}
     for t in transforms:
-        if not has_prelude(t):
+        if not has_prelude(t, gather):
             continue
-        values = call_bound(t, ctx, keys, t.prelude)
+        values = call_bound(t, ctx, keys, t.gather_prelude if gather else t.prelude)
         made: dict[float, Tensor] = {}
         for name, items in values.items():
             row = []
@@ -292,7 +405,7 @@ def _preludes(transforms: Sequence[Transform], ctx: StepContext, keys: KeyMap,
                     v = made[v]
                 row.append(v)
             values[name] = row
-        out[id(t)] = values
+        out[prelude_key(t, gather)] = values
     return out or None
 
 
@@ -346,7 +459,7 @@ def _zero_dim_float64_cpu(ctx: StepContext) -> bool:
 
 def _compilable(t: Transform, group: Mapping[str, Any], ctx: StepContext) -> bool:
     """Whether top-level transform ``t`` (with what it contains) runs in a compiled segment."""
-    if t.shared_stats or getattr(t, "compiled", True) is False:
+    if (t.shared_stats and not t.compiled_gather) or getattr(t, "compiled", True) is False:
         return False
     for i, shape in enumerate(ctx.shapes):
         for owner, slot in chain_slots([t], shape, group, ctx.name(i)):
@@ -398,7 +511,7 @@ def write_step(params: list[Tensor], directions: list[Tensor], plan: StepPlan, l
     for p, u, s, mult, absolute, wd, rate in zip(params, directions, plan.scale, plan.lr_mult,
                                                  plan.absolute, plan.weight_decay,
                                                  plan.decay_rate):
-        lr_p = lr if mult == 1.0 else lr * mult
+        lr_p = lr if type(mult) is float and mult == 1.0 else lr * mult
         # a tensor decay (AdamP's ratio chosen on the device) is always applied: no host sync
         decays = isinstance(wd, Tensor) or wd != 0
         if decays and form == "decoupled":
@@ -429,4 +542,5 @@ def _shrink(p: Tensor, wd: float, rate: Any, lr: Tensor | None) -> None:
         p.mul_(1 - wd)
 
 
-__all__ = ["CompileStats", "compile_stats", "compiled_apply", "compiled_step", "write_step"]
+__all__ = ["CompileStats", "compile_stats", "compiled_apply", "compiled_finish",
+           "compiled_gather", "compiled_step", "shared_compiles", "write_step"]

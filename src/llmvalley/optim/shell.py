@@ -75,7 +75,7 @@ from llmvalley.optim.sharded import (
 )
 from llmvalley.optim.spec import SHELL_DEFAULTS, SHELL_KEYS, OptimizerSpec, spec_from_chain
 from llmvalley.optim.state import ABSMAX, Codec, stochastic_round
-from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform
+from llmvalley.optim.transforms.base import StepContext, StepPlan, Transform, float_totals
 from llmvalley.optim.transforms.combine import call_bound, chain_paths, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
 
@@ -689,8 +689,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                      loss: Tensor | None, norms: GradNorms, reduce: bool = False) -> None:
         """A step in two passes for methods whose statistics sum over every group: each
         group's chain runs up to its shared-stats transform, which gathers; the sums go to
-        every group as ``ctx.totals``, and the chains finish. With ``reduce`` (sharded
-        parameters) the sums are also taken over every rank."""
+        every group as ``ctx.totals`` (Python floats: one host sync per sum), and the chains
+        finish. With ``reduce`` (sharded parameters) the sums are also taken over every rank.
+        On the compiled tier (and ``"auto"``'s, once it compiles) both passes are compiled
+        when the transform allows it (:func:`~llmvalley.optim.compiled.shared_compiles`)."""
         staged, parts = [], []
         for group, params in work:
             if not params:
@@ -701,21 +703,74 @@ class ChainOptimizer(torch.optim.Optimizer):
                 continue
             ctx, working = self._begin(group, params, loss, norms)
             chain, keys = self._chain(group), ctx.keymap
-            updates = run_chain(chain[:b], ctx, ctx.grads, keys)
-            parts.append(call_bound(chain[b], ctx, keys, chain[b].gather, updates))
-            staged.append((group, params, ctx, working, chain, keys, b, updates))
+            fast = self._shared_compiled(group, params, ctx, b)
+            if fast:
+                from llmvalley.optim.compiled import compiled_gather
+
+                fast, result = self._guarded(group, ctx, compiled_gather, self, group, ctx, b)
+                if fast:
+                    updates, part = result
+            if not fast:
+                updates = run_chain(chain[:b], ctx, ctx.grads, keys)
+                part = call_bound(chain[b], ctx, keys, chain[b].gather, updates)
+            parts.append(part)
+            staged.append((group, params, ctx, working, chain, keys, b, updates, fast))
         totals: dict[str, Any] = {}
         for part in parts:
             for k, v in part.items():
                 totals[k] = totals[k] + v if k in totals else v
         if reduce:
             totals = _sum_over_ranks(totals)
-        for group, params, ctx, working, chain, keys, b, updates in staged:
+        totals = float_totals(totals)
+        for group, params, ctx, working, chain, keys, b, updates, fast in staged:
             ctx.totals = totals
-            directions = run_chain(chain[b:], ctx, updates, keys)
+            if fast:
+                from llmvalley.optim.compiled import compiled_finish
+
+                fast, _ = self._guarded(group, ctx, compiled_finish, self, group, ctx, b,
+                                        updates, working)
+            if not fast:
+                directions = run_chain(chain[b:], ctx, updates, keys)
+                self._apply(group, ctx, working, directions)
             ctx.totals = None
-            self._apply(group, ctx, working, directions)
             self._write_back(group, params, working, ctx.codec)
+
+    def _shared_compiled(self, group: dict[str, Any], params: list[Tensor], ctx: StepContext,
+                         barrier: int) -> bool:
+        """Whether a shared-statistics group's two passes run compiled this step: on the
+        compiled tier, or ``"auto"`` once :mod:`~llmvalley.optim.auto_tier` compiles it."""
+        from llmvalley.optim.compiled import shared_compiles
+
+        chain = self._chain(group)
+        if group.get("implementation") == "compiled":
+            known = self.__dict__.setdefault("_shared_layouts", {})
+            key = (id(chain), group["optimizer"], tuple(ctx.shapes), tuple(ctx.dtypes))
+            if key not in known:  # the chain's slots, walked once per layout
+                known[key] = shared_compiles(chain, barrier, group, ctx)
+            return known[key]
+        if group.get("implementation", "auto") != "auto" or group.get("fused") is not None:
+            return False
+        auto = self.__dict__.get("_auto")
+        if auto is None:  # an optimizer unpickled from before the auto tier existed
+            auto = self._auto = AutoTier()
+        return chain[barrier].compiled_gather and auto.compiles(chain, group, ctx, params)
+
+    def _guarded(self, group: dict[str, Any], ctx: StepContext, fn: Callable[..., Any],
+                 *args: Any) -> tuple[bool, Any]:
+        """``(True, fn(*args))``; under ``"auto"``, a failure to compile gives
+        ``(False, None)``: the float state its preludes advanced is restored and the chain
+        stays eager from now on, with a warning (as :meth:`_auto_compiled_step`)."""
+        if group.get("implementation") == "compiled":
+            return True, fn(*args)
+        from llmvalley.optim.auto_tier import float_state, restore
+
+        saved = float_state(ctx)
+        try:
+            return True, fn(*args)
+        except Exception as e:  # noqa: BLE001 -- a compile failure: this pass runs eagerly
+            restore(ctx, saved)
+            self._auto.failed(self._chain(group), group, e)
+            return False, None
 
     # ---- train / eval iterates (schedule-free) -----------------------------------------
     def train(self, mode: bool = True) -> ChainOptimizer:

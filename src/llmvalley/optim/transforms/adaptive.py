@@ -85,7 +85,11 @@ class ScaleByAdam(Transform):
             torch._foreach_add_(denom, scalars([eps * b1 for b1 in bc1]))
             out = torch._foreach_div(m, denom)
         else:
-            torch._foreach_add_(denom, eps)
+            if isinstance(eps, Tensor):  # a prelude's number (Prodigy's d * eps), compiled
+                for x in denom:
+                    x.add_(eps)
+            else:
+                torch._foreach_add_(denom, eps)
             out = torch._foreach_div(m, denom)
             torch._foreach_mul_(out, scalars([root(b2) / b1 for b1, b2 in zip(bc1, bc2)]))
         return out

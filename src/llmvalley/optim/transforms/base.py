@@ -165,7 +165,7 @@ class StepContext:
     stash: dict[str, Any] = field(default_factory=dict)
     positions: list[int] = field(default_factory=list)
     power_table: Any = None
-    preludes: dict[int, dict[str, list[Any]]] | None = None
+    preludes: dict[Any, dict[str, list[Any]]] | None = None
 
     def __post_init__(self) -> None:
         if not self.positions:
@@ -205,14 +205,18 @@ class StepContext:
         """A hyperparameter of this group."""
         return self.group[key]
 
-    def prelude(self) -> dict[str, list[Any]]:
-        """What the calling transform's :meth:`Transform.prelude` gives this step: computed
-        now (advancing its float state), or, in a compiled segment, the 0-d tensors the
-        compiled tier computed before the kernel (equal values share one tensor)."""
-        if self.preludes is not None and id(self.transform) in self.preludes:
-            return self.preludes[id(self.transform)]
-        out = self.transform.prelude(self)
-        assert out is not None, f"{self.transform!r} has no prelude"
+    def prelude(self, gather: bool = False) -> dict[str, list[Any]]:
+        """What the calling transform's :meth:`Transform.prelude` (``gather``:
+        :meth:`Transform.gather_prelude`) gives this step: computed now (advancing its float
+        state), or, in a compiled segment, the 0-d tensors the compiled tier computed before
+        the kernel (equal values share one tensor)."""
+        key = prelude_key(self.transform, gather)
+        if self.preludes is not None and key in self.preludes:
+            return self.preludes[key]
+        assert self.transform is not None
+        t = self.transform
+        out = t.gather_prelude(self) if gather else t.prelude(self)
+        assert out is not None, f"{t!r} has no {'gather_' if gather else ''}prelude"
         return out
 
     def powers(self, base: float) -> list[Any]:
@@ -330,6 +334,11 @@ class Transform:
     #: D-Adaptation's d, MoMo's model terms): the shell calls :meth:`gather` on every group
     #: first, sums the results and hands them over as ``ctx.totals`` (top-level transforms)
     shared_stats: bool = False
+    #: a :attr:`shared_stats` transform whose :meth:`gather` and ``__call__`` trace without a
+    #: host sync (their sums stay 0-d tensors, the numbers from float state come through
+    #: :meth:`gather_prelude` and :meth:`prelude`, the latter reading ``ctx.totals``): the
+    #: compiled tier then compiles both passes of the shell's two-pass step
+    compiled_gather: bool = False
     #: each output element depends only on the same element of the inputs and of the state
     #: (no reduction over a tensor, no shape rule, no random stream), so a rank can run the
     #: transform on its own shard of a sharded parameter; chains with any other transform get
@@ -379,8 +388,16 @@ class Transform:
     def gather(self, ctx: StepContext, updates: list[Tensor]) -> dict[str, Any]:
         """This group's contributions to the shared sums (:attr:`shared_stats`), computed from
         the updates that reach the transform; it may update per-tensor slots. The shell sums
-        each key over the groups and sets ``ctx.totals`` before calling the transform."""
+        each key over the groups and sets ``ctx.totals`` (tensors as Python floats) before
+        calling the transform."""
         raise NotImplementedError
+
+    def gather_prelude(self, ctx: StepContext) -> dict[str, list[Any]] | None:
+        """The numbers :meth:`gather` reads from Python-float state (Prodigy's ``d``), as
+        :meth:`prelude` gives them to ``__call__``; read through
+        ``ctx.prelude(gather=True)``. With :attr:`compiled_gather`, the compiled tier runs
+        it eagerly before the gathering kernel."""
+        return None
 
     def curvature_due(self, step: int, group: Mapping[str, Any]) -> bool:
         """Whether the curvature estimate is wanted at ``step`` (counted from 1, the step
@@ -407,6 +424,17 @@ class Transform:
 
     def __repr__(self) -> str:
         return type(self).__name__
+
+
+def float_totals(totals: Mapping[str, Any]) -> dict[str, Any]:
+    """Shared sums (:meth:`Transform.gather`'s, summed over the groups) with 0-d tensors
+    read as Python floats: one host sync per sum and step, not one per tensor."""
+    return {k: float(v) if isinstance(v, Tensor) else v for k, v in totals.items()}
+
+
+def prelude_key(transform: Transform | None, gather: bool = False) -> Any:
+    """The key of a transform's numbers in :attr:`StepContext.preludes`."""
+    return (id(transform), "gather") if gather else id(transform)
 
 
 def numel(shape: Shape) -> int:

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, numel
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    Transform,
+    add_scaled_,
+    float_totals,
+    numel,
+)
 from llmvalley.optim.transforms.combine import Combinator, chain_paths, chain_slots, run_chain
 
 Group = Mapping[str, Any]
@@ -74,10 +82,15 @@ class ProdigyStep(Combinator):
     reference takes ``d_new`` instead of ``d_old`` in the direction, and so does this.
     State: ``s`` and ``p0`` (the sliced initial point, ``"exact"``), and group-level floats
     ``d``, ``d_max``, ``d_numerator``.
+
+    The float state is read in :meth:`gather_prelude` (before the sums) and advanced in
+    :meth:`prelude` (after them); :meth:`gather` and ``__call__`` only do tensor work, so the
+    compiled tier compiles both (:attr:`compiled_gather`).
     """
 
     slot_names = ("s", "p0", "d", "d_max", "d_numerator")
     shared_stats = True
+    compiled_gather = True
 
     def __init__(self, inner: list[Transform]) -> None:
         self.inner = list(inner)
@@ -95,44 +108,57 @@ class ProdigyStep(Combinator):
     def inner_slots(self, shape, group, name=""):
         return chain_slots(self.inner, shape, group, name)
 
-    def _rates(self, ctx: StepContext) -> tuple[float, float, float, float, int]:
-        """``(beta3, d, dlr, bc, t)`` of this step."""
-        beta1, beta2 = ctx.hp("betas")
+    @staticmethod
+    def _beta3(ctx: StepContext) -> float:
         beta3 = ctx.hp("beta3")
-        beta3 = math.sqrt(beta2) if beta3 is None else float(beta3)
+        return math.sqrt(ctx.hp("betas")[1]) if beta3 is None else float(beta3)
+
+    def _rates(self, ctx: StepContext) -> tuple[float, float, float, int]:
+        """``(d, dlr, bc, t)`` of this step (from the float state: eagerly)."""
+        beta1, beta2 = ctx.hp("betas")
         d = shared(ctx, "d")
         t = max(ctx.steps)
         bc = math.sqrt(1 - beta2**t) / (1 - beta1**t) if ctx.hp("use_bias_correction") else 1.0
-        return beta3, d, d * float(ctx.hp("lr")) * bc, bc, t
+        return d, d * float(ctx.hp("lr")) * bc, bc, t
 
-    def gather(self, ctx: StepContext, updates: list[Tensor]) -> dict[str, float]:
-        """This group's ``<g, p0 - p>`` term and ``|s|_1`` (``s`` updated); a frozen group
-        (lr 0) adds nothing, as in the reference."""
-        if float(ctx.hp("lr")) == 0.0:
-            return {"delta": 0.0, "denom": 0.0}
-        beta3, d, dlr, _, _ = self._rates(ctx)
-        d0, stride = float(ctx.hp("d0")), int(ctx.hp("slice_p"))
-        delta, denom = 0.0, 0.0
+    def gather_prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """``weight = (d / d0) dlr`` (the numerator term's factor), ``grow`` (``s``'s) and
+        whether the group is frozen (lr 0: it adds nothing, as in the reference)."""
+        d, dlr, _, _ = self._rates(ctx)
+        d0 = float(ctx.hp("d0"))
         grow = (d / d0) * (d if ctx.hp("safeguard_warmup") else dlr)
+        return {"weight": [(d / d0) * dlr], "grow": [grow],
+                "frozen": [float(ctx.hp("lr")) == 0.0]}
+
+    def gather(self, ctx: StepContext, updates: list[Tensor]) -> dict[str, Tensor]:
+        """This group's ``<g, p0 - p>`` term and ``|s|_1`` (``s`` updated), as 0-d float64
+        tensors."""
+        nums = ctx.prelude(gather=True)
+        if nums["frozen"][0]:
+            zero = updates[0].new_zeros((), dtype=torch.float64)
+            return {"delta": zero, "denom": zero}
+        weight, grow = nums["weight"][0], nums["grow"][0]
+        beta3, stride = self._beta3(ctx), int(ctx.hp("slice_p"))
+        delta: Any = 0.0
+        denom: Any = 0.0
         for p, g, s, p0, fresh in zip(ctx.params, updates, ctx.slot("s"), ctx.slot("p0"),
                                       ctx.fresh("p0")):
             p_s, g_s = p.reshape(-1)[::stride], g.reshape(-1)[::stride]
             if fresh:
                 p0.copy_(p_s)
-            delta += (d / d0) * dlr * _dot(g_s, p0 - p_s)
-            s.mul_(beta3).add_(g_s, alpha=grow)
-            denom += float(s.abs().sum())
+            delta = delta + weight * torch.dot(g_s, p0 - p_s).double()
+            add_scaled_(s.mul_(beta3), g_s, grow)
+            denom = denom + s.abs().sum().double()
         return {"delta": delta, "denom": denom}
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """The new ``d`` from the sums over every group (``ctx.totals``), with the float state
+        advanced; the numbers ``__call__`` needs."""
         beta1, beta2 = ctx.hp("betas")
-        beta3, d, _, bc, t = self._rates(ctx)
+        d, _, bc, t = self._rates(ctx)
         d0 = float(ctx.hp("d0"))
-        # the sums over every group (the shell gathers them first), or this group's alone
-        totals = ctx.totals if ctx.totals is not None else self.gather(ctx, updates)
-        delta, denom = totals["delta"], totals["denom"]
-        numerator = shared(ctx, "d_numerator") * beta3
-        n = len(updates)
+        delta, denom = ctx.totals["delta"], ctx.totals["denom"]
+        numerator = shared(ctx, "d_numerator") * self._beta3(ctx)
         d_old = d
         if denom > 0:
             numerator += delta
@@ -145,20 +171,30 @@ class ProdigyStep(Combinator):
             set_shared(ctx, "d_numerator", numerator)
             set_shared(ctx, "d", d)
             set_shared(ctx, "d_max", d_max)
-        if float(ctx.hp("lr")) == 0.0:  # a frozen group: no state update, no step
-            return [torch.zeros_like(u) for u in updates]
-        scaled = torch._foreach_mul(updates, d_old)
-        inner_ctx = ctx.subset(list(range(n)), group=Overlay(ctx.group, {"eps": d * ctx.hp("eps")}))
-        inner_ctx.plan = ctx.plan
-        out = run_chain(self.inner, inner_ctx, scaled, ctx.keymap)
-        if denom == 0:  # no gradient seen yet: the reference skips the step (moments updated)
-            ctx.plan.weight_decay = [0.0] * n
-            return [torch.zeros_like(u) for u in out]
         undo = (1 - beta1**t) / math.sqrt(1 - beta2**t)  # cancel the inner Adam's correction
         if beta1 == 0:
             undo *= d / d_old
+        return {"d_old": [d_old], "eps": [d * ctx.hp("eps")], "undo": [undo],
+                "rate": [d_old * bc], "frozen": [float(ctx.hp("lr")) == 0.0],
+                "skip": [denom == 0]}
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        if ctx.totals is None and ctx.preludes is None:  # run alone: this group's sums
+            ctx.totals = float_totals(self.gather(ctx, updates))
+        nums = ctx.prelude()
+        n = len(updates)
+        if nums["frozen"][0]:  # a frozen group: no state update, no step
+            return [torch.zeros_like(u) for u in updates]
+        scaled = torch._foreach_mul(updates, nums["d_old"][0])
+        inner_ctx = ctx.subset(list(range(n)), group=Overlay(ctx.group, {"eps": nums["eps"][0]}))
+        inner_ctx.plan = ctx.plan
+        out = run_chain(self.inner, inner_ctx, scaled, ctx.keymap)
+        if nums["skip"][0]:  # no gradient seen yet: the reference skips the step (moments updated)
+            ctx.plan.weight_decay = [0.0] * n
+            return [torch.zeros_like(u) for u in out]
+        undo, rate = nums["undo"][0], nums["rate"][0]
         ctx.plan.scale = [s * undo for s in ctx.plan.scale]
-        ctx.plan.lr_mult = [m * d_old * bc for m in ctx.plan.lr_mult]
+        ctx.plan.lr_mult = [m * rate for m in ctx.plan.lr_mult]
         return out
 
 
@@ -180,11 +216,13 @@ class DAdaptAdam(Transform):
     here rather than in :class:`~.adaptive.ScaleByAdam` because their arrangement differs:
     ``m`` accumulates ``dlr``-weighted gradients, neither moment is bias-corrected, and the
     numerator needs ``v`` before its update. State: ``s``, ``exp_avg``, ``exp_avg_sq``, and
-    group-level floats ``d`` and ``numerator_weighted``.
+    group-level floats ``d`` and ``numerator_weighted`` (read in :meth:`gather_prelude`,
+    advanced in :meth:`prelude`, so that both passes compile: :attr:`compiled_gather`).
     """
 
     slot_names = ("s", "exp_avg", "exp_avg_sq", "d", "numerator_weighted")
     shared_stats = True
+    compiled_gather = True
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
         return [SlotSpec("s", shape), SlotSpec("exp_avg", shape),
@@ -198,45 +236,59 @@ class DAdaptAdam(Transform):
         bc = math.sqrt(1 - beta2**t) / (1 - beta1**t) if ctx.hp("use_bias_correction") else 1.0
         return shared(ctx, "d") * float(ctx.hp("lr")) * bc
 
-    def gather(self, ctx: StepContext, updates: list[Tensor]) -> dict[str, float]:
-        """Update the moments and ``s``; this group's numerator term and ``r |s|_1``."""
+    def gather_prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        return {"dlr": [self._dlr(ctx)], "frozen": [not float(ctx.hp("lr")) > 0]}
+
+    def gather(self, ctx: StepContext, updates: list[Tensor]) -> dict[str, Any]:
+        """Update the moments and ``s``; this group's numerator term and ``r |s|_1`` (0-d
+        float64 tensors)."""
+        nums = ctx.prelude(gather=True)
+        if nums["frozen"][0]:
+            zero = updates[0].new_zeros((), dtype=torch.float64)
+            return {"acc": zero, "l1": zero}
         beta1, beta2 = ctx.hp("betas")
-        eps, lr, r = ctx.hp("eps"), float(ctx.hp("lr")), float(ctx.hp("layer_scale"))
-        dlr, root = self._dlr(ctx), math.sqrt(beta2)
-        acc, l1 = 0.0, 0.0
-        if lr > 0:
-            for g, m, v, s in zip(updates, ctx.slot("exp_avg"), ctx.slot("exp_avg_sq"),
-                                  ctx.slot("s")):
-                acc += r * dlr * _dot(g, s / (v.sqrt() + eps))
-                m.mul_(beta1).add_(g, alpha=r * dlr * (1 - beta1))
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                s.mul_(root).add_(g, alpha=dlr * (1 - root))
-                l1 += r * float(s.abs().sum())
+        eps, r = ctx.hp("eps"), float(ctx.hp("layer_scale"))
+        dlr, root = nums["dlr"][0], math.sqrt(beta2)
+        acc: Any = 0.0
+        l1: Any = 0.0
+        for g, m, v, s in zip(updates, ctx.slot("exp_avg"), ctx.slot("exp_avg_sq"),
+                              ctx.slot("s")):
+            acc = acc + r * dlr * torch.dot(g.reshape(-1),
+                                            (s / (v.sqrt() + eps)).reshape(-1)).double()
+            add_scaled_(m.mul_(beta1), g, r * dlr * (1 - beta1))
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            add_scaled_(s.mul_(root), g, dlr * (1 - root))
+            l1 = l1 + r * s.abs().sum().double()
         return {"acc": acc, "l1": l1}
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """The new ``d`` from the sums over every group (``ctx.totals``), with the float state
+        advanced (not while nothing has been learnt: the reference then takes no step)."""
         _, beta2 = ctx.hp("betas")
-        eps, lr = ctx.hp("eps"), float(ctx.hp("lr"))
+        lr = float(ctx.hp("lr"))
         d, dlr, root = shared(ctx, "d"), self._dlr(ctx), math.sqrt(beta2)
-        # the sums over every group (the shell gathers them first), or this group's alone
-        totals = ctx.totals if ctx.totals is not None else self.gather(ctx, updates)
-        acc, l1 = totals["acc"], totals["l1"]
+        acc, l1 = ctx.totals["acc"], ctx.totals["l1"]
+        if l1 != 0:
+            weighted = root * shared(ctx, "numerator_weighted") + (1 - root) * acc
+            d = max(d, min(weighted / ((1 - root) * l1), d * float(ctx.hp("growth_rate"))))
+            set_shared(ctx, "numerator_weighted", weighted)
+            set_shared(ctx, "d", d)
+        return {"skip": [l1 == 0], "frozen": [lr == 0], "rate": [dlr / lr if lr else 0.0]}
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        if ctx.totals is None and ctx.preludes is None:  # run alone: this group's sums
+            ctx.totals = float_totals(self.gather(ctx, updates))
+        nums = ctx.prelude()
         n = len(updates)
-        if l1 == 0:  # nothing learnt yet: the reference takes no step
+        if nums["skip"][0] or nums["frozen"][0]:  # no step (a frozen group's d still moves)
             ctx.plan.weight_decay = [0.0] * n
             return [torch.zeros_like(u) for u in updates]
-        weighted = root * shared(ctx, "numerator_weighted") + (1 - root) * acc
-        d = max(d, min(weighted / ((1 - root) * l1), d * float(ctx.hp("growth_rate"))))
-        set_shared(ctx, "numerator_weighted", weighted)
-        set_shared(ctx, "d", d)
-        if lr == 0:  # a frozen group: no step (its d follows the others')
-            ctx.plan.weight_decay = [0.0] * n
-            return [torch.zeros_like(u) for u in updates]
+        eps, rate = ctx.hp("eps"), nums["rate"][0]
         out = []
         for i, (m, v) in enumerate(zip(ctx.slot("exp_avg"), ctx.slot("exp_avg_sq"))):
             out.append(m / (v.sqrt() + eps))
             ctx.plan.absolute[i] = True  # the step ignores lr_mult; the decay rate is dlr
-            ctx.plan.lr_mult[i] = ctx.plan.lr_mult[i] * dlr / lr
+            ctx.plan.lr_mult[i] = ctx.plan.lr_mult[i] * rate
         return out
 
 

@@ -155,6 +155,17 @@ def test_a_failed_compile_runs_the_step_eagerly_and_stays_eager(broken_compiler)
                  exact=True)
 
 
+def test_a_failed_compile_of_a_shared_statistics_pass_runs_it_eagerly(broken_compiler):
+    """Prodigy's gathering pass fails to compile: Prodigy's d (read by its gather prelude)
+    is left as it was, the step runs eagerly, and the run is the foreach run exactly."""
+    model = float64_model()
+    opt = make_optimizer("prodigy", model)
+    with pytest.warns(RuntimeWarning, match="prodigy: compiling the step failed"):
+        train(model, opt, 0, 5)
+    assert_close([p.detach() for p in model.parameters()], foreach_run("prodigy", 5),
+                 exact=True)
+
+
 def test_no_compiler_keeps_auto_eager(monkeypatch):
     monkeypatch.setenv(auto_tier.ENV, "1")
     monkeypatch.setattr(auto_tier, "compile_works", lambda device: False)

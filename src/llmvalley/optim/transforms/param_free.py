@@ -60,6 +60,13 @@ class Overlay(Mapping):
         return len(set(self.group) | set(self.values))
 
 
+def each(ctx: StepContext, **values: Any) -> dict[str, list[Any]]:
+    """A prelude's group-level numbers, one copy per tensor (a prelude gives per-tensor
+    numbers; equal ones reach a compiled kernel as one 0-d tensor)."""
+    n = len(ctx.steps)
+    return {k: [v] * n for k, v in values.items()}
+
+
 def _dot(a: Tensor, b: Tensor) -> float:
     return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
@@ -127,8 +134,7 @@ class ProdigyStep(Combinator):
         d, dlr, _, _ = self._rates(ctx)
         d0 = float(ctx.hp("d0"))
         grow = (d / d0) * (d if ctx.hp("safeguard_warmup") else dlr)
-        return {"weight": [(d / d0) * dlr], "grow": [grow],
-                "frozen": [float(ctx.hp("lr")) == 0.0]}
+        return each(ctx, weight=(d / d0) * dlr, grow=grow, frozen=float(ctx.hp("lr")) == 0.0)
 
     def gather(self, ctx: StepContext, updates: list[Tensor]) -> dict[str, Tensor]:
         """This group's ``<g, p0 - p>`` term and ``|s|_1`` (``s`` updated), as 0-d float64
@@ -174,9 +180,8 @@ class ProdigyStep(Combinator):
         undo = (1 - beta1**t) / math.sqrt(1 - beta2**t)  # cancel the inner Adam's correction
         if beta1 == 0:
             undo *= d / d_old
-        return {"d_old": [d_old], "eps": [d * ctx.hp("eps")], "undo": [undo],
-                "rate": [d_old * bc], "frozen": [float(ctx.hp("lr")) == 0.0],
-                "skip": [denom == 0]}
+        return each(ctx, d_old=d_old, eps=d * ctx.hp("eps"), undo=undo, rate=d_old * bc,
+                    frozen=float(ctx.hp("lr")) == 0.0, skip=denom == 0)
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         if ctx.totals is None and ctx.preludes is None:  # run alone: this group's sums
@@ -237,7 +242,7 @@ class DAdaptAdam(Transform):
         return shared(ctx, "d") * float(ctx.hp("lr")) * bc
 
     def gather_prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
-        return {"dlr": [self._dlr(ctx)], "frozen": [not float(ctx.hp("lr")) > 0]}
+        return each(ctx, dlr=self._dlr(ctx), frozen=not float(ctx.hp("lr")) > 0)
 
     def gather(self, ctx: StepContext, updates: list[Tensor]) -> dict[str, Any]:
         """Update the moments and ``s``; this group's numerator term and ``r |s|_1`` (0-d
@@ -273,7 +278,7 @@ class DAdaptAdam(Transform):
             d = max(d, min(weighted / ((1 - root) * l1), d * float(ctx.hp("growth_rate"))))
             set_shared(ctx, "numerator_weighted", weighted)
             set_shared(ctx, "d", d)
-        return {"skip": [l1 == 0], "frozen": [lr == 0], "rate": [dlr / lr if lr else 0.0]}
+        return each(ctx, skip=l1 == 0, frozen=lr == 0, rate=dlr / lr if lr else 0.0)
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         if ctx.totals is None and ctx.preludes is None:  # run alone: this group's sums

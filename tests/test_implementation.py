@@ -141,6 +141,22 @@ def test_compiled_tier_matches_foreach(name):
     _compiled_matches_foreach(name)
 
 
+@pytest.mark.parametrize("name, hp", [
+    ("prodigy", dict(d0=1e-3, slice_p=3, safeguard_warmup=True, betas=(0.0, 0.99),
+                     weight_decay=0.1)),
+    ("dadapt_adam", dict(d0=1e-3, use_bias_correction=True, weight_decay=0.1,
+                         layer_scale=0.5)),
+])
+def test_compiled_shared_statistics_variants(name, hp):
+    """The branches of Prodigy's and D-Adapt Adam's compiled passes: Prodigy's sliced
+    statistics, safeguarded warm-up and ``beta1 = 0`` (the new ``d`` in the direction),
+    D-Adapt Adam's bias correction and layer scale, both with decoupled decay."""
+    expected, _ = run(name, "foreach", steps=5, **hp)
+    got, opt = run(name, "compiled", steps=5, **hp)
+    assert_same(name, got, expected)
+    assert compile_stats(opt).graphs > 0
+
+
 @pytest.mark.skipif(not SLOW, reason="every recipe compiles (minutes): LLMVALLEY_SLOW=1")
 @pytest.mark.parametrize("name", [n for n in ALL if n not in SUBSET])
 def test_compiled_tier_matches_foreach_every_recipe(name):

@@ -15,7 +15,7 @@ import torch
 import llmvalley
 from llmvalley.optim.compiled import compile_stats
 from llmvalley.optim.spec import execution_tier
-from tests.helpers import TEST_HPARAMS, make_model, make_optimizer, train
+from tests.helpers import TEST_HPARAMS, loss_fn, make_model, make_optimizer, train
 
 #: element-wise, factored, matrix (Newton-Schulz), rotated (eigenbases), shared-statistics
 #: and float-state recipes: each path through the compiled tier
@@ -80,6 +80,9 @@ def test_fused_tier_needs_a_kernel():
     ("adamw", {"cautious": True}, "foreach"),  # the kernel computes the plain method only
     ("adamw", {"implementation": "compiled"}, "compiled"),
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),
+    ("sgd", {}, "fused"),
+    ("adagrad", {}, "fused"),
+    ("sgd", {"implementation": "foreach"}, "foreach"),
     ("lion", {}, "foreach"),  # auto starts eager (auto_tier moves long runs to compiled)
     ("lion", {"implementation": "compiled"}, "compiled"),
     ("muon", {"implementation": "foreach"}, "foreach"),
@@ -99,13 +102,38 @@ def test_every_recipe_accepts_every_tier_it_can_run():
 
 
 # ---- results: every tier gives the foreach tier's ---------------------------------------
-@pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_fused_tier_matches_foreach(name):
-    expected, _ = run(name, "foreach", weight_decay=0.1)
-    fused, _ = run(name, "fused", weight_decay=0.1)
-    auto, _ = run(name, "auto", weight_decay=0.1)
+@pytest.mark.parametrize("name, hp", [
+    ("adam", {}),
+    ("adamw", {}),
+    ("sgd", {}),  # no momentum buffer
+    ("sgd", {"momentum": 0.9, "dampening": 0.1}),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "maximize": True}),
+    ("adagrad", {"lr_decay": 0.05, "initial_accumulator_value": 0.1}),
+])
+def test_fused_tier_matches_foreach(name, hp):
+    expected, _ = run(name, "foreach", weight_decay=0.1, **hp)
+    fused, _ = run(name, "fused", weight_decay=0.1, **hp)
+    auto, _ = run(name, "auto", weight_decay=0.1, **hp)
     assert_same(name, fused, expected)
     assert_same(name, auto, expected)
+
+
+def test_fused_sgd_starts_a_new_momentum_buffer_as_the_update():
+    """A parameter that gets its first gradient late starts its buffer then (the kernel runs
+    once for new buffers, once for the others), as the foreach chain does."""
+    out = []
+    for impl in ("foreach", "fused"):
+        model = float64_model()
+        opt = make_optimizer("sgd", model, implementation=impl, momentum=0.9, dampening=0.1)
+        for step in range(5):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, step).backward()
+            if step < 2:
+                model.up_proj.weight.grad = None  # no gradient yet: no step, no buffer
+            opt.step()
+        assert "momentum_buffer" in opt.state[model.up_proj.weight]
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert_same("sgd", *out)
 
 
 def _compiled_matches_foreach(name: str) -> None:

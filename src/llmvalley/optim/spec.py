@@ -214,9 +214,10 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     """The tier a group runs in: ``"foreach"``, ``"compiled"`` or ``"fused"``.
 
     ``implementation="auto"`` (default) is the fastest tier that is exact and never compiles
-    on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw) and no shell
-    option changes the chain or its storage, else ``"foreach"`` (on CPU run in cache-sized
-    blocks where the chain allows, :mod:`llmvalley.optim.blocked`), which the shell
+    on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw, sgd, adagrad:
+    :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its storage, else
+    ``"foreach"`` (on CPU run in cache-sized blocks where the chain allows,
+    :mod:`llmvalley.optim.blocked`), which the shell
     moves to the compiled tier once the group has run long enough for the compile to pay
     (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's
     ``fused`` hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is
@@ -245,7 +246,8 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
         if spec.fused is None:
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
-                "kernel (adam and adamw have one); use 'auto', 'foreach' or 'compiled'")
+                "kernel (adam, adamw, sgd and adagrad have one); use 'auto', 'foreach' or "
+                "'compiled'")
         if not is_plain(group):
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': the fused kernel computes the "

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from llmvalley.optim.fused import fused_adam
 from llmvalley.optim.recipes.common import require_betas
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms import (
@@ -20,59 +19,6 @@ from llmvalley.optim.transforms import (
     ScaleByLaProp,
     ScaleByNAdam,
 )
-from llmvalley.optim.transforms.base import StepContext
-
-FUSED_DEVICES = ("cpu", "cuda")
-_ADAM = ScaleByAdam()  # declares the slots the fused kernel updates
-
-
-def _fused_adam(decoupled: bool):
-    """Fast path: torch's fused Adam/AdamW kernel, which computes exactly the chain and the
-    step: the ``"fused"`` execution tier (:func:`~llmvalley.optim.spec.execution_tier`), which
-    ``implementation="auto"`` picks. Not used with ``fused=False`` or
-    ``implementation="foreach"``/``"compiled"``, when a shell option changes the chain or its
-    storage, or when the tensors are not all on one CPU/CUDA device in one floating dtype (then
-    the foreach chain runs); the differential tests run both paths.
-    """
-
-    def run(ctx: StepContext) -> bool:
-        group = ctx.group
-        if group["fused"] is False or group.get("implementation") in ("foreach", "compiled"):
-            return False
-        first = ctx.params[0]
-        if first.device.type not in FUSED_DEVICES or not first.is_floating_point():
-            return False
-        for p, g in zip(ctx.params, ctx.grads):
-            if p.dtype != first.dtype or g.dtype != first.dtype or p.device != first.device:
-                return False
-            if not (p.is_contiguous() and g.is_contiguous()):  # the kernel assumes dense
-                return False
-        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        amsgrad = group["amsgrad"]
-        beta1, beta2 = group["betas"]
-        steps = {t: torch.tensor(float(t), device=first.device) for t in set(ctx.steps)}
-        slots = ctx.bind(_ADAM, {})
-        kernel(
-            ctx.params,
-            ctx.grads,
-            slots.slot("exp_avg"),
-            slots.slot("exp_avg_sq"),
-            slots.slot("max_exp_avg_sq") if amsgrad else [],
-            [steps[t] for t in ctx.steps],
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            amsgrad=amsgrad,
-            maximize=False,
-            grad_scale=None,
-            found_inf=None,
-        )
-        return True
-
-    return run
-
 
 ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, fused=None)
 
@@ -117,14 +63,14 @@ SPECS = [
         defaults=dict(ADAM_DEFAULTS, weight_decay=0.0),
         build=lambda g: [ScaleByAdam()],
         decay=Decay("coupled"),
-        fused=_fused_adam(decoupled=False),
+        fused=fused_adam(decoupled=False),
         check=require_betas("adam", 2),
     ),
     OptimizerSpec(
         name="adamw",
         defaults=dict(ADAM_DEFAULTS, weight_decay=1e-2),
         build=lambda g: [ScaleByAdam()],
-        fused=_fused_adam(decoupled=True),
+        fused=fused_adam(decoupled=True),
         check=require_betas("adamw", 2),
     ),
     _low_bit_adamw("adamw8bit", "int8"),

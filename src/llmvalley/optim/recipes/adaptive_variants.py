@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from llmvalley.optim.fused import fused_adagrad
 from llmvalley.optim.recipes.common import require_betas, require_flag, require_number
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
@@ -153,6 +154,7 @@ SPECS = [
                       eps=1e-10),
         build=lambda g: [ScaleByAdagrad()],
         decay=Decay("coupled"),
+        fused=fused_adagrad,
         check=_all(_number("adagrad", "lr_decay", lambda v: v >= 0, "a finite number >= 0"),
                    _number("adagrad", "initial_accumulator_value", lambda v: v >= 0,
                            "a finite number >= 0")),

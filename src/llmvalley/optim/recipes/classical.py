@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmvalley.optim.fused import fused_sgd
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms import HeavyBall
 
@@ -19,6 +20,7 @@ SPECS = [
         defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0),
         build=lambda g: [HeavyBall()],
         decay=Decay("coupled"),
+        fused=fused_sgd,
         check=_check_sgd,
     ),
 ]

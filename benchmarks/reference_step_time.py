@@ -74,7 +74,10 @@ def references() -> dict[str, tuple[dict, Factory]]:
 
     rank = dict(rank=128, update_proj_gap=200)
     return {
-        "adagrad": ({}, plain(lambda ps: torch.optim.Adagrad(ps, lr=1e-3, foreach=True))),
+        # torch's fused kernels (ours runs the same ones by default: llmvalley.optim.fused)
+        "sgd": ({"momentum": 0.9},
+                plain(lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, fused=True))),
+        "adagrad": ({}, plain(lambda ps: torch.optim.Adagrad(ps, lr=1e-3, fused=True))),
         "rmsprop": ({}, plain(lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True))),
         "adamp": ({}, plain(lambda ps: adamp.AdamP(ps, lr=1e-3))),
         "sgdp": ({"momentum": 0.9}, plain(lambda ps: adamp.SGDP(ps, lr=1e-3, momentum=0.9))),

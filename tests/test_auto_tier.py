@@ -143,26 +143,17 @@ def broken_compiler(monkeypatch):
     monkeypatch.setenv(auto_tier.ENV, "1")
 
 
-def test_a_failed_compile_runs_the_step_eagerly_and_stays_eager(broken_compiler):
+@pytest.mark.parametrize("name", ["nadam", "prodigy"])
+def test_a_failed_compile_runs_the_step_eagerly_and_stays_eager(broken_compiler, name):
     """A compile error is not the user's problem under "auto": the step runs on the foreach
-    tier (NAdam's prelude-advanced momentum product restored first, so the numbers are the
-    foreach run's exactly), a warning says so, and the group never tries again."""
+    tier (the float state a prelude advanced restored first: NAdam's momentum product;
+    Prodigy's gathering pass, which fails first, only reads its d), a warning says so, the
+    group never tries again, and the run is the foreach run exactly."""
     model = float64_model()
-    opt = make_optimizer("nadam", model)
-    with pytest.warns(RuntimeWarning, match="nadam: compiling the step failed"):
+    opt = make_optimizer(name, model)
+    with pytest.warns(RuntimeWarning, match=f"{name}: compiling the step failed"):
         train(model, opt, 0, 6)
-    assert_close([p.detach() for p in model.parameters()], foreach_run("nadam", 6),
-                 exact=True)
-
-
-def test_a_failed_compile_of_a_shared_statistics_pass_runs_it_eagerly(broken_compiler):
-    """Prodigy's gathering pass fails to compile: Prodigy's d (read by its gather prelude)
-    is left as it was, the step runs eagerly, and the run is the foreach run exactly."""
-    model = float64_model()
-    opt = make_optimizer("prodigy", model)
-    with pytest.warns(RuntimeWarning, match="prodigy: compiling the step failed"):
-        train(model, opt, 0, 5)
-    assert_close([p.detach() for p in model.parameters()], foreach_run("prodigy", 5),
+    assert_close([p.detach() for p in model.parameters()], foreach_run(name, 6),
                  exact=True)
 
 

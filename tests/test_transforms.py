@@ -394,6 +394,24 @@ def test_scale_by_adam_first_moment_input(eps_form):
     assert "exp_avg" not in res.states[0]
 
 
+def test_scale_by_adam_without_bias_correction():
+    """``debias=False`` (Prodigy's inner Adam): ``m / (sqrt(v) + eps)`` on the uncorrected
+    moments, the same for both epsilon forms."""
+    group = dict(betas=(0.9, 0.95), eps=1e-4)
+    grads = make_tensors(ALL, STEPS, seed=10)
+
+    def ref(us):
+        m, v, out = torch.zeros_like(us[0]), torch.zeros_like(us[0]), []
+        for u in us:
+            m, v = 0.9 * m + 0.1 * u, 0.95 * v + 0.05 * u * u
+            out.append(m / (v.sqrt() + 1e-4))
+        return out
+
+    for eps_form in ("torch", "hf"):
+        res = run([ScaleByAdam(eps_form, debias=False)], grads, group)
+        assert_close(res.dirs, per_tensor(ref, grads))
+
+
 def test_scale_by_adam_tensors_at_different_steps():
     """Bias corrections per tensor when tensors are at different steps (list scalars)."""
     group = dict(betas=(0.8, 0.9), eps=1e-6)

@@ -120,7 +120,7 @@ SPECS = [
         defaults=dict(lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0,
                       decouple=True, use_bias_correction=False, safeguard_warmup=False,
                       d0=1e-6, d_coef=1.0, growth_rate=float("inf"), slice_p=1),
-        build=lambda g: [ProdigyStep([ScaleByAdam(eps_form="hf")])],
+        build=lambda g: [ProdigyStep([ScaleByAdam(debias=False)])],
         decay=lambda g: Decay("decoupled" if g["decouple"] else "coupled"),
         check=_check_d_adapted("prodigy"),
     ),

@@ -29,6 +29,17 @@ from llmvalley.optim.transforms.base import (
 Group = Mapping[str, Any]
 
 
+def add_each_(tensors: list[Tensor], value: Any) -> None:
+    """``t += value`` for each tensor; a 0-d tensor ``value`` (a prelude's number in a compiled
+    step, such as Prodigy's ``d * eps``) tensor by tensor: given to ``torch._foreach_add_``,
+    dynamo specialises it and recompiles at every new value."""
+    if isinstance(value, Tensor):
+        for t in tensors:
+            t.add_(value)
+    else:
+        torch._foreach_add_(tensors, value)
+
+
 class ScaleByAdam(Transform):
     """Adam's bias-corrected first moment over the root of the second moment.
 
@@ -38,18 +49,21 @@ class ScaleByAdam(Transform):
     the EMA of the squared *gradient* (``ctx.grads``, projected when run inside a basis) and
     no ``bc1`` applies. State: ``exp_avg`` (``ema`` only), ``exp_avg_sq`` and, with
     ``group["amsgrad"]``, ``max_exp_avg_sq`` (the running maximum of the uncorrected second
-    moment, as torch.optim.Adam).
+    moment, as torch.optim.Adam). ``debias=False``: ``m / (sqrt(v) + eps)``, neither moment
+    corrected (Prodigy, whose own rate carries the correction).
     """
 
     elementwise = True
 
-    def __init__(self, eps_form: str = "torch", first_moment: str = "ema") -> None:
+    def __init__(self, eps_form: str = "torch", first_moment: str = "ema",
+                 debias: bool = True) -> None:
         if eps_form not in ("torch", "hf"):
             raise ValueError(f"eps_form must be 'torch' or 'hf', got {eps_form!r}")
         if first_moment not in ("ema", "input"):
             raise ValueError(f"first_moment must be 'ema' or 'input', got {first_moment!r}")
         self.eps_form = eps_form
         self.first_moment = first_moment
+        self.debias = debias
         own = ("exp_avg",) if first_moment == "ema" else ()
         self.slot_names = (*own, "exp_avg_sq", "max_exp_avg_sq")
 
@@ -77,19 +91,18 @@ class ScaleByAdam(Transform):
         if ctx.group.get("amsgrad", False):
             second = ctx.slot("max_exp_avg_sq")
             torch._foreach_maximum_(second, v)
-        bc2 = [1 - p for p in ctx.powers(beta2)]
         denom = torch._foreach_sqrt(second)
+        if not self.debias:  # m / (sqrt(v) + eps): the caller scales the step itself
+            add_each_(denom, eps)
+            return torch._foreach_div(m, denom)
+        bc2 = [1 - p for p in ctx.powers(beta2)]
         if self.eps_form == "torch":
             # (m / bc1) / (sqrt(v / bc2) + eps) with bc1 folded into the denominator
             torch._foreach_mul_(denom, scalars([b1 / root(b2) for b1, b2 in zip(bc1, bc2)]))
             torch._foreach_add_(denom, scalars([eps * b1 for b1 in bc1]))
             out = torch._foreach_div(m, denom)
         else:
-            if isinstance(eps, Tensor):  # a prelude's number (Prodigy's d * eps), compiled
-                for x in denom:
-                    x.add_(eps)
-            else:
-                torch._foreach_add_(denom, eps)
+            add_each_(denom, eps)
             out = torch._foreach_div(m, denom)
             torch._foreach_mul_(out, scalars([root(b2) / b1 for b1, b2 in zip(bc1, bc2)]))
         return out

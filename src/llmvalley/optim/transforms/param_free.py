@@ -82,11 +82,11 @@ class ProdigyStep(Combinator):
         d_hat = d_coef r / |s|_1;  d = max(d, d_hat) while d == d0;  d_max = max(d_max, d_hat)
         d = min(d_max, d * growth_rate)
 
-    (``safeguard_warmup``: ``s`` grows by ``(d / d0) d g_s``). ``inner`` (Adam with the HF
-    epsilon form) then runs on ``d_old * g`` with ``eps`` replaced by ``d_new * eps``: its moments
-    are Prodigy's ``d``-weighted ones, and the step is ``lr * d_old * bc`` times Adam's direction
-    without its own bias correction (cancelled through the plan's scale); with ``beta1 = 0`` the
-    reference takes ``d_new`` instead of ``d_old`` in the direction, and so does this.
+    (``safeguard_warmup``: ``s`` grows by ``(d / d0) d g_s``). ``inner`` (Adam without bias
+    correction, ``ScaleByAdam(debias=False)``) then runs on ``d_old * g`` with ``eps`` replaced
+    by ``d_new * eps``: its moments are Prodigy's ``d``-weighted ones, ``m / (sqrt(v) + d eps)``,
+    and the step is ``lr * d_old * bc`` times that; with ``beta1 = 0`` the reference takes
+    ``d_new`` instead of ``d_old`` in the direction, and so does this (the plan's scale).
     State: ``s`` and ``p0`` (the sliced initial point, ``"exact"``), and group-level floats
     ``d``, ``d_max``, ``d_numerator``.
 
@@ -160,8 +160,8 @@ class ProdigyStep(Combinator):
     def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
         """The new ``d`` from the sums over every group (``ctx.totals``), with the float state
         advanced; the numbers ``__call__`` needs."""
-        beta1, beta2 = ctx.hp("betas")
-        d, _, bc, t = self._rates(ctx)
+        beta1 = ctx.hp("betas")[0]
+        d, _, bc, _ = self._rates(ctx)
         d0 = float(ctx.hp("d0"))
         delta, denom = ctx.totals["delta"], ctx.totals["denom"]
         numerator = shared(ctx, "d_numerator") * self._beta3(ctx)
@@ -177,10 +177,9 @@ class ProdigyStep(Combinator):
             set_shared(ctx, "d_numerator", numerator)
             set_shared(ctx, "d", d)
             set_shared(ctx, "d_max", d_max)
-        undo = (1 - beta1**t) / math.sqrt(1 - beta2**t)  # cancel the inner Adam's correction
-        if beta1 == 0:
-            undo *= d / d_old
-        return each(ctx, d_old=d_old, eps=d * ctx.hp("eps"), undo=undo, rate=d_old * bc,
+        # with beta1 = 0 the reference's direction holds the new d (the plan's scale)
+        scale = d / d_old if beta1 == 0 else 1.0
+        return each(ctx, d_old=d_old, eps=d * ctx.hp("eps"), scale=scale, rate=d_old * bc,
                     frozen=float(ctx.hp("lr")) == 0.0, skip=denom == 0)
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
@@ -197,8 +196,9 @@ class ProdigyStep(Combinator):
         if nums["skip"][0]:  # no gradient seen yet: the reference skips the step (moments updated)
             ctx.plan.weight_decay = [0.0] * n
             return [torch.zeros_like(u) for u in out]
-        undo, rate = nums["undo"][0], nums["rate"][0]
-        ctx.plan.scale = [s * undo for s in ctx.plan.scale]
+        scale, rate = nums["scale"][0], nums["rate"][0]
+        if isinstance(scale, Tensor) or scale != 1.0:
+            ctx.plan.scale = [s * scale for s in ctx.plan.scale]
         ctx.plan.lr_mult = [m * rate for m in ctx.plan.lr_mult]
         return out
 

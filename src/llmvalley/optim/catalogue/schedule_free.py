@@ -46,8 +46,9 @@ ENTRIES: dict[str, Entry] = {
         reference="konstmish/prodigy; prodigyopt 1.1.2 (tested against)",
         weight_decay="decoupled, p *= 1 - d*lr*bc*wd before the update (decouple=True, "
                      "default); decouple=False: coupled L2",
-        notes=("Adam's moments are ScaleByAdam's (HF eps form, eps scaled by d, its bias "
-               "correction cancelled unless use_bias_correction). " + _GROUPS + " lr is the "
+        notes=("Adam's moments are ScaleByAdam's without its bias correction "
+               "(debias=False: m / (sqrt(v) + d eps), as the reference; the correction is in "
+               "dlr with use_bias_correction). " + _GROUPS + " lr is the "
                "group's own (the reference takes the largest lr of all groups and refuses "
                "others than it or 0). p0 is stored in full even for an all-zero tensor (the "
                "reference stores a 0-d zero); with betas[0]=0 the exp_avg slot is kept. "

@@ -120,18 +120,18 @@ class ProdigyStep(Combinator):
         beta3 = ctx.hp("beta3")
         return math.sqrt(ctx.hp("betas")[1]) if beta3 is None else float(beta3)
 
-    def _rates(self, ctx: StepContext) -> tuple[float, float, float, int]:
-        """``(d, dlr, bc, t)`` of this step (from the float state: eagerly)."""
+    def _rates(self, ctx: StepContext) -> tuple[float, float, float]:
+        """``(d, dlr, bc)`` of this step (from the float state: eagerly)."""
         beta1, beta2 = ctx.hp("betas")
         d = shared(ctx, "d")
         t = max(ctx.steps)
         bc = math.sqrt(1 - beta2**t) / (1 - beta1**t) if ctx.hp("use_bias_correction") else 1.0
-        return d, d * float(ctx.hp("lr")) * bc, bc, t
+        return d, d * float(ctx.hp("lr")) * bc, bc
 
     def gather_prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
         """``weight = (d / d0) dlr`` (the numerator term's factor), ``grow`` (``s``'s) and
         whether the group is frozen (lr 0: it adds nothing, as in the reference)."""
-        d, dlr, _, _ = self._rates(ctx)
+        d, dlr, _ = self._rates(ctx)
         d0 = float(ctx.hp("d0"))
         grow = (d / d0) * (d if ctx.hp("safeguard_warmup") else dlr)
         return each(ctx, weight=(d / d0) * dlr, grow=grow, frozen=float(ctx.hp("lr")) == 0.0)
@@ -161,7 +161,7 @@ class ProdigyStep(Combinator):
         """The new ``d`` from the sums over every group (``ctx.totals``), with the float state
         advanced; the numbers ``__call__`` needs."""
         beta1 = ctx.hp("betas")[0]
-        d, _, bc, _ = self._rates(ctx)
+        d, _, bc = self._rates(ctx)
         d0 = float(ctx.hp("d0"))
         delta, denom = ctx.totals["delta"], ctx.totals["denom"]
         numerator = shared(ctx, "d_numerator") * self._beta3(ctx)

@@ -28,6 +28,8 @@ from step_time import LlamaShapedParams, machine, time_interleaved  # same folde
 import llmvalley
 
 ROOT = Path(__file__).resolve().parent.parent
+#: hyperparameters a method cannot run without (Ranger21's schedule needs the run's length)
+REQUIRED = {"ranger21": {"total_steps": 10_000}}
 
 
 def import_revision(rev: str, folder: Path):
@@ -76,8 +78,9 @@ def main() -> None:
         names = args.only.split(",") if args.only else sorted(ours & theirs)
         rows = []
         for name in names:
-            a = base.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **kw)
-            b = llmvalley.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **kw)
+            hp = {**kw, **REQUIRED.get(name, {})}
+            a = base.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **hp)
+            b = llmvalley.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **hp)
             t_base, t_new = time_interleaved([a, b], "cpu", warmup, args.reps)
             rows.append((name, t_base, t_new))
             del a, b

@@ -140,11 +140,13 @@ class ScaleByPNMAdam(Transform):
             count += v.numel()
             current, other = (m, n) if t % 2 == 1 else (n, m)
             current.mul_(beta1**2).add_(g, alpha=1 - beta1**2)
-            pn = (current * (1 + beta0) - other * beta0) / noise_norm
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+            # m_pn / bc1 in two passes: noise_norm and bc1 folded into the coefficients
+            scale = noise_norm * bc1
+            pn = torch.add(current * ((1 + beta0) / scale), other, alpha=-beta0 / scale)
+            denom = v.sqrt().div_(math.sqrt(bc2)).add_(eps)
             if smooth is not None:
                 denom = F.softplus(denom, beta=float(smooth))
-            out.append(pn / denom / bc1)
+            out.append(pn.div_(denom))
         ctx.stash[SECOND_MOMENT] = (sum(float(x) for x in sums.values()), count)
         return out
 

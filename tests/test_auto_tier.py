@@ -92,11 +92,12 @@ def test_chains_that_do_not_compile_whole_stay_eager(monkeypatch):
     assert_close(got, foreach_run("dog", 4), exact=True)
 
 
-@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam"])
-def test_shared_statistics_compile_both_passes(monkeypatch, name):
-    """Prodigy's and D-Adapt Adam's sums run over every group, in the shell's two passes;
-    both passes compile (their float state is read and advanced in preludes), so ``"auto"``
-    moves them to the compiled tier too, with the foreach tier's results."""
+def test_shared_statistics_compile_both_passes(monkeypatch):
+    """Prodigy's sums run over every group, in the shell's two passes; both passes compile
+    (its float state is read and advanced in preludes), so ``"auto"`` moves it to the
+    compiled tier too, with the foreach tier's results (D-Adapt Adam's compiled passes:
+    ``test_implementation.py``)."""
+    name = "prodigy"
     monkeypatch.setenv(auto_tier.ENV, str(2 * numel(float64_model())))
     graphs, got, opt = graphs_per_step(name, 7, weight_decay=0.1)
     assert graphs[:3] == [0, 0, 0] and graphs[-1] > 0, graphs

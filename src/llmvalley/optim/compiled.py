@@ -167,8 +167,9 @@ def shared_compiles(chain: Sequence[Transform], barrier: int, group: Mapping[str
     and the write): every top-level transform compiles and the barrier declares
     :attr:`~.Transform.compiled_gather`. Otherwise the chain runs eagerly and only the write
     is compiled (MoMo, Ranger21's stable weight decay)."""
-    return chain[barrier].compiled_gather and not _zero_dim_float64_cpu(ctx) \
-        and all(_compilable(t, group, ctx) for t in chain)
+    from llmvalley.optim.auto_tier import compiles_whole
+
+    return chain[barrier].compiled_gather and compiles_whole(list(chain), group, ctx)
 
 
 def compiled_gather(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
@@ -204,19 +205,14 @@ def compiled_gather(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
             stats.segments[spec.name].append(layout)
     device = ctx.grads[0].device
     steps = list(ctx.steps)
-    before, start = stats.graphs, time.perf_counter()
     ctx.power_table = _power_table(bases[key], steps, device)
     ctx.preludes = _preludes(chain[:barrier], ctx, keys, device) or {}
     ctx.preludes.update(_preludes([t], ctx, keys, device, gather=True) or {})
     try:
-        with torch.compiler.config.patch(dynamic_sources=STEP_SOURCES):
-            updates, part = fns[fkey](tuple(chain[:barrier]), t, keys, ctx, ctx.grads, steps)
+        return _timed_call(optimizer, fns[fkey], tuple(chain[:barrier]), t, keys, ctx,
+                           ctx.grads, steps)
     finally:
         ctx.power_table = ctx.preludes = None
-    if stats.graphs != before:
-        stats.seconds += time.perf_counter() - start
-        optimizer.compile_seconds = stats.seconds
-    return updates, part
 
 
 def _gather_step(transforms: tuple[Transform, ...], barrier: Transform, keys: KeyMap,
@@ -318,7 +314,6 @@ def compiled_apply(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
 def _run(optimizer: Any, segments: list[_Segment], keys: KeyMap, ctx: StepContext,
          updates: list[Tensor], working: list[Tensor], group: Mapping[str, Any], form: str,
          scaled: bool, bases: frozenset[float] = frozenset()) -> None:
-    stats = compile_stats(optimizer)
     device = working[0].device
     lr = torch.tensor(float(group["lr"]), dtype=torch.float64, device=device)
     steps = list(ctx.steps)
@@ -332,17 +327,24 @@ def _run(optimizer: Any, segments: list[_Segment], keys: KeyMap, ctx: StepContex
                 apply_step(working, updates, ctx.plan, float(group["lr"]), form, scaled)
             continue
         assert seg.fn is not None
-        before = stats.graphs
-        start = time.perf_counter()
         ctx.power_table = powers
         ctx.preludes = _preludes(seg.transforms, ctx, keys, device)
-        with torch.compiler.config.patch(dynamic_sources=STEP_SOURCES):
-            updates = seg.fn(seg.transforms, keys, ctx, updates, steps, working, lr, form,
-                             scaled, seg.write)
+        updates = _timed_call(optimizer, seg.fn, seg.transforms, keys, ctx, updates, steps,
+                              working, lr, form, scaled, seg.write)
         ctx.power_table = ctx.preludes = None
-        if stats.graphs != before:
-            stats.seconds += time.perf_counter() - start
-            optimizer.compile_seconds = stats.seconds
+
+
+def _timed_call(optimizer: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, a compiled function, with the step counts symbolic; the call's time
+    goes to the compile statistics when it compiled a graph."""
+    stats = compile_stats(optimizer)
+    before, start = stats.graphs, time.perf_counter()
+    with torch.compiler.config.patch(dynamic_sources=STEP_SOURCES):
+        out = fn(*args)
+    if stats.graphs != before:
+        stats.seconds += time.perf_counter() - start
+        optimizer.compile_seconds = stats.seconds
+    return out
 
 
 def _key(name: str, chain: Sequence[Transform], ctx: StepContext) -> tuple[Any, ...]:

@@ -624,25 +624,22 @@ class ChainOptimizer(torch.optim.Optimizer):
                             ctx: StepContext, working: list[Tensor]) -> bool:
         """``implementation="auto"`` on the foreach tier: the compiled step once the group
         has run long enough (:mod:`llmvalley.optim.auto_tier`). Returns whether it ran."""
+        if not self._auto_compiles(group, params, ctx):
+            return False
+        from llmvalley.optim.compiled import compiled_step
+
+        ran, _ = self._guarded(group, ctx, compiled_step, self, group, ctx, working)
+        return ran
+
+    def _auto_compiles(self, group: dict[str, Any], params: list[Tensor],
+                       ctx: StepContext) -> bool:
+        """Whether an ``"auto"`` group (not adam's ``fused=...``) runs compiled this step."""
         if group.get("implementation", "auto") != "auto" or group.get("fused") is not None:
             return False
-        chain = self._chain(group)
         auto = self.__dict__.get("_auto")
         if auto is None:  # an optimizer unpickled from before the auto tier existed
             auto = self._auto = AutoTier()
-        if not auto.compiles(chain, group, ctx, params):
-            return False
-        from llmvalley.optim.auto_tier import float_state, restore
-        from llmvalley.optim.compiled import compiled_step
-
-        saved = float_state(ctx)
-        try:
-            compiled_step(self, group, ctx, working)
-        except Exception as e:  # noqa: BLE001 -- a compile failure: this step runs eagerly
-            restore(ctx, saved)
-            auto.failed(chain, group, e)
-            return False
-        return True
+        return auto.compiles(self._chain(group), group, ctx, params)
 
     def _blocked_step(self, group: dict[str, Any], params: list[Tensor],
                       ctx: StepContext) -> bool:
@@ -748,12 +745,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             if key not in known:  # the chain's slots, walked once per layout
                 known[key] = shared_compiles(chain, barrier, group, ctx)
             return known[key]
-        if group.get("implementation", "auto") != "auto" or group.get("fused") is not None:
-            return False
-        auto = self.__dict__.get("_auto")
-        if auto is None:  # an optimizer unpickled from before the auto tier existed
-            auto = self._auto = AutoTier()
-        return chain[barrier].compiled_gather and auto.compiles(chain, group, ctx, params)
+        return chain[barrier].compiled_gather and self._auto_compiles(group, params, ctx)
 
     def _guarded(self, group: dict[str, Any], ctx: StepContext, fn: Callable[..., Any],
                  *args: Any) -> tuple[bool, Any]:

@@ -21,23 +21,13 @@ from llmvalley.optim.transforms.base import (
     SlotSpec,
     StepContext,
     Transform,
+    add_each_,
     add_scaled_,
     root,
     scalars,
 )
 
 Group = Mapping[str, Any]
-
-
-def add_each_(tensors: list[Tensor], value: Any) -> None:
-    """``t += value`` for each tensor; a 0-d tensor ``value`` (a prelude's number in a compiled
-    step, such as Prodigy's ``d * eps``) tensor by tensor: given to ``torch._foreach_add_``,
-    dynamo specialises it and recompiles at every new value."""
-    if isinstance(value, Tensor):
-        for t in tensors:
-            t.add_(value)
-    else:
-        torch._foreach_add_(tensors, value)
 
 
 class ScaleByAdam(Transform):
@@ -82,9 +72,8 @@ class ScaleByAdam(Transform):
             m = ctx.slot("exp_avg")
             torch._foreach_lerp_(m, updates, 1 - beta1)
             source = updates
-            bc1 = [1 - p for p in ctx.powers(beta1)]
         else:
-            m, source, bc1 = updates, ctx.grads, [1.0] * len(updates)
+            m, source = updates, ctx.grads
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, source, source, 1 - beta2)
         second = v
@@ -95,6 +84,8 @@ class ScaleByAdam(Transform):
         if not self.debias:  # m / (sqrt(v) + eps): the caller scales the step itself
             add_each_(denom, eps)
             return torch._foreach_div(m, denom)
+        bc1 = [1 - p for p in ctx.powers(beta1)] if self.first_moment == "ema" \
+            else [1.0] * len(updates)
         bc2 = [1 - p for p in ctx.powers(beta2)]
         if self.eps_form == "torch":
             # (m / bc1) / (sqrt(v / bc2) + eps) with bc1 folded into the denominator

@@ -478,6 +478,17 @@ def add_scaled_(dst: Tensor | list[Tensor], src: Tensor | list[Tensor], coef: An
     return dst
 
 
+def add_each_(tensors: list[Tensor], value: Any) -> None:
+    """``t += value`` for each tensor; a 0-d tensor ``value`` (a prelude's number in a compiled
+    step, such as Prodigy's ``d * eps``) tensor by tensor: given to ``torch._foreach_add_``,
+    dynamo specialises it and recompiles at every new value."""
+    if isinstance(value, Tensor):
+        for t in tensors:
+            t.add_(value)
+    else:
+        torch._foreach_add_(tensors, value)
+
+
 def root(x: Any) -> Any:
     """``math.sqrt`` of a float, or the square root of a 0-d tensor (what
     :meth:`StepContext.powers` gives in a compiled segment)."""

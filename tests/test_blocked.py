@@ -23,9 +23,12 @@ SPLIT = ["lion", "signum", "nadam", "grams", "ademamix", "adan", "laprop", "adab
 #: tensors (AdamP's cosine test, SGD-SaI's SNR, FAdam's gradient normalisation, Adafactor's
 #: and CAME's factors, MARS' per-tensor clipping)
 WHOLE = ["adamp", "sgdp", "sgd_sai", "fadam", "adafactor", "came", "mars"]
+#: recipes whose statistics sum over every group: the sums are gathered over whole groups,
+#: then the second pass (the moments' direction and the write) runs in blocks of whole tensors
+FINISH = ["prodigy", "dadapt_adam"]
 #: recipes that must fall back to the whole-group foreach chain: statistics over the group
-#: or over every group (Ranger21, Prodigy, D-Adaptation, DoG, MoMo)
-NOT_BLOCKED = ["ranger21", "prodigy", "dadapt_adam", "dog", "momo"]
+#: or over every group that the second pass still needs (Ranger21, DoG, MoMo)
+NOT_BLOCKED = ["ranger21", "dog", "momo"]
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +87,7 @@ def test_blocking_keeps_every_recipes_bits(name, monkeypatch):
     assert_identical(name, got, expected)
 
 
-@pytest.mark.parametrize("name", SPLIT + WHOLE)
+@pytest.mark.parametrize("name", SPLIT + WHOLE + FINISH)
 def test_blocked_recipes_match_the_foreach_tier(name):
     assert_identical(name, run(name, "auto")[0], run(name, "foreach")[0])
 
@@ -98,6 +101,54 @@ def test_recipes_run_blocked(name, kind, monkeypatch):
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     _, opt = run(name, "auto")
     assert block_kinds(opt) == {kind} and len(calls) >= 3, name  # every step after the first
+
+
+@pytest.mark.parametrize("name", FINISH)
+def test_shared_statistics_finish_in_blocks(name, monkeypatch):
+    """The second pass runs blocked at every step after the first (which creates the state);
+    the gathering pass does not."""
+    calls = []
+    real = blocked.blocked_finish
+    monkeypatch.setattr(blocked, "blocked_finish",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(blocked, "blocked_step", None)  # never the one-pass blocked step
+    _, opt = run(name, "auto")
+    assert block_kinds(opt) == {"whole"} and len(calls) >= 3, name
+
+
+@pytest.mark.parametrize("name, hp", [
+    ("prodigy", dict(weight_decay=0.1)),
+    ("prodigy", dict(weight_decay=0.1, decouple=False)),
+    ("prodigy", dict(slice_p=3, safeguard_warmup=True)),
+    ("prodigy", dict(betas=(0.0, 0.99))),  # the plan's scale: d_new / d_old
+    ("prodigy", dict(use_bias_correction=True, maximize=True)),
+    ("dadapt_adam", dict(weight_decay=0.1)),
+    ("dadapt_adam", dict(weight_decay=0.1, decouple=False, layer_scale=0.5)),
+])
+def test_shared_statistics_options_blocked_identically(name, hp):
+    """Decay forms, sliced sums, a zero beta1 and bias correction keep the foreach bits."""
+    expected, _ = run(name, "foreach", steps=5, **hp)
+    got, opt = run(name, "auto", steps=5, **hp)
+    assert block_kinds(opt) == {"whole"}
+    assert_identical(f"{name} {hp}", got, expected)
+
+
+def test_shared_statistics_over_groups_with_their_own_settings():
+    """Sums over two groups (one frozen at lr=0 for two steps of four), each finishing in
+    its own blocks."""
+    def go(implementation: str) -> list[torch.Tensor]:
+        model = make_model()
+        matrices = [p for p in model.parameters() if p.ndim == 2]
+        rest = [p for p in model.parameters() if p.ndim != 2]
+        opt = llmvalley.create_optimizer(
+            "prodigy", [{"params": matrices}, {"params": rest, "lr": 0.0}],
+            implementation=implementation)
+        train(model, opt, 0, 2)
+        opt.param_groups[1]["lr"] = 0.5
+        train(model, opt, 2, 2)
+        return snapshot(model, opt)
+
+    assert_identical("prodigy groups", go("auto"), go("foreach"))
 
 
 @pytest.mark.parametrize("name", NOT_BLOCKED)

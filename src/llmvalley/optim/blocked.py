@@ -26,6 +26,15 @@ Two kinds of blocks:
   methods (orthogonalization, Kronecker and subspace preconditioners) do not declare
   ``per_tensor``: their cost is matrix products, and they batch same-shape matrices.
 
+Methods whose step size comes from sums over every group (Prodigy, D-Adapt Adam: a
+transform with :attr:`~.Transform.shared_stats` and :attr:`~.Transform.compiled_gather`)
+step in two passes: the gathering pass runs over each group as before (its sums keep their
+order, so the step size keeps its bits), and the second pass (the moments' direction and
+the parameter write, from the shared-stats transform on) runs in blocks of whole tensors
+when everything after that transform is element-wise or per-tensor. Its prelude (which
+advances Prodigy's ``d``) runs once before the blocks (:func:`blocked_finish`; Prodigy's
+eager step 0.82-0.95x, ``benchmarks/results/blocked_step_cpu.md``).
+
 A step is blocked when all of these hold (otherwise it runs the foreach chain):
 
 - the device is a CPU, the parameters are not sharded and the step is not being traced;
@@ -174,9 +183,41 @@ def blocked_step(chain: list[Transform], keys: KeyMap, ctx: StepContext,
     return True
 
 
+def finish_blocks(chain: list[Transform], barrier: int) -> bool:
+    """Whether the second pass of a shared-statistics chain (``chain[barrier:]``, run once
+    the sums are known) can run in blocks of whole tensors: the shared-stats transform
+    computes its numbers in preludes (:attr:`~.Transform.compiled_gather`: its ``__call__``
+    is tensor work alone), and everything after it works on each tensor alone."""
+    head = chain[barrier]
+    return head.compiled_gather and all(
+        t is head or ((t.elementwise or t.per_tensor) and not (t.whole_group or t.shared_stats))
+        for path in chain_paths(chain[barrier:]) for t in path)
+
+
+def blocked_finish(chain: list[Transform], keys: KeyMap, ctx: StepContext,
+                   blocks: list[list[Piece]], updates: list[Tensor], lr: float, form: str,
+                   scaled: bool) -> bool:
+    """The second pass of a shared-statistics step (Prodigy, D-Adapt Adam: ``chain`` from the
+    shared-stats transform on, ``ctx.totals`` set) and the parameter write, block by block
+    over ``blocks`` of whole tensors; False (nothing done) when the state does not allow it.
+    The preludes, which advance the float state (Prodigy's ``d``), run once before."""
+    from llmvalley.optim.compiled import has_prelude
+    from llmvalley.optim.shell import apply_step
+
+    if not _state_fits(ctx, blocks):
+        return False
+    preludes = {id(t): call_bound(t, ctx, keys, t.prelude) for t in chain if has_prelude(t)}
+    for pieces in blocks:
+        sub = _block_context(ctx, pieces, preludes)
+        mine = [updates[i] for i, _, _ in pieces]
+        apply_step(sub.params, run_chain(chain, sub, mine, keys), sub.plan, lr, form, scaled)
+    return True
+
+
 def eligible_device(params: list[Tensor]) -> bool:
     """CPU tensors, not being traced by ``torch.compile``."""
     return params[0].device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-__all__ = ["BLOCK_NUMEL", "block_kind", "blocked_step", "eligible_device", "layout"]
+__all__ = ["BLOCK_NUMEL", "block_kind", "blocked_finish", "blocked_step", "eligible_device",
+           "finish_blocks", "layout"]

@@ -646,9 +646,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         """``implementation="auto"`` on the foreach tier, on CPU: the chain and the write in
         cache-sized blocks (:mod:`llmvalley.optim.blocked`). Returns whether it ran (a group
         of a single block, or of one tensor, runs the plain chain)."""
-        if group.get("implementation", "auto") != "auto" or group.get("fused") is not None \
-                or not blocked.eligible_device(ctx.params) or self._shard_views or self._views \
-                or sum(t.numel() for t in ctx.params) < 2 * blocked.BLOCK_NUMEL:
+        if not self._blockable(group, ctx):
             return False
         chain = self._chain(group)
         key = (id(chain), group["optimizer"], tuple(ctx.shapes), tuple(ctx.dtypes))
@@ -665,6 +663,38 @@ class ChainOptimizer(torch.optim.Optimizer):
         decay = self.spec(group).decay_for(group)
         return blocked.blocked_step(chain, ctx.keymap, ctx, blocks, float(group["lr"]),
                                     decay.form, decay.scaled(group))
+
+    def _blocked_finish(self, group: dict[str, Any], params: list[Tensor], ctx: StepContext,
+                        barrier: int, updates: list[Tensor]) -> bool:
+        """``implementation="auto"`` on the foreach tier, on CPU: the second pass of a
+        shared-statistics step (the chain from its shared-stats transform on, and the write)
+        in blocks of whole tensors (:func:`llmvalley.optim.blocked.blocked_finish`). Returns
+        whether it ran."""
+        if not self._blockable(group, ctx):
+            return False
+        chain = self._chain(group)
+        key = (id(chain), group["optimizer"], "finish", tuple(ctx.shapes), tuple(ctx.dtypes))
+        cache = self.__dict__.setdefault("_blocks", {})
+        blocks = cache.get(key)
+        if blocks is None:  # the static conditions, once per chain and shape set
+            whole = not any(is_sharded(p) for p in params) \
+                and blocked.finish_blocks(chain, barrier)
+            blocks = blocked.layout([tuple(s) for s in ctx.shapes], split=False) \
+                if whole else []
+            blocks = cache[key] = blocks if len(blocks) > 1 else []
+        if not blocks:
+            return False
+        decay = self.spec(group).decay_for(group)
+        return blocked.blocked_finish(chain[barrier:], ctx.keymap, ctx, blocks, updates,
+                                      float(group["lr"]), decay.form, decay.scaled(group))
+
+    def _blockable(self, group: Mapping[str, Any], ctx: StepContext) -> bool:
+        """The cheap per-step conditions of a cache-blocked step: ``"auto"`` (not adam's
+        ``fused=...``), CPU, no sharded views, at least two blocks' worth of elements."""
+        return group.get("implementation", "auto") == "auto" and group.get("fused") is None \
+            and blocked.eligible_device(ctx.params) and not self._shard_views \
+            and not self._views \
+            and sum(t.numel() for t in ctx.params) >= 2 * blocked.BLOCK_NUMEL
 
     def _apply(self, group: Mapping[str, Any], ctx: StepContext, working: list[Tensor],
                directions: list[Tensor]) -> None:
@@ -726,7 +756,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
                 fast, _ = self._guarded(group, ctx, compiled_finish, self, group, ctx, b,
                                         updates, working)
-            if not fast:
+            if not fast and not self._blocked_finish(group, params, ctx, b, updates):
                 directions = run_chain(chain[b:], ctx, updates, keys)
                 self._apply(group, ctx, working, directions)
             ctx.totals = None
@@ -996,6 +1026,7 @@ def find_nonfinite(work: list[tuple[Any, list[Tensor]]]
 #: Gradients with fewer elements are screened together by one ``_foreach_norm`` call, which
 #: saves a Python-level call per tensor; larger ones by a sum, the cheapest reduction.
 SCREEN_SUM_MIN = 1 << 15
+_WIDE = (torch.float32, torch.float64)
 
 
 def screen_finite(grads: list[Tensor]) -> bool:
@@ -1011,14 +1042,17 @@ def screen_finite(grads: list[Tensor]) -> bool:
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
     for gs in by_device.values():
-        small = [g for g in gs if g.numel() < SCREEN_SUM_MIN]
-        parts = [g.sum(dtype=torch.promote_types(g.dtype, torch.float32))
-                 for g in gs if g.numel() >= SCREEN_SUM_MIN]
+        small, parts = [], []
+        for g in gs:
+            if g.numel() < SCREEN_SUM_MIN:
+                small.append(g)
+            else:
+                parts.append(g.sum() if g.dtype in _WIDE else g.sum(dtype=torch.float32))
         if small:
             parts.extend(torch._foreach_norm(small))
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in parts) \
-            else torch.float32
-        if not bool(torch.stack([t.to(dtype) for t in parts]).isfinite().all()):
+        if any(t.dtype != parts[0].dtype for t in parts):  # float64 gradients among others
+            parts = [t.double() for t in parts]
+        if not bool(torch.stack(parts).isfinite().all()):
             return False
     return True
 

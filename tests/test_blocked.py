@@ -124,6 +124,8 @@ def test_shared_statistics_finish_in_blocks(name, monkeypatch):
     ("prodigy", dict(use_bias_correction=True, maximize=True)),
     ("dadapt_adam", dict(weight_decay=0.1)),
     ("dadapt_adam", dict(weight_decay=0.1, decouple=False, layer_scale=0.5)),
+    ("prodigy", dict(state_precision="int8")),  # moments decoded and stored per block
+    ("dadapt_adam", dict(state_dtype=torch.bfloat16)),
 ])
 def test_shared_statistics_options_blocked_identically(name, hp):
     """Decay forms, sliced sums, a zero beta1 and bias correction keep the foreach bits."""
@@ -181,11 +183,12 @@ def test_shell_options_blocked_identically(hp):
     assert_identical(f"nadam {hp}", got, expected)
 
 
-def test_float64_and_bfloat16_parameters():
+@pytest.mark.parametrize("name", ["ademamix", "prodigy"])
+def test_float64_and_bfloat16_parameters(name):
     for dtype in (torch.float64, torch.bfloat16):
-        expected, _ = run("ademamix", "foreach", dtype=dtype)
-        got, opt = run("ademamix", "auto", dtype=dtype)
-        assert_identical(f"ademamix {dtype}", got, expected)
+        expected, _ = run(name, "foreach", dtype=dtype)
+        got, opt = run(name, "auto", dtype=dtype)
+        assert_identical(f"{name} {dtype}", got, expected)
         assert ran_blocked(opt)
 
 

@@ -124,6 +124,8 @@ def test_shared_statistics_finish_in_blocks(name, monkeypatch):
     ("prodigy", dict(use_bias_correction=True, maximize=True)),
     ("dadapt_adam", dict(weight_decay=0.1)),
     ("dadapt_adam", dict(weight_decay=0.1, decouple=False, layer_scale=0.5)),
+    ("prodigy", dict(cautious=True)),  # the mask's mean, per tensor, after the barrier
+    ("prodigy", dict(mars=True, adagc=True)),  # per-tensor corrections before the sums
     ("prodigy", dict(state_precision="int8")),  # moments decoded and stored per block
     ("dadapt_adam", dict(state_dtype=torch.bfloat16)),
 ])

@@ -117,6 +117,16 @@ def test_screen_finds_every_nonfinite_element(dtype, numel, bad):
     assert not screen_finite([g])
 
 
+@pytest.mark.parametrize("numel", [7, 3 * SCREEN_SUM_MIN])
+def test_screen_reads_both_parts_of_complex_gradients(numel):
+    g = torch.randn(numel, dtype=torch.complex64)
+    assert screen_finite([g, torch.randn(5)])
+    for bad in (complex(float("nan"), 0.0), complex(0.0, float("inf"))):
+        h = g.clone()
+        h[numel // 2] = bad
+        assert not screen_finite([h, torch.randn(5)])
+
+
 def test_screen_accumulates_half_precision_in_float32():
     # 2^16 fp16 gradients of 60000: the fp16 sum would overflow, the float32 one does not
     g = torch.full((1 << 16,), 60000.0, dtype=torch.float16)

@@ -1044,6 +1044,8 @@ def screen_finite(grads: list[Tensor]) -> bool:
     for gs in by_device.values():
         small, parts = [], []
         for g in gs:
+            if g.is_complex():  # real and imaginary parts, each screened
+                g = torch.view_as_real(g)
             if g.numel() < SCREEN_SUM_MIN:
                 small.append(g)
             else:

@@ -108,12 +108,12 @@ def test_shared_statistics_finish_in_blocks(name, monkeypatch):
     """The second pass runs blocked at every step after the first (which creates the state);
     the gathering pass does not."""
     calls = []
-    real = blocked.blocked_finish
-    monkeypatch.setattr(blocked, "blocked_finish",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(blocked, "blocked_step", None)  # never the one-pass blocked step
+    real = blocked.blocked_step
+    monkeypatch.setattr(blocked, "blocked_step",
+                        lambda *a, **k: calls.append(k.get("updates")) or real(*a, **k))
     _, opt = run(name, "auto")
     assert block_kinds(opt) == {"whole"} and len(calls) >= 3, name
+    assert all(u is not None for u in calls), "never the one-pass blocked step"
 
 
 @pytest.mark.parametrize("name, hp", [

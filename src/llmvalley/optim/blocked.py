@@ -32,7 +32,8 @@ step in two passes: the gathering pass runs over each group as before (its sums 
 order, so the step size keeps its bits), and the second pass (the moments' direction and
 the parameter write, from the shared-stats transform on) runs in blocks of whole tensors
 when everything after that transform is element-wise or per-tensor. Its prelude (which
-advances Prodigy's ``d``) runs once before the blocks (:func:`blocked_finish`; Prodigy's
+advances Prodigy's ``d``) runs once before the blocks (:func:`blocked_step` given the
+updates; Prodigy's
 eager step 0.82-0.95x, ``benchmarks/results/blocked_step_cpu.md``).
 
 A step is blocked when all of these hold (otherwise it runs the foreach chain):
@@ -167,9 +168,13 @@ def _block_context(ctx: StepContext, pieces: list[Piece],
 
 
 def blocked_step(chain: list[Transform], keys: KeyMap, ctx: StepContext,
-                 blocks: list[list[Piece]], lr: float, form: str, scaled: bool) -> bool:
+                 blocks: list[list[Piece]], lr: float, form: str, scaled: bool,
+                 updates: list[Tensor] | None = None) -> bool:
     """Run ``chain`` and the parameter write on ``ctx`` block by block; False (nothing done)
-    when this step's state does not allow it (:func:`_state_fits`)."""
+    when this step's state does not allow it (:func:`_state_fits`). The chain's input is the
+    gradients, or ``updates`` (blocks of whole tensors only): the second pass of a
+    shared-statistics step, ``chain`` from the shared-stats transform on, ``ctx.totals``
+    set. The preludes, which advance the float state (Prodigy's ``d``), run once before."""
     from llmvalley.optim.compiled import has_prelude
     from llmvalley.optim.shell import apply_step
 
@@ -178,7 +183,8 @@ def blocked_step(chain: list[Transform], keys: KeyMap, ctx: StepContext,
     preludes = {id(t): call_bound(t, ctx, keys, t.prelude) for t in chain if has_prelude(t)}
     for pieces in blocks:
         sub = _block_context(ctx, pieces, preludes)
-        apply_step(sub.params, run_chain(chain, sub, sub.grads, keys), sub.plan, lr, form,
+        inputs = sub.grads if updates is None else [updates[i] for i, _, _ in pieces]
+        apply_step(sub.params, run_chain(chain, sub, inputs, keys), sub.plan, lr, form,
                    scaled)
     return True
 
@@ -194,30 +200,10 @@ def finish_blocks(chain: list[Transform], barrier: int) -> bool:
         for path in chain_paths(chain[barrier:]) for t in path)
 
 
-def blocked_finish(chain: list[Transform], keys: KeyMap, ctx: StepContext,
-                   blocks: list[list[Piece]], updates: list[Tensor], lr: float, form: str,
-                   scaled: bool) -> bool:
-    """The second pass of a shared-statistics step (Prodigy, D-Adapt Adam: ``chain`` from the
-    shared-stats transform on, ``ctx.totals`` set) and the parameter write, block by block
-    over ``blocks`` of whole tensors; False (nothing done) when the state does not allow it.
-    The preludes, which advance the float state (Prodigy's ``d``), run once before."""
-    from llmvalley.optim.compiled import has_prelude
-    from llmvalley.optim.shell import apply_step
-
-    if not _state_fits(ctx, blocks):
-        return False
-    preludes = {id(t): call_bound(t, ctx, keys, t.prelude) for t in chain if has_prelude(t)}
-    for pieces in blocks:
-        sub = _block_context(ctx, pieces, preludes)
-        mine = [updates[i] for i, _, _ in pieces]
-        apply_step(sub.params, run_chain(chain, sub, mine, keys), sub.plan, lr, form, scaled)
-    return True
-
-
 def eligible_device(params: list[Tensor]) -> bool:
     """CPU tensors, not being traced by ``torch.compile``."""
     return params[0].device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-__all__ = ["BLOCK_NUMEL", "block_kind", "blocked_finish", "blocked_step", "eligible_device",
-           "finish_blocks", "layout"]
+__all__ = ["BLOCK_NUMEL", "block_kind", "blocked_step", "eligible_device", "finish_blocks",
+           "layout"]

@@ -646,55 +646,50 @@ class ChainOptimizer(torch.optim.Optimizer):
         """``implementation="auto"`` on the foreach tier, on CPU: the chain and the write in
         cache-sized blocks (:mod:`llmvalley.optim.blocked`). Returns whether it ran (a group
         of a single block, or of one tensor, runs the plain chain)."""
-        if not self._blockable(group, ctx):
-            return False
-        chain = self._chain(group)
-        key = (id(chain), group["optimizer"], tuple(ctx.shapes), tuple(ctx.dtypes))
-        cache = self.__dict__.setdefault("_blocks", {})
-        blocks = cache.get(key)
-        if blocks is None:  # the static conditions, once per chain and shape set
-            kind = None if any(is_sharded(p) for p in params) else \
-                blocked.block_kind(chain, group, ctx, self._chain_kinds(group)[0])
-            blocks = [] if kind is None else \
-                blocked.layout([tuple(s) for s in ctx.shapes], split=kind == "split")
-            blocks = cache[key] = blocks if len(blocks) > 1 else []
+        blocks = self._block_layout(group, params, ctx, "step", lambda chain: blocked.block_kind(
+            chain, group, ctx, self._chain_kinds(group)[0]))
         if not blocks:
             return False
         decay = self.spec(group).decay_for(group)
-        return blocked.blocked_step(chain, ctx.keymap, ctx, blocks, float(group["lr"]),
-                                    decay.form, decay.scaled(group))
+        return blocked.blocked_step(self._chain(group), ctx.keymap, ctx, blocks,
+                                    float(group["lr"]), decay.form, decay.scaled(group))
 
     def _blocked_finish(self, group: dict[str, Any], params: list[Tensor], ctx: StepContext,
                         barrier: int, updates: list[Tensor]) -> bool:
-        """``implementation="auto"`` on the foreach tier, on CPU: the second pass of a
-        shared-statistics step (the chain from its shared-stats transform on, and the write)
-        in blocks of whole tensors (:func:`llmvalley.optim.blocked.blocked_finish`). Returns
-        whether it ran."""
-        if not self._blockable(group, ctx):
-            return False
-        chain = self._chain(group)
-        key = (id(chain), group["optimizer"], "finish", tuple(ctx.shapes), tuple(ctx.dtypes))
-        cache = self.__dict__.setdefault("_blocks", {})
-        blocks = cache.get(key)
-        if blocks is None:  # the static conditions, once per chain and shape set
-            whole = not any(is_sharded(p) for p in params) \
-                and blocked.finish_blocks(chain, barrier)
-            blocks = blocked.layout([tuple(s) for s in ctx.shapes], split=False) \
-                if whole else []
-            blocks = cache[key] = blocks if len(blocks) > 1 else []
+        """The same for the second pass of a shared-statistics step (the chain from its
+        shared-stats transform on, and the write), in blocks of whole tensors
+        (:func:`llmvalley.optim.blocked.finish_blocks`). Returns whether it ran."""
+        blocks = self._block_layout(group, params, ctx, "finish", lambda chain: (
+            "whole" if blocked.finish_blocks(chain, barrier) else None))
         if not blocks:
             return False
         decay = self.spec(group).decay_for(group)
-        return blocked.blocked_finish(chain[barrier:], ctx.keymap, ctx, blocks, updates,
-                                      float(group["lr"]), decay.form, decay.scaled(group))
+        return blocked.blocked_step(self._chain(group)[barrier:], ctx.keymap, ctx, blocks,
+                                    float(group["lr"]), decay.form, decay.scaled(group),
+                                    updates=updates)
 
-    def _blockable(self, group: Mapping[str, Any], ctx: StepContext) -> bool:
-        """The cheap per-step conditions of a cache-blocked step: ``"auto"`` (not adam's
-        ``fused=...``), CPU, no sharded views, at least two blocks' worth of elements."""
-        return group.get("implementation", "auto") == "auto" and group.get("fused") is None \
-            and blocked.eligible_device(ctx.params) and not self._shard_views \
-            and not self._views \
-            and sum(t.numel() for t in ctx.params) >= 2 * blocked.BLOCK_NUMEL
+    def _block_layout(self, group: dict[str, Any], params: list[Tensor], ctx: StepContext,
+                      tag: str, kind: Callable[[list[Transform]], str | None]
+                      ) -> list[list[blocked.Piece]]:
+        """The blocks of a cache-blocked ``tag`` pass of ``group`` this step, [] when it
+        runs unblocked. The per-step conditions: ``"auto"`` (not adam's ``fused=...``), CPU,
+        no sharded views, at least two blocks' worth of elements; the static ones, decided
+        once per chain, pass and shape set: unsharded parameters and ``kind(chain)``
+        (``"split"``, ``"whole"`` or None: not blocked), and more than one block."""
+        if group.get("implementation", "auto") != "auto" or group.get("fused") is not None \
+                or not blocked.eligible_device(ctx.params) or self._shard_views or self._views \
+                or sum(t.numel() for t in ctx.params) < 2 * blocked.BLOCK_NUMEL:
+            return []
+        chain = self._chain(group)
+        key = (id(chain), group["optimizer"], tag, tuple(ctx.shapes), tuple(ctx.dtypes))
+        cache = self.__dict__.setdefault("_blocks", {})
+        blocks = cache.get(key)
+        if blocks is None:
+            found = None if any(is_sharded(p) for p in params) else kind(chain)
+            blocks = [] if found is None else \
+                blocked.layout([tuple(s) for s in ctx.shapes], split=found == "split")
+            blocks = cache[key] = blocks if len(blocks) > 1 else []
+        return blocks
 
     def _apply(self, group: Mapping[str, Any], ctx: StepContext, working: list[Tensor],
                directions: list[Tensor]) -> None:

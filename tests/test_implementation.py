@@ -630,3 +630,30 @@ def test_stored_rows_compiled_keep_their_values(n):
     x, c = torch.randn(n, 7, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
     got = torch.compile(scale, fullgraph=True, dynamic=False)(x, c)
     torch.testing.assert_close(got, x * c.sqrt()[:, None], rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("name, implementation", [
+    ("adamw", "fused"), ("adamw", "compiled"), ("nadam", "compiled"), ("prodigy", "compiled"),
+])
+def test_step_numbers_are_not_copied_from_host_memory(name, implementation, monkeypatch):
+    """The fused kernel's step counts and the compiled tier's learning rate, step powers and
+    prelude numbers are filled on the device (``torch.full``), not built with
+    ``torch.tensor(value, device=...)``: on CUDA that copy from host memory blocks until the
+    stream has run the work queued before the step (a host sync per number and step)."""
+    model = float64_model()
+    opt = make_optimizer(name, model, implementation=implementation)
+    train(model, opt, 0, 3)  # the eager first step and the compiles
+    if implementation == "compiled":
+        assert compile_stats(opt).graphs > 0
+    made = []
+    real = torch.tensor
+
+    def recording(*args, **kwargs):
+        made.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", recording)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 3, 2)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert made == [], f"{name}: torch.tensor called in a step: {made[:3]}"

@@ -315,7 +315,7 @@ def _run(optimizer: Any, segments: list[_Segment], keys: KeyMap, ctx: StepContex
          updates: list[Tensor], working: list[Tensor], group: Mapping[str, Any], form: str,
          scaled: bool, bases: frozenset[float] = frozenset()) -> None:
     device = working[0].device
-    lr = torch.tensor(float(group["lr"]), dtype=torch.float64, device=device)
+    lr = device_number(float(group["lr"]), device)
     steps = list(ctx.steps)
     powers = _power_table(bases, steps, device)
     for seg in segments:
@@ -363,6 +363,15 @@ class _PowerRecorder:
         self.bases.add(base)
 
 
+def device_number(value: float, device: torch.device,
+                  dtype: torch.dtype = torch.float64) -> Tensor:
+    """A per-step number as a 0-d tensor on ``device``. ``torch.full`` launches a fill with
+    the value as its argument; ``torch.tensor(value, device=...)`` would copy it from host
+    memory, which on CUDA blocks until the stream has finished its queued work (the backward
+    pass, for an optimizer step). Exact for float64."""
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def _power_table(bases: frozenset[float], steps: list[int], device: torch.device) -> PowerTable:
     """``base**t`` for each recorded base and each tensor's step, as 0-d float64 tensors
     computed here, outside the kernel: a power of the symbolic step count inside the graph
@@ -373,7 +382,7 @@ def _power_table(bases: frozenset[float], steps: list[int], device: torch.device
         made: dict[int, Tensor] = {}
         for t in steps:
             if t not in made:
-                made[t] = torch.tensor(base**t, dtype=torch.float64, device=device)
+                made[t] = device_number(base**t, device)
         table[base] = [made[t] for t in steps]
     return PowerTable(steps, table)
 
@@ -403,7 +412,7 @@ def _preludes(transforms: Sequence[Transform], ctx: StepContext, keys: KeyMap,
             for v in items:
                 if type(v) is float:
                     if v not in made:
-                        made[v] = torch.tensor(v, dtype=torch.float64, device=device)
+                        made[v] = device_number(v, device)
                     v = made[v]
                 row.append(v)
             values[name] = row
@@ -545,4 +554,5 @@ def _shrink(p: Tensor, wd: float, rate: Any, lr: Tensor | None) -> None:
 
 
 __all__ = ["CompileStats", "compile_stats", "compiled_apply", "compiled_finish",
-           "compiled_gather", "compiled_step", "shared_compiles", "write_step"]
+           "compiled_gather", "compiled_step", "device_number", "shared_compiles",
+           "write_step"]

@@ -57,7 +57,8 @@ def ready(ctx: StepContext) -> bool:
 def _step_tensors(ctx: StepContext) -> list[torch.Tensor]:
     """Each tensor's step count of this step as a float tensor (what the kernels read)."""
     device = ctx.params[0].device
-    made = {t: torch.tensor(float(t), device=device) for t in set(ctx.steps)}
+    # a fill, not a copy from host memory: on CUDA that copy would wait for the stream
+    made = {t: torch.full((), float(t), device=device) for t in set(ctx.steps)}
     return [made[t] for t in ctx.steps]
 
 

@@ -9,6 +9,7 @@ the step the global gradient norm a training loop already has from ``clip_grad_n
 
     python benchmarks/nonfinite_check.py                   # ~6M parameters, 1 thread
     python benchmarks/nonfinite_check.py --dim 512 --layers 4 --threads 2
+    python benchmarks/nonfinite_check.py --dtype bfloat16   # bf16 parameters and gradients
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="parameters and gradients (bfloat16: fused AdamW keeps bf16 "
+                             "moments, adamw float32 ones and a float32 working copy)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     def params() -> list[torch.nn.Parameter]:
         model = params_with_gradients(args.dim, args.ffn, args.layers, args.vocab)
-        return list(model.to(args.device).parameters())
+        return list(model.to(device=args.device, dtype=dtype).parameters())  # grads too
 
     class WithNorm:
         """``step(grad_norm=...)`` with the norm the loop's clipping computed (not timed)."""
@@ -56,7 +61,8 @@ def main() -> None:
     }
     times = time_interleaved(list(opts.values()), args.device, warmup=3, reps=args.reps)
     n = sum(p.numel() for p in params())
-    print(f"{machine(args.device)}, {args.threads} thread(s), {n / 1e6:.1f}M parameters")
+    print(f"{machine(args.device)}, {args.threads} thread(s), {n / 1e6:.1f}M {args.dtype} "
+          "parameters")
     for name, t in zip(opts, times):
         print(f"{name:26s} {t * 1e3:8.2f} ms  {t / times[0]:.2f}x fused")
     print(f"check cost: {(times[1] - times[2]) / times[0]:.1%} of a fused AdamW step; "

@@ -88,16 +88,18 @@ def test_inf_gradient_can_skip_the_step():
     assert opt.skipped_steps == 1 and opt.state[w]["step"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: summed in bf16
 @pytest.mark.parametrize("shape", [(4, 4), (256, 256)])  # norm-screened / sum-screened
-def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(shape):
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(shape, dtype):
     # the screen (a 2-norm for small tensors, a sum for large ones) overflows to inf on these;
     # the element-wise check clears them
-    w = torch.nn.Parameter(torch.zeros(shape))
+    w = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
     opt = llmvalley.create_optimizer("sgd", [w], lr=2.0 ** -120)
-    w.grad = torch.full(shape, 2.0 ** 120)
+    w.grad = torch.full(shape, 2.0 ** 120, dtype=dtype)
     assert not screen_finite([w.grad])
     opt.step()
-    assert opt.skipped_steps == 0 and torch.equal(w.detach(), torch.full(shape, -1.0))
+    assert opt.skipped_steps == 0
+    assert torch.equal(w.detach(), torch.full(shape, -1.0, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

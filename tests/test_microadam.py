@@ -289,3 +289,25 @@ def test_bad_hyperparameters_are_named(key, value):
     with pytest.raises(ValueError, match=key):
         llmvalley.create_optimizer("microadam", [torch.nn.Parameter(torch.zeros(3, 2))],
                                    **{key: value})
+
+
+def test_window_weights_are_not_rebuilt_from_host_memory(monkeypatch):
+    """The ``beta**age`` weights of the window are made once per (beta, window, dtype,
+    device), not built with ``torch.tensor(..., device=...)`` in every step: on CUDA that copy
+    blocks until the stream has run its queued work. (The reference tests above check the
+    steps' values.)"""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    opt = llmvalley.create_optimizer("microadam", list(layer.parameters()), lr=1e-2)
+    made = []
+    real = torch.tensor
+    for step in range(4):
+        if step == 2:
+            monkeypatch.setattr(torch, "tensor",
+                                lambda *a, **k: made.append(a) or real(*a, **k))
+        for p in layer.parameters():
+            p.grad = torch.randn_like(p)
+        before = layer.weight.detach().clone()
+        opt.step()
+        assert not torch.equal(before, layer.weight)
+    assert made == []

@@ -70,6 +70,25 @@ def window_k(d: int, group: Group) -> int:
     return full * k_many + k_few
 
 
+#: ``beta**age`` tables by (beta, window, dtype, device), made once
+_AGE_WEIGHTS: dict[tuple[float, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def age_weights(beta: float, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[beta**0, ..., beta**(m-1)]`` (Python's powers, rounded to ``dtype``) on ``device``.
+    Eagerly the table is made once and kept: building it each step would copy it from host
+    memory, which on CUDA blocks until the stream has run its queued work. In a compiled step
+    it is a constant of the graph."""
+    if torch.compiler.is_compiling():
+        return torch.tensor([beta**e for e in range(m)], dtype=dtype, device=device)
+    key = (float(beta), m, dtype, torch.device(device))
+    table = _AGE_WEIGHTS.get(key)
+    if table is None:
+        table = _AGE_WEIGHTS[key] = torch.tensor([beta**e for e in range(m)], dtype=dtype,
+                                                 device=device)
+    return table
+
+
 def _words(t: Tensor) -> Tensor:
     """The raw bytes of a slot (a 1-D float tensor used as storage)."""
     return t.view(torch.uint8)
@@ -213,8 +232,8 @@ class ScaleByMicroAdam(Transform):
         # age, so that no power of the step count is computed (in a compiled kernel)
         rows = min(t, m)
         ages = (t - 1 - torch.arange(rows, device=a.device)) % m
-        w1 = torch.tensor([beta1**e for e in range(m)], dtype=a.dtype, device=a.device)[ages]
-        w2 = torch.tensor([beta2**e for e in range(m)], dtype=a.dtype, device=a.device)[ages]
+        w1 = age_weights(beta1, m, a.dtype, a.device)[ages]
+        w2 = age_weights(beta2, m, a.dtype, a.device)[ages]
         where = (idx[:rows].to(torch.int64) + offsets).reshape(-1)
         v_rows = vals[:rows].to(a.dtype)
         m_sum = a.new_zeros(d).index_add_(0, where, (w1[:, None] * v_rows).reshape(-1))

@@ -9,11 +9,13 @@ out="${OUT:-/tmp}/gpu_check.md"
 {
     echo "# GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    echo; echo "## Tiers on CUDA: equal to foreach, no synchronizing calls (tests/test_cuda.py)"
+    (cd .. && timeout 120 python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15)
     echo; echo "## AdamW bandwidth (bandwidth.py)"
-    timeout 120 python bandwidth.py --device cuda --markdown
+    timeout 90 python bandwidth.py --device cuda --markdown
     echo; echo "## Step time, default and compiled (step_time.py)"
-    timeout 300 python step_time.py --device cuda --compiled --markdown \
+    timeout 240 python step_time.py --device cuda --compiled --markdown \
         --only adamw,adam,lion,nadam,ademamix,laprop,adan,adafactor,schedulefree_adamw,adamw8bit
     echo; echo "## Newton-Schulz methods (matrix_step_time.py)"
-    timeout 150 python matrix_step_time.py --device cuda
+    timeout 120 python matrix_step_time.py --device cuda
 } 2>&1 | tee "$out"

@@ -82,6 +82,7 @@ from llmvalley.optim.transforms.base import (
 )
 from llmvalley.optim.transforms.combine import KeyMap, call_bound, chain_slots, run_chain
 from llmvalley.optim.transforms.orthogonalize import matrix_view
+from llmvalley.optim.transforms.stored import device_number
 
 #: integer sources dynamo treats as symbolic from the first compilation (step counts), so
 #: that the next step reuses the graph (``torch.compiler.config.dynamic_sources`` syntax)
@@ -361,15 +362,6 @@ class _PowerRecorder:
 
     def lookup(self, base: float, steps: list[Any]) -> None:
         self.bases.add(base)
-
-
-def device_number(value: float, device: torch.device,
-                  dtype: torch.dtype = torch.float64) -> Tensor:
-    """A per-step number as a 0-d tensor on ``device``. ``torch.full`` launches a fill with
-    the value as its argument; ``torch.tensor(value, device=...)`` would copy it from host
-    memory, which on CUDA blocks until the stream has finished its queued work (the backward
-    pass, for an optimizer step). Exact for float64."""
-    return torch.full((), value, dtype=dtype, device=device)
 
 
 def _power_table(bases: frozenset[float], steps: list[int], device: torch.device) -> PowerTable:

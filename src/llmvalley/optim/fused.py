@@ -28,6 +28,7 @@ import torch
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
 from llmvalley.optim.transforms.base import StepContext
 from llmvalley.optim.transforms.momentum import HeavyBall
+from llmvalley.optim.transforms.stored import device_number
 from llmvalley.optim.transforms.variants import ScaleByAdagrad
 
 FUSED_DEVICES = ("cpu", "cuda")
@@ -57,8 +58,8 @@ def ready(ctx: StepContext) -> bool:
 def _step_tensors(ctx: StepContext) -> list[torch.Tensor]:
     """Each tensor's step count of this step as a float tensor (what the kernels read)."""
     device = ctx.params[0].device
-    # a fill, not a copy from host memory: on CUDA that copy would wait for the stream
-    made = {t: torch.full((), float(t), device=device) for t in set(ctx.steps)}
+    dtype = torch.get_default_dtype()
+    made = {t: device_number(float(t), device, dtype) for t in set(ctx.steps)}
     return [made[t] for t in ctx.steps]
 
 

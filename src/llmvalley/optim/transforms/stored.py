@@ -7,6 +7,9 @@ compiled with ``-fmath-errno``. A product with a 1x1 ones matrix is an extern ke
 inductor cannot inline, so the values go through one (exact) and the loops load them.
 Outside a compiled CPU step these return their inputs: the problem is GCC's, and on a GPU the
 extern product would only cut inductor's fused kernels in two.
+
+:func:`device_number` makes the per-step numbers the fused and compiled tiers pass to their
+kernels (step counts, learning rate, step powers) on the device, on every device.
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ from torch import Tensor
 
 def _one(x: Tensor) -> Tensor:
     return torch.ones(1, 1, dtype=x.dtype, device=x.device)
+
+
+def device_number(value: float, device: torch.device,
+                  dtype: torch.dtype = torch.float64) -> Tensor:
+    """A per-step number as a 0-d tensor on ``device``. ``torch.full`` launches a fill with
+    the value as its argument; ``torch.tensor(value, device=...)`` would copy it from host
+    memory, which on CUDA blocks until the stream has finished its queued work (the backward
+    pass, for an optimizer step). Exact for float64."""
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def compiled_cpu(x: Tensor) -> bool:
@@ -56,4 +68,5 @@ def stored_rows(x: Tensor) -> Tensor:
     return (column @ _one(column)).reshape(-1)[:n]
 
 
-__all__ = ["compiled_cpu", "stored_factors", "stored_rows", "stored_scalars"]
+__all__ = ["compiled_cpu", "device_number", "stored_factors", "stored_rows",
+           "stored_scalars"]

@@ -511,6 +511,31 @@ def test_scale_invariant_projection_compiles_without_graph_breaks(name, hp):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=name)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "adamp"])
+def test_a_single_tensor_group_compiles_without_graph_breaks(name):
+    """A group of one tensor gets one 0-d bias-correction number for Adam's ``eps`` term.
+    Given to ``torch._foreach_add_``, dynamo read it as a Python number (``.item()`` on a
+    value computed in the graph): a graph break inside the chain's loop, after which dynamo
+    ran the whole segment eagerly and compiled each transform apart (four graphs, each
+    storing its intermediates). It is added tensor by tensor instead."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for impl in ("foreach", "compiled"):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.float64))
+        opt = llmvalley.create_optimizer(name, [param], implementation=impl, weight_decay=0.1)
+        counters.clear()
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            param.grad = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        out[impl] = param.detach()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert 0 < compile_stats(opt).graphs <= 2
+    torch.testing.assert_close(out["compiled"], out["foreach"], rtol=1e-9, atol=1e-11)
+
+
 # ---- 8-/4-bit state in the compiled tier ------------------------------------------------
 @pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
 def test_quantized_state_is_decoded_outside_the_compiled_graphs(name):

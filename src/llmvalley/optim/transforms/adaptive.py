@@ -90,7 +90,7 @@ class ScaleByAdam(Transform):
         if self.eps_form == "torch":
             # (m / bc1) / (sqrt(v / bc2) + eps) with bc1 folded into the denominator
             torch._foreach_mul_(denom, scalars([b1 / root(b2) for b1, b2 in zip(bc1, bc2)]))
-            torch._foreach_add_(denom, scalars([eps * b1 for b1 in bc1]))
+            add_each_(denom, scalars([eps * b1 for b1 in bc1]))
             out = torch._foreach_div(m, denom)
         else:
             add_each_(denom, eps)

@@ -11,11 +11,12 @@ import os
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import llmvalley
 from llmvalley.optim.compiled import compile_stats
 from llmvalley.optim.spec import execution_tier
-from tests.helpers import TEST_HPARAMS, loss_fn, make_model, make_optimizer, train
+from tests.helpers import TEST_HPARAMS, create, loss_fn, make_model, make_optimizer, train
 
 #: element-wise, factored, matrix (Newton-Schulz), rotated (eigenbases), shared-statistics
 #: and float-state recipes: each path through the compiled tier
@@ -44,12 +45,31 @@ def run(name: str, implementation: str, steps: int = STEPS, scalar: bool = False
     return [p.detach().clone() for p in model.parameters()], opt
 
 
+#: recipes whose compiled step checks a preconditioner factor on the host before its
+#: eigendecomposition or matrix root (a deliberate graph break; the decomposition dwarfs it)
+HOST_CHECKS = {"shampoo", "asgo"}
+
+
+def assert_no_graph_breaks(name: str) -> None:
+    """No graph break since ``counters.clear()``: a break inside a segment's loop over its
+    transforms makes dynamo run the segment eagerly and compile each transform apart."""
+    if name not in HOST_CHECKS:
+        assert not counters["graph_break"], f"{name}: {dict(counters['graph_break'])}"
+
+
+def tolerance(name: str) -> dict[str, float]:
+    """float64 tolerance between tiers. Shampoo's inverse fourth root of a nearly singular
+    factor amplifies rounding: its tiers differ by up to ~1e-8 relative (in the LLMVALLEY_SLOW
+    sweep, depending on which tests ran before in the process, already at 8afccfb)."""
+    return dict(rtol=1e-7, atol=1e-9) if name == "shampoo" else dict(rtol=1e-9, atol=1e-11)
+
+
 def assert_same(name: str, got: list, expected: list) -> None:
     moved = max((e - p).abs().max().item()
                 for e, p in zip(expected, float64_model().parameters()))
     assert moved > 0, f"{name}: the foreach run did not move the parameters"
     for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=name)
+        torch.testing.assert_close(g, e, msg=name, **tolerance(name))
 
 
 # ---- the option --------------------------------------------------------------------------
@@ -139,8 +159,10 @@ def test_fused_sgd_starts_a_new_momentum_buffer_as_the_update():
 def _compiled_matches_foreach(name: str) -> None:
     hp = TEST_HPARAMS.get(name, {})
     expected, _ = run(name, "foreach", **hp)
+    counters.clear()
     got, opt = run(name, "compiled", **hp)
     assert_same(name, got, expected)
+    assert_no_graph_breaks(name)
     stats = compile_stats(opt)
     if stats.graphs == 0:  # 0-d float64 state (AdaGC, Stable-SPAM, SGD-SaI): run eagerly
         assert all(kind == "eager" for layouts in stats.segments.values()
@@ -369,8 +391,10 @@ def test_step_powers_are_not_computed_in_the_kernel(name, monkeypatch):
     graphs = _graphs_handed_to_inductor(monkeypatch)
     hp = TEST_HPARAMS.get(name, {})
     expected, _ = run(name, "foreach", **hp)
+    counters.clear()
     got, opt = run(name, "compiled", **hp)
     assert_same(name, got, expected)
+    assert_no_graph_breaks(name)
     assert graphs and compile_stats(opt).graphs == len(graphs)
     for gm in graphs:
         assert not _step_powers(gm), gm.code
@@ -511,29 +535,61 @@ def test_scale_invariant_projection_compiles_without_graph_breaks(name, hp):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=name)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "adamp"])
+#: one-tensor groups of these in the default run, of every recipe with LLMVALLEY_SLOW=1
+ONE_TENSOR = ["adam", "adamw", "adamp"]
+
+
+@pytest.mark.parametrize("name", ONE_TENSOR + ([n for n in ALL if n not in ONE_TENSOR]
+                                               if SLOW else []))
 def test_a_single_tensor_group_compiles_without_graph_breaks(name):
     """A group of one tensor gets one 0-d bias-correction number for Adam's ``eps`` term.
     Given to ``torch._foreach_add_``, dynamo read it as a Python number (``.item()`` on a
     value computed in the graph): a graph break inside the chain's loop, after which dynamo
     ran the whole segment eagerly and compiled each transform apart (four graphs, each
-    storing its intermediates). It is added tensor by tensor instead."""
-    from torch._dynamo.utils import counters
-
+    storing its intermediates). It is added tensor by tensor instead. SMMF's square shape,
+    computed from the traced gradient's size, hit the same (``math.isqrt`` of a symbolic
+    size); it now comes from the static shape."""
     out = {}
     for impl in ("foreach", "compiled"):
         torch.manual_seed(0)
         param = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.float64))
-        opt = llmvalley.create_optimizer(name, [param], implementation=impl, weight_decay=0.1)
+        opt = create(name, [param], implementation=impl, weight_decay=0.1)
         counters.clear()
         gen = torch.Generator().manual_seed(1)
         for _ in range(5):
             param.grad = torch.randn(param.shape, generator=gen, dtype=torch.float64)
-            opt.step()
+            opt.step(loss=torch.tensor(1.0, dtype=torch.float64))
         out[impl] = param.detach()
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert 0 < compile_stats(opt).graphs <= 2
-    torch.testing.assert_close(out["compiled"], out["foreach"], rtol=1e-9, atol=1e-11)
+    assert_no_graph_breaks(name)
+    stats = compile_stats(opt)
+    if stats.graphs == 0:  # 0-d float64 state: the group runs eagerly (see _compiled_...)
+        assert all(kind == "eager" for layouts in stats.segments.values()
+                   for layout in layouts for kind, _ in layout)
+    elif name in ONE_TENSOR:  # one graph, and at most one recompilation
+        assert stats.graphs <= 2 * stats.functions, (stats.graphs, stats.functions)
+    torch.testing.assert_close(out["compiled"], out["foreach"], **tolerance(name))
+
+
+def test_a_second_optimizer_compiles_for_its_own_shapes():
+    """Each compiled segment has a code object of its own name in the process: dynamo's
+    automatic dynamic shapes remember sizes per (file, line, name), and a second optimizer's
+    segment named like the first (``_segment_step_smmf_1``) with other shapes compiled with
+    symbolic sizes, recompiled, and broke SMMF's graph."""
+    def run(shapes: list[tuple[int, int]]) -> tuple[int, int]:
+        params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+        opt = llmvalley.create_optimizer("smmf", params, implementation="compiled",
+                                         weight_decay=0.1)
+        counters.clear()
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return compile_stats(opt).graphs, sum(counters["graph_break"].values())
+
+    torch.manual_seed(0)
+    assert run([(32, 24), (24, 40)])[1] == 0
+    graphs, breaks = run([(16, 8)])
+    assert breaks == 0 and graphs <= 2, (graphs, breaks)
 
 
 # ---- 8-/4-bit state in the compiled tier ------------------------------------------------

@@ -61,6 +61,7 @@ and :func:`compile_stats`.
 
 from __future__ import annotations
 
+import itertools
 import time
 import types
 import weakref
@@ -115,6 +116,8 @@ class _Segment:
 
 
 _STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: numbers the compiled functions' code objects (:func:`_fresh_copy`)
+_SEGMENT_IDS = itertools.count()
 _ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: per optimizer and :func:`_key`: the bases of :meth:`StepContext.powers` its chain reads
 _BASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -475,8 +478,11 @@ def _compilable(t: Transform, group: Mapping[str, Any], ctx: StepContext) -> boo
 
 def _fresh_copy(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
     """``fn`` with its own code object: dynamo keeps its compiled graphs and its recompile
-    limit per code object, so each segment gets its own."""
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    limit per code object, so each segment gets its own. The name is unique in the process:
+    dynamo's automatic dynamic shapes remember the sizes seen per (file, line, name), so a
+    second optimizer's segment under the same name with other shapes would compile with
+    symbolic sizes (and SMMF's square shape then broke its graph)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}_{next(_SEGMENT_IDS)}")
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
                               fn.__closure__)
 

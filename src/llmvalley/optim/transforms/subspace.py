@@ -513,7 +513,7 @@ class ScaleBySMMF(Transform):
                 add_scaled_(v.mul_(beta_v), g * g, 1.0 - beta_v)
                 out.append(m / (v.sqrt() + eps))
                 continue
-            a, b = square_shape(g.numel())
+            a, b = square_shape(numel(ctx.shapes[i]))  # static ints, also when traced
             mat = g.reshape(a, b)
             rm, cm, rv, cv, sign = (ctx.slot(k, [i])[0] for k in (
                 "momentum_m_row", "momentum_m_col", "momentum_v_row", "momentum_v_col",

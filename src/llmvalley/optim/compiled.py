@@ -20,8 +20,12 @@ What is compiled, and what is not:
   transform may declare). A
   chain without such a transform is one compiled function;
 - inside a segment, what dynamo cannot trace (a host sync such as ``.item()``, a random
-  generator) is a graph break: that piece runs eagerly and the rest stays compiled
-  (:func:`compile_stats` counts the graphs);
+  generator) is a graph break. One inside the chain's loop makes dynamo run the loop eagerly
+  and compile each transform apart (:func:`compile_stats` counts the graphs), so the
+  transforms avoid them: 0-d tensor numbers are added with ``add_each_``/``add_scaled_``,
+  never through ``torch._foreach_add_`` (which reads them with ``.item()``), and sizes come
+  from ``ctx.shapes``; Shampoo's and ASGO's host checks of a factor before its
+  decomposition are the deliberate exceptions;
 - groups with statistics shared over every group run in the shell's two passes. Where the
   shared transform declares ``compiled_gather`` (Prodigy, D-Adapt Adam) both passes compile:
   the chain up to it with its ``gather`` (:func:`compiled_gather`), then, once the sums over

@@ -8,6 +8,7 @@ LLaMA-shaped parameters and are timed round-robin (minimum of the repetitions).
     python benchmarks/revision_ab.py --base 21fd91f                 # every common optimizer
     python benchmarks/revision_ab.py --base 21fd91f --only adamw,came --reps 9 --markdown
     python benchmarks/revision_ab.py --base 21fd91f --only adamw --compiled  # both compiled
+    python benchmarks/revision_ab.py --base a2c30a2 --only lion --compiled --state-dtype bfloat16
 
 With ``--compiled`` both versions run ``implementation="compiled"`` (they compile in the
 warm-up steps, at least two; the compile time is not part of the step time).
@@ -61,8 +62,12 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--compiled", action="store_true",
                         help='time implementation="compiled" in both versions')
+    parser.add_argument("--state-dtype", choices=["bfloat16", "float16"],
+                        help="store the optimizer state in this dtype (state_dtype=)")
     args = parser.parse_args()
     kw = {"implementation": "compiled"} if args.compiled else {}
+    if args.state_dtype:
+        kw["state_dtype"] = getattr(torch, args.state_dtype)
     warmup = max(args.warmup, 2) if args.compiled else args.warmup
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +93,7 @@ def main() -> None:
           f"layers={args.layers}, vocab={args.vocab}) on cpu ({machine('cpu')}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}; base {args.base}, "
           f"{'implementation=compiled, ' if args.compiled else ''}"
+          f"{f'state_dtype={args.state_dtype}, ' if args.state_dtype else ''}"
           f"minimum of {args.reps} interleaved repetitions")
     if args.markdown:
         print(f"\n| optimizer | {args.base} ms | this tree ms | ratio |")

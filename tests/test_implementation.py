@@ -592,6 +592,36 @@ def test_a_second_optimizer_compiles_for_its_own_shapes():
     assert breaks == 0 and graphs <= 2, (graphs, breaks)
 
 
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_bfloat16_state_compiles_as_one_graph(name):
+    """``state_dtype=torch.bfloat16`` slots are widened before the compiled segment and
+    stored (stochastic rounding, the foreach tier's seeds) after it. Stored inside the graph,
+    the seeded generator and the seed's string of the symbolic step broke it inside the
+    chain's loop: 5-6 graphs and 11-12 breaks, each transform compiled apart."""
+    out = {}
+    for impl in ("foreach", "compiled"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(48, 32), (32,), (16, 48)]]
+        opt = llmvalley.create_optimizer(name, params, implementation=impl,
+                                         state_dtype=torch.bfloat16, weight_decay=0.1)
+        counters.clear()
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out[impl] = [p.detach() for p in params], list(opt.state.values())
+    assert_no_graph_breaks(name)
+    assert 0 < compile_stats(opt).graphs <= 2
+    for got, expected in zip(out["compiled"][1], out["foreach"][1]):
+        for k, v in expected.items():
+            if isinstance(v, torch.Tensor) and v.ndim > 0:
+                assert got[k].dtype == torch.bfloat16 == v.dtype, k
+                torch.testing.assert_close(got[k].float(), v.float(), rtol=2e-2, atol=1e-6)
+    for g, e in zip(out["compiled"][0], out["foreach"][0]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 # ---- 8-/4-bit state in the compiled tier ------------------------------------------------
 @pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
 def test_quantized_state_is_decoded_outside_the_compiled_graphs(name):

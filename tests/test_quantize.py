@@ -531,13 +531,24 @@ def test_sr_returns_a_neighbouring_bf16(device):
     assert (yb[inexact] == up[inexact]).any() and (yb[inexact] == down[inexact]).any()
 
 
-def test_sr_matches_reference_with_same_draws():
-    """Bitwise reference: one uniform 16-bit integer r per element, drawn by
-    ``torch.randint(0, 2**16, shape, dtype=int32, generator=g)``; the value rounds away
-    from zero iff the dropped 16 bits plus r carry into bit 16."""
-    x = _test_values(5000, seed=2).reshape(50, -1)
+@pytest.mark.parametrize("n", [1000, 4096, 4999, 5000])
+def test_sr_matches_reference_with_same_draws(n):
+    """Bitwise reference: one uniform 16-bit integer r per element (row-major); the value
+    rounds away from zero iff the dropped 16 bits plus r carry into bit 16. Below
+    MIN_QUANTIZED_NUMEL elements r is drawn by ``torch.randint(0, 2**16, shape, dtype=int32,
+    generator=g)``; from it on, three to a 48-bit word of the m = ceil(n/3) drawn by
+    ``torch.randint(0, 2**48, (m,), dtype=int64, generator=g)``: element j of third
+    k = j // m takes bits 16k..16k+15 of word j - k*m."""
+    x = _test_values(10_000, seed=2)[:n].reshape(n // 2 if n % 2 == 0 else n, -1)
     y = bf16_stochastic_round(x, _gen(123))
-    r = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=_gen(123)).long()
+    if n < MIN_QUANTIZED_NUMEL:
+        r = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=_gen(123)).long()
+    else:
+        m = -(-n // 3)
+        words = torch.randint(0, 1 << 48, (m,), dtype=torch.int64,
+                              generator=_gen(123)).tolist()
+        r = [(words[j % m] >> (16 * (j // m))) & 0xFFFF for j in range(n)]
+        r = torch.tensor(r, dtype=torch.int64).view(x.shape)
     b = _bits(x)
     carry = (b & 0xFFFF) + r >= 1 << 16
     expected = (b & 0xFFFF0000) + carry.long() * 0x10000
@@ -618,6 +629,9 @@ def test_sr_input_dtypes_and_layout():
     yt = bf16_stochastic_round(xt, _gen(1))
     assert yt.shape == xt.shape
     assert torch.equal(yt, bf16_stochastic_round(xt.contiguous(), _gen(1)))
+    big = _normal((128, 65), seed=6).t()  # non-contiguous, drawn three to a word
+    assert torch.equal(bf16_stochastic_round(big, _gen(2)),
+                       bf16_stochastic_round(big.contiguous(), _gen(2)))
     before = x.clone()
     bf16_stochastic_round(x, _gen(0))
     assert torch.equal(x, before)

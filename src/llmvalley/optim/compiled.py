@@ -38,7 +38,10 @@ What is compiled, and what is not:
   in-place updates of 0-d float64 inputs (:func:`_zero_dim_float64_cpu`);
 - 8-/4-bit slots (``state_precision="int8"/"int4"``, adamw8bit, adamw4bit) are decoded before
   the compiled segments and encoded after them by the codec's own compiled kernels
-  (``Codec(compiled=True)``: the eager codec's bits), so the graphs see plain float state.
+  (``Codec(compiled=True)``: the eager codec's bits), and bfloat16/float16 slots
+  (``state_dtype``) are widened before and stored after (the eager codec's stochastic
+  rounding: its noise, applied by a compiled kernel), so the graphs see plain compute-dtype
+  state.
 
 Recompilation: one compilation per chain, dtype and shape set. Step counts (``ctx.steps``,
 the state's ``step``) are symbolic integers from the first compilation, so the next step does
@@ -77,7 +80,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
-from llmvalley.optim.state import ABSMAX, QUANTIZED
+from llmvalley.optim.state import ABSMAX
 from llmvalley.optim.transforms.base import (
     PowerTable,
     StepContext,
@@ -160,12 +163,12 @@ def compiled_step(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
     held: list[_Held] = []
     done = False
     try:
-        _unpack_quantized(chain, keys, group, ctx, held)
+        _unpack_stored(chain, keys, group, ctx, held)
         _run(optimizer, segments, keys, ctx, ctx.grads, working, group, form, scaled,
              bases[key])
         done = True
     finally:
-        _repack_quantized(ctx, held, done)
+        _repack_stored(ctx, held, done)
 
 
 def shared_compiles(chain: Sequence[Transform], barrier: int, group: Mapping[str, Any],
@@ -262,42 +265,60 @@ def compiled_finish(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
 _RECORDER = "compiled_power_recorder"
 
 
-#: a quantized slot decoded for a compiled step: its state dict, key, slot spec, codes and
-#: block scales
-_Held = tuple[dict[str, Any], str, Any, Tensor, Tensor]
+#: a slot decoded for a compiled step: its state dict, key, slot spec, stored tensor (codes,
+#: or the bfloat16/float16 tensor) and block scales (None for a float slot)
+_Held = tuple[dict[str, Any], str, Any, Tensor, Tensor | None]
 
 
-def _unpack_quantized(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str, Any],
-                      ctx: StepContext, held: list[_Held]) -> None:
-    """Decode the group's 8-/4-bit slots in place of their codes, before the compiled
-    segments run: the traced code then sees plain compute-dtype state and updates it in
-    place, and the codec's own compiled kernels (``Codec(compiled=True)``, bit-identical to
-    the eager codec) do the decoding and encoding outside the graphs. Traced inside them, the
-    codec's table lookups broke the graphs and hit dynamo's recompile limit. Appends to
-    ``held`` what :func:`_repack_quantized` needs, slot by slot (so that a failure part-way
-    can be undone)."""
+def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str, Any],
+                   ctx: StepContext, held: list[_Held]) -> None:
+    """Decode the group's slots stored in another form than the compute dtype (8-/4-bit
+    codes; bfloat16/float16 from ``state_dtype``) in place of their stored tensors, before
+    the compiled segments run: the traced code then sees plain compute-dtype state and
+    updates it in place, and the stores happen outside the graphs.
+
+    Traced inside them, the codec's table lookups broke the graphs and hit dynamo's
+    recompile limit; a bfloat16 slot's stochastic rounding (a seeded generator, and a seed
+    formatted from the symbolic step) broke them too, and a break inside the chain's loop
+    sends the whole segment to eager. The 8-/4-bit codes go through the codec's own compiled
+    kernels (``Codec(compiled=True)``, bit-identical to the eager codec); the float slots'
+    stochastic rounding draws its noise eagerly from the foreach tier's seeds and applies it
+    in a compiled kernel (the same bits).
+    Appends to ``held`` what :func:`_repack_stored` needs, slot by slot (so that a failure
+    part-way can be undone)."""
     codec = ctx.codec
-    if codec.default not in QUANTIZED and not any(v in QUANTIZED
-                                                   for v in codec.by_slot.values()):
-        return  # no 8-/4-bit slot (loaded ones were converted to the group's precision)
     for i, st in enumerate(ctx.states):
-        if not any(k.endswith(ABSMAX) for k in st):
+        compute = ctx.dtypes[i]
+        quantized = any(k.endswith(ABSMAX) for k in st)
+        low = any(isinstance(v, Tensor) and v.is_floating_point() and v.dtype != compute
+                  and v.ndim > 0 for v in st.values())
+        if not quantized and not low:
             continue
-        codec.compiled = True
         for owner, slot in chain_slots(chain, ctx.shapes[i], group, ctx.name(i)):
             key = keys.get(id(owner), {}).get(slot.name, slot.name)
+            if slot.shape is None or key not in st:
+                continue
+            stored = st[key]
             if key + ABSMAX in st:
-                value, _ = codec.load(st, key, slot, ctx.dtypes[i])
-                held.append((st, key, slot, st[key], st.pop(key + ABSMAX)))
+                codec.compiled = True
+                value, _ = codec.load(st, key, slot, compute)
+                held.append((st, key, slot, stored, st.pop(key + ABSMAX)))
+                st[key] = value
+            elif stored.is_floating_point() and stored.dtype != compute:
+                codec.compiled = True  # the rounding's arithmetic in a compiled kernel
+                value, _ = codec.load(st, key, slot, compute)
+                held.append((st, key, slot, stored, None))
                 st[key] = value
 
 
-def _repack_quantized(ctx: StepContext, held: list[_Held], done: bool) -> None:
-    """Encode the slots :func:`_unpack_quantized` decoded (after a step that did not finish,
-    put the old codes back unchanged)."""
-    for st, key, slot, codes, absmax in held:
+def _repack_stored(ctx: StepContext, held: list[_Held], done: bool) -> None:
+    """Store the slots :func:`_unpack_stored` decoded (after a step that did not finish, put
+    the old stored tensors back unchanged)."""
+    for st, key, slot, stored, absmax in held:
         value = st[key]
-        st[key], st[key + ABSMAX] = codes, absmax
+        st[key] = stored
+        if absmax is not None:
+            st[key + ABSMAX] = absmax
         if done:
             ctx.codec.store(st, key, slot, value)
 

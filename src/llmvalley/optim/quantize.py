@@ -140,7 +140,8 @@ _BF16_HIGH_MASK = -(1 << 16)
 # --------------------------------------------------------------------------------------------
 
 
-def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None,
+                          compiled: bool = False) -> Tensor:
     """Round ``x`` to bfloat16 stochastically, so that the result is unbiased.
 
     bf16 keeps the upper 16 bits of an fp32 number. Adding a uniform random integer in
@@ -149,10 +150,22 @@ def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None) -
     E[result] == x. Used when accumulating small updates into bf16 tensors, where
     round-to-nearest would silently drop every update smaller than half an ulp.
 
+    The draws, for ``n`` elements in the row-major order of ``x``'s shape: below
+    ``MIN_QUANTIZED_NUMEL`` elements, ``torch.randint(0, 2**16, x.shape, dtype=int32,
+    generator=generator)``, one per element; from it on, ``m = ceil(n / 3)`` words ``w =
+    torch.randint(0, 2**48, (m,), dtype=int64, generator=generator)``, element ``j`` of third
+    ``k = j // m`` taking bits ``16k .. 16k+15`` of ``w[j - k*m]``. One 64-bit draw per three
+    elements: on CPU the draws were most of the rounding's time (3.7M elements on one AMD
+    EPYC thread: 4.7 ms of draws instead of 15 ms); small tensors keep the one call. The
+    thirds are contiguous so that a compiled kernel needs no division in its indexing.
+
     Args:
         x: floating-point tensor; non-fp32 inputs are cast to fp32 first (exact for fp16/bf16;
             fp64 is rounded to nearest fp32 before the stochastic step).
         generator: optional ``torch.Generator`` on ``x``'s device, for reproducible draws.
+        compiled: apply the noise with one compiled kernel (CPU tensors of at least
+            ``MIN_QUANTIZED_NUMEL`` elements; the same bits: integer and selection
+            arithmetic only). The noise itself is always drawn eagerly, from ``generator``.
 
     Returns:
         A new bfloat16 tensor of ``x``'s shape. Each element is one of the two bf16 values
@@ -163,9 +176,39 @@ def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None) -
     if not x.is_floating_point():
         raise TypeError(f"bf16_stochastic_round expects a floating-point tensor, got {x.dtype}")
     x = x.float()
-    noise = torch.randint(
-        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
-    )
+    n = x.numel()
+    if n < MIN_QUANTIZED_NUMEL:
+        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device,
+                              generator=generator)
+        return _round_with_noise(x, noise)
+    # 2**48 divides 2**64, so each draw is exactly uniform (randint's 64-bit draw modulo range)
+    words = torch.randint(0, 1 << 48, ((n + 2) // 3,), dtype=torch.int64, device=x.device,
+                          generator=generator)
+    if compiled and _use_compiled(x, n) and x.is_contiguous():
+        return _run_compiled(_round_by_thirds, x.view(-1), words, static=0).view(x.shape)
+    noise = torch.empty(n, dtype=torch.int32, device=x.device)
+    m = words.numel()
+    for k in range(3):  # the thirds' noise built in place (fewer passes than a cat)
+        part = words[: min(m, n - k * m)] >> (16 * k)
+        part &= 0xFFFF
+        noise[k * m: k * m + part.numel()] = part
+    return _round_with_noise(x, noise.view(x.shape))
+
+
+def _round_by_thirds(x: Tensor, words: Tensor) -> Tensor:
+    """:func:`_round_with_noise` of flat ``x`` (at least 3 elements) and its draws ``words``,
+    third by third: the compiled form, three loops with plain indexing (one loop indexing
+    ``words[j // 3]`` ran 2-3x slower)."""
+    n, m = x.numel(), words.numel()
+    return torch.cat([
+        _round_with_noise(x[k * m: min(n, (k + 1) * m)],
+                          ((words[: min(m, n - k * m)] >> (16 * k)) & 0xFFFF).to(torch.int32))
+        for k in range(3)])
+
+
+def _round_with_noise(x: Tensor, noise: Tensor) -> Tensor:
+    """:func:`bf16_stochastic_round` of float32 ``x`` given its int32 ``noise`` in
+    [0, 2^16)."""
     finite = torch.isfinite(x)
     # NaN bit patterns are zeroed first so that the int32 addition cannot overflow.
     bits = torch.where(finite, x.view(torch.int32), 0)
@@ -554,20 +597,22 @@ def _compiled(graph: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(graph, options=_COMPILE_OPTIONS)
 
 
-def _run_compiled(graph: Callable[..., Any], *args: Tensor) -> Any:
+def _run_compiled(graph: Callable[..., Any], *args: Tensor, static: int = 1) -> Any:
     """``graph(*args)`` compiled: the block count (first dimension of every argument but the
-    last, the table or map) dynamic, everything else static, so that one compilation serves
-    all sizes. The marks go on fresh views, never on the caller's tensors."""
+    last ``static`` ones, the table or map) dynamic, everything else static, so that one
+    compilation serves all sizes. The marks go on fresh views, never on the caller's
+    tensors."""
     if torch.compiler.is_compiling():  # traced into an enclosing graph: inline it
         return graph(*args)
-    *sized, last = args
+    split = len(args) - static
+    sized, last = list(args[:split]), list(args[split:])
     sized = [t.view(t.shape) for t in sized]
     for t in sized:
         torch._dynamo.mark_dynamic(t, 0)
         for d in range(1, t.ndim):
             torch._dynamo.mark_static(t, d)
     with torch.no_grad():
-        return _compiled(graph)(*sized, last)
+        return _compiled(graph)(*sized, *last)
 
 
 def _use_compiled(x: Tensor, n: int) -> bool:

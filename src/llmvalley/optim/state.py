@@ -162,7 +162,8 @@ class Codec:
             st[key], st[key + ABSMAX] = q.encode(value)
             return
         if old.dtype in (torch.bfloat16, torch.float16) and value.dtype == torch.float32:
-            old.copy_(stochastic_round(value, old.dtype, self.seed(key, spec.shape)))
+            old.copy_(stochastic_round(value, old.dtype, self.seed(key, spec.shape),
+                                       self.compiled))
         else:
             old.copy_(value)
 
@@ -186,13 +187,15 @@ class Codec:
         return zlib.crc32(f"{self.step}/{key}/{shape}".encode()) + self.step
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
-    """``x`` (float32) rounded stochastically to ``dtype`` with noise drawn from ``seed``."""
+def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int,
+                     compiled: bool = False) -> Tensor:
+    """``x`` (float32) rounded stochastically to ``dtype`` with noise drawn from ``seed``
+    (``compiled``: the noise applied by a compiled kernel, the same bits)."""
     if dtype != torch.bfloat16:
         return x.to(dtype)  # fp16 state: round to nearest (no SR kernel for its layout)
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
-    return q.bf16_stochastic_round(x, gen)
+    return q.bf16_stochastic_round(x, gen, compiled)
 
 
 def _stored_kind(codes: Tensor, spec: SlotSpec) -> str:

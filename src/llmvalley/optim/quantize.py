@@ -209,12 +209,16 @@ def _round_by_thirds(x: Tensor, words: Tensor) -> Tensor:
 def _round_with_noise(x: Tensor, noise: Tensor) -> Tensor:
     """:func:`bf16_stochastic_round` of float32 ``x`` given its int32 ``noise`` in
     [0, 2^16)."""
-    finite = torch.isfinite(x)
-    # NaN bit patterns are zeroed first so that the int32 addition cannot overflow.
-    bits = torch.where(finite, x.view(torch.int32), 0)
-    rounded = ((bits + noise) & _BF16_HIGH_MASK).view(torch.float32)
+    # Only NaN needs a special case: an infinity's low 16 bits are zero and the noise cannot
+    # carry into its exponent, so it comes back unchanged. NaN bit patterns are zeroed first
+    # so that the int32 addition cannot overflow. (x != x: one pass eagerly, where isfinite
+    # takes four; inductor's CPU code for isnan ran 2x slower than for x != x.)
+    nan = x != x
+    bits = torch.where(nan, 0, x.view(torch.int32))
+    bits += noise
+    bits &= _BF16_HIGH_MASK
     # The low 16 bits are now zero, so the cast to bf16 is exact.
-    return torch.where(finite, rounded, x).to(torch.bfloat16)
+    return torch.where(nan, x, bits.view(torch.float32)).to(torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------

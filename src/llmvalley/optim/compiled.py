@@ -38,10 +38,10 @@ What is compiled, and what is not:
   in-place updates of 0-d float64 inputs (:func:`_zero_dim_float64_cpu`);
 - 8-/4-bit slots (``state_precision="int8"/"int4"``, adamw8bit, adamw4bit) are decoded before
   the compiled segments and encoded after them by the codec's own compiled kernels
-  (``Codec(compiled=True)``: the eager codec's bits), and bfloat16/float16 slots
-  (``state_dtype``) are widened before and stored after (the eager codec's stochastic
-  rounding: its noise, applied by a compiled kernel), so the graphs see plain compute-dtype
-  state.
+  (``Codec(compiled=True)``: the eager codec's bits), so the graphs see plain compute-dtype
+  state; bfloat16 slots (``state_dtype``) are widened and stored inside the graphs, with
+  their stochastic rounding's random draws made before them from the foreach tier's seeds
+  (the same bits).
 
 Recompilation: one compilation per chain, dtype and shape set. Step counts (``ctx.steps``,
 the state's ``step``) are symbolic integers from the first compilation, so the next step does
@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
-from llmvalley.optim.state import ABSMAX
+from llmvalley.optim.state import ABSMAX, DRAWS
 from llmvalley.optim.transforms.base import (
     PowerTable,
     StepContext,
@@ -265,32 +265,35 @@ def compiled_finish(optimizer: Any, group: Mapping[str, Any], ctx: StepContext,
 _RECORDER = "compiled_power_recorder"
 
 
-#: a slot decoded for a compiled step: its state dict, key, slot spec, stored tensor (codes,
-#: or the bfloat16/float16 tensor) and block scales (None for a float slot)
+#: a slot prepared for a compiled step: its state dict, key, slot spec, codes and block scales
+#: (an 8-/4-bit slot), or the key of a bfloat16 slot's draws and None
 _Held = tuple[dict[str, Any], str, Any, Tensor, Tensor | None]
 
 
 def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str, Any],
                    ctx: StepContext, held: list[_Held]) -> None:
-    """Decode the group's slots stored in another form than the compute dtype (8-/4-bit
-    codes; bfloat16/float16 from ``state_dtype``) in place of their stored tensors, before
-    the compiled segments run: the traced code then sees plain compute-dtype state and
-    updates it in place, and the stores happen outside the graphs.
+    """Prepare the group's slots stored in another form than the compute dtype, before the
+    compiled segments run.
 
+    8-/4-bit codes are decoded in place of their stored tensors, so that the traced code sees
+    plain compute-dtype state and updates it in place; they are encoded after the segments.
     Traced inside them, the codec's table lookups broke the graphs and hit dynamo's
-    recompile limit; a bfloat16 slot's stochastic rounding (a seeded generator, and a seed
-    formatted from the symbolic step) broke them too, and a break inside the chain's loop
-    sends the whole segment to eager. The 8-/4-bit codes go through the codec's own compiled
-    kernels (``Codec(compiled=True)``, bit-identical to the eager codec); the float slots'
-    stochastic rounding draws its noise eagerly from the foreach tier's seeds and applies it
-    in a compiled kernel (the same bits).
+    recompile limit. The codec's own compiled kernels (``Codec(compiled=True)``,
+    bit-identical to the eager codec) do the decoding and encoding.
+
+    bfloat16 slots (``state_dtype``) stay in the graph, widened and stored there, but their
+    stochastic rounding's random draws are made here, from the foreach tier's seeds
+    (:meth:`~llmvalley.optim.state.Codec.draw`): a seeded generator, and a seed formatted
+    from the symbolic step, broke the graph inside the chain's loop, which sends the whole
+    segment to eager. float16 slots need nothing (round to nearest traces).
+
     Appends to ``held`` what :func:`_repack_stored` needs, slot by slot (so that a failure
     part-way can be undone)."""
     codec = ctx.codec
     for i, st in enumerate(ctx.states):
         compute = ctx.dtypes[i]
         quantized = any(k.endswith(ABSMAX) for k in st)
-        low = any(isinstance(v, Tensor) and v.is_floating_point() and v.dtype != compute
+        low = any(isinstance(v, Tensor) and v.dtype == torch.bfloat16 != compute
                   and v.ndim > 0 for v in st.values())
         if not quantized and not low:
             continue
@@ -304,21 +307,20 @@ def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str,
                 value, _ = codec.load(st, key, slot, compute)
                 held.append((st, key, slot, stored, st.pop(key + ABSMAX)))
                 st[key] = value
-            elif stored.is_floating_point() and stored.dtype != compute:
-                codec.compiled = True  # the rounding's arithmetic in a compiled kernel
-                value, _ = codec.load(st, key, slot, compute)
-                held.append((st, key, slot, stored, None))
-                st[key] = value
+            elif stored.dtype == torch.bfloat16 != compute:
+                codec.draw(st, key, slot)
+                held.append((st, key + DRAWS, slot, stored, None))
 
 
 def _repack_stored(ctx: StepContext, held: list[_Held], done: bool) -> None:
-    """Store the slots :func:`_unpack_stored` decoded (after a step that did not finish, put
-    the old stored tensors back unchanged)."""
+    """Encode the 8-/4-bit slots :func:`_unpack_stored` decoded (after a step that did not
+    finish, put the old codes back unchanged), and drop the bfloat16 slots' draws."""
     for st, key, slot, stored, absmax in held:
+        if absmax is None:
+            st.pop(key, None)  # a slot's draws
+            continue
         value = st[key]
-        st[key] = stored
-        if absmax is not None:
-            st[key + ABSMAX] = absmax
+        st[key], st[key + ABSMAX] = stored, absmax
         if done:
             ctx.codec.store(st, key, slot, value)
 

@@ -109,6 +109,8 @@ __all__ = [
     "BLOCK_SIZE_4BIT",
     "BLOCK_SIZE_8BIT",
     "MIN_QUANTIZED_NUMEL",
+    "bf16_round_with_draws",
+    "bf16_rounding_draws",
     "bf16_stochastic_round",
     "dequantize_4bit",
     "dequantize_4bit_compiled",
@@ -176,20 +178,41 @@ def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None,
     if not x.is_floating_point():
         raise TypeError(f"bf16_stochastic_round expects a floating-point tensor, got {x.dtype}")
     x = x.float()
-    n = x.numel()
+    draws = bf16_rounding_draws(x.shape, x.device, generator)
+    if compiled and draws.dtype == torch.int64 and _use_compiled(x, x.numel()) \
+            and x.is_contiguous():
+        return _run_compiled(_round_by_thirds, x.view(-1), draws, static=0).view(x.shape)
+    return bf16_round_with_draws(x, draws)
+
+
+def bf16_rounding_draws(shape: Sequence[int], device: torch.types.Device = None,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """The random draws :func:`bf16_stochastic_round` makes for a tensor of ``shape``: int32
+    noise of that shape below ``MIN_QUANTIZED_NUMEL`` elements, else the int64 words holding
+    three 16-bit integers each. Drawn apart from the rounding so that a compiled step can
+    draw before its graph and round inside it (:func:`bf16_round_with_draws`)."""
+    n = _numel(shape)
     if n < MIN_QUANTIZED_NUMEL:
-        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device,
-                              generator=generator)
-        return _round_with_noise(x, noise)
+        return torch.randint(0, 1 << 16, tuple(shape), dtype=torch.int32, device=device,
+                             generator=generator)
     # 2**48 divides 2**64, so each draw is exactly uniform (randint's 64-bit draw modulo range)
-    words = torch.randint(0, 1 << 48, ((n + 2) // 3,), dtype=torch.int64, device=x.device,
-                          generator=generator)
-    if compiled and _use_compiled(x, n) and x.is_contiguous():
-        return _run_compiled(_round_by_thirds, x.view(-1), words, static=0).view(x.shape)
+    return torch.randint(0, 1 << 48, ((n + 2) // 3,), dtype=torch.int64, device=device,
+                         generator=generator)
+
+
+def bf16_round_with_draws(x: Tensor, draws: Tensor) -> Tensor:
+    """Float32 ``x`` rounded stochastically to bfloat16 with the draws
+    :func:`bf16_rounding_draws` made for its shape: :func:`bf16_stochastic_round`'s bits.
+    Traceable by ``torch.compile`` (integer and selection arithmetic only)."""
+    if draws.dtype == torch.int32:
+        return _round_with_noise(x, draws)
+    n = x.numel()
+    if torch.compiler.is_compiling():  # three loops with plain indexing, in the graph
+        return _round_by_thirds(x.reshape(-1), draws).view(x.shape)
     noise = torch.empty(n, dtype=torch.int32, device=x.device)
-    m = words.numel()
+    m = draws.numel()
     for k in range(3):  # the thirds' noise built in place (fewer passes than a cat)
-        part = words[: min(m, n - k * m)] >> (16 * k)
+        part = draws[: min(m, n - k * m)] >> (16 * k)
         part &= 0xFFFF
         noise[k * m: k * m + part.numel()] = part
     return _round_with_noise(x, noise.view(x.shape))

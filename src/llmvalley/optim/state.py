@@ -46,6 +46,9 @@ QUANTIZED = ("int8", "int4")
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED)
 DTYPE_NAMES = {v: k for k, v in FLOAT_PRECISIONS.items()}
 ABSMAX = ".absmax"
+#: key suffix of a bfloat16 slot's stochastic-rounding draws, made before a compiled step's
+#: graph (:meth:`Codec.draw`) and removed after it; never in a saved state
+DRAWS = ".sr_draws"
 INT8_BLOCK, INT4_BLOCK = q.BLOCK_SIZE_8BIT, q.BLOCK_SIZE_4BIT
 
 
@@ -157,15 +160,19 @@ class Codec:
     def store(self, st: dict[str, Any], key: str, spec: SlotSpec, value: Tensor) -> None:
         old = st[key]
         if key + ABSMAX in st:
-            q = _quantizer(_stored_kind(old, spec), spec.role == "signed", value.device,
-                           self.compiled)
-            st[key], st[key + ABSMAX] = q.encode(value)
+            codes = _quantizer(_stored_kind(old, spec), spec.role == "signed", value.device,
+                               self.compiled)
+            st[key], st[key + ABSMAX] = codes.encode(value)
             return
-        if old.dtype in (torch.bfloat16, torch.float16) and value.dtype == torch.float32:
-            old.copy_(stochastic_round(value, old.dtype, self.seed(key, spec.shape),
-                                       self.compiled))
+        if old.dtype == torch.bfloat16 and value.dtype == torch.float32:
+            draws = st.get(key + DRAWS)
+            if draws is not None:  # a compiled step's graph: no generator, no seed string
+                old.copy_(q.bf16_round_with_draws(value, draws))
+            else:
+                old.copy_(stochastic_round(value, old.dtype, self.seed(key, spec.shape),
+                                           self.compiled))
         else:
-            old.copy_(value)
+            old.copy_(value)  # float16 state rounds to nearest (no SR kernel for its layout)
 
     def convert(self, st: dict[str, Any], key: str, spec: SlotSpec,
                 compute: torch.dtype) -> None:
@@ -181,6 +188,16 @@ class Codec:
         st.pop(key + ABSMAX, None)
         self.create(st, key, spec, compute, value.device)
         self.store(st, key, spec, value)
+
+    def draw(self, st: dict[str, Any], key: str, spec: SlotSpec) -> None:
+        """Make bfloat16 slot ``key``'s stochastic-rounding draws for this step ahead of its
+        store, from the seed :meth:`store` would use (the same bits), under ``key + DRAWS``:
+        a compiled step then rounds inside its graph, where a seeded generator cannot run.
+        The caller removes them after the step."""
+        gen = torch.Generator(device=st[key].device)
+        gen.manual_seed(self.seed(key, spec.shape))
+        stored = st[key]
+        st[key + DRAWS] = q.bf16_rounding_draws(stored.shape, stored.device, gen)
 
     def seed(self, key: str, shape: Any) -> int:
         """The stochastic-rounding seed of one write (a function of step, key and shape)."""

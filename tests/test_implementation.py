@@ -593,6 +593,26 @@ def test_a_second_optimizer_compiles_for_its_own_shapes():
     assert breaks == 0 and graphs <= 2, (graphs, breaks)
 
 
+def _foreach_and_compiled(name: str, shapes: list[tuple[int, ...]], **hp):
+    """Six steps of ``name`` (weight decay 0.1, ``hp``) on the foreach and compiled tiers with
+    the same gradients: ``{tier: (parameters, states)}`` and the compiled optimizer (dynamo's
+    counters cleared before its run)."""
+    out = {}
+    for impl in ("foreach", "compiled"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = llmvalley.create_optimizer(name, params, implementation=impl, weight_decay=0.1,
+                                         **hp)
+        counters.clear()
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out[impl] = [p.detach() for p in params], list(opt.state.values())
+    return out, opt
+
+
 @pytest.mark.parametrize("name,dtype", [("adamw", torch.bfloat16), ("lion", torch.bfloat16),
                                         ("adamw", torch.float16)])
 def test_low_precision_state_compiles_as_one_graph(name, dtype):
@@ -602,19 +622,7 @@ def test_low_precision_state_compiles_as_one_graph(name, dtype):
     the graph, the seeded generator and the seed's string of the symbolic step broke it inside
     the chain's loop: 5-6 graphs and 11-12 breaks, each transform compiled apart. (A 96x64
     tensor takes the draws of large tensors, three to a word; the others one per element.)"""
-    out = {}
-    for impl in ("foreach", "compiled"):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s)) for s in [(96, 64), (32,), (16, 48)]]
-        opt = llmvalley.create_optimizer(name, params, implementation=impl,
-                                         state_dtype=dtype, weight_decay=0.1)
-        counters.clear()
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(6):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        out[impl] = [p.detach() for p in params], list(opt.state.values())
+    out, opt = _foreach_and_compiled(name, [(96, 64), (32,), (16, 48)], state_dtype=dtype)
     assert_no_graph_breaks(name)
     assert 0 < compile_stats(opt).graphs <= 2
     for got, expected in zip(out["compiled"][1], out["foreach"][1]):
@@ -670,18 +678,7 @@ def test_quantized_state_is_decoded_outside_the_compiled_graphs(name):
     codec's compiled kernels: one graph per group (traced inside, the codec's lookups broke
     the graphs and hit dynamo's recompile limit), the foreach tier's results, and the same
     codes. The tensors are large enough to be quantized (>= 4096 elements; odd sizes)."""
-    shapes = [(64, 96), (4133,), (32, 32)]
-    out = {}
-    for impl in ("foreach", "compiled"):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-        opt = llmvalley.create_optimizer(name, params, implementation=impl, weight_decay=0.1)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(6):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        out[impl] = [p.detach() for p in params], list(opt.state.values())
+    out, opt = _foreach_and_compiled(name, [(64, 96), (4133,), (32, 32)])
     assert compile_stats(opt).graphs <= 2
     for g, e in zip(out["compiled"][0], out["foreach"][0]):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
-from llmvalley.optim.state import ABSMAX, DRAWS
+from llmvalley.optim.state import ABSMAX, DRAWS, QUANTIZED
 from llmvalley.optim.transforms.base import (
     PowerTable,
     StepContext,
@@ -270,6 +270,10 @@ _RECORDER = "compiled_power_recorder"
 _Held = tuple[dict[str, Any], str, Any, Tensor, Tensor | None]
 
 
+#: the stored forms :func:`_unpack_stored` prepares
+_PREPARED = (*QUANTIZED, "bf16")
+
+
 def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str, Any],
                    ctx: StepContext, held: list[_Held]) -> None:
     """Prepare the group's slots stored in another form than the compute dtype, before the
@@ -290,6 +294,9 @@ def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str,
     Appends to ``held`` what :func:`_repack_stored` needs, slot by slot (so that a failure
     part-way can be undone)."""
     codec = ctx.codec
+    if codec.default not in _PREPARED and not any(v in _PREPARED
+                                                  for v in codec.by_slot.values()):
+        return  # no 8-/4-bit or bf16 slot (loaded ones were converted to the group's form)
     for i, st in enumerate(ctx.states):
         compute = ctx.dtypes[i]
         quantized = any(k.endswith(ABSMAX) for k in st)

@@ -395,18 +395,19 @@ def test_low_bit_adamw_with_compiled_codec_is_bit_identical(recipe, monkeypatch)
         assert oe.state[a]["exp_avg"].dtype == torch.uint8 or a.numel() < MIN_QUANTIZED_NUMEL
 
 
-@pytest.mark.parametrize("n", [4096, 4097, 70_001])
-def test_compiled_stochastic_rounding_is_bit_identical(n):
-    """The compiled tier stores bfloat16 slots with the noise applied by a compiled kernel:
-    the same bits as eager for the same generator seed, with inf, NaN, values that round up
-    to inf and exact bf16 values among them."""
+@pytest.mark.parametrize("n", [100, 4096, 4097, 70_001])
+def test_stochastic_rounding_traced_into_a_graph_is_bit_identical(n):
+    """The compiled tier rounds bfloat16 slots inside its graph with draws made before it:
+    traced as one graph (no break), the same bits as eager for the same draws, and those
+    the draws of ``bf16_stochastic_round`` with the same seed; inf, NaN, values that round
+    up to inf and exact bf16 values among them."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(n, generator=gen) * torch.logspace(-30, 30, n)
     x[:6] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.3895e38, 1.0, -0.0])
-    got = q.bf16_stochastic_round(x, torch.Generator().manual_seed(7), compiled=True)
+    draws = q.bf16_rounding_draws(x.shape, generator=torch.Generator().manual_seed(7))
+    got = torch.compile(q.bf16_round_with_draws, fullgraph=True)(x, draws)
     expected = q.bf16_stochastic_round(x, torch.Generator().manual_seed(7))
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
-    counters.clear()
-    q.bf16_stochastic_round(x.view(-1, 1)[: n // 2].view(-1), torch.Generator(), compiled=True)
-    assert not counters["graph_break"]
+    assert torch.equal(q.bf16_round_with_draws(x, draws).view(torch.int16),
+                       expected.view(torch.int16))

@@ -142,8 +142,7 @@ _BF16_HIGH_MASK = -(1 << 16)
 # --------------------------------------------------------------------------------------------
 
 
-def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None,
-                          compiled: bool = False) -> Tensor:
+def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Round ``x`` to bfloat16 stochastically, so that the result is unbiased.
 
     bf16 keeps the upper 16 bits of an fp32 number. Adding a uniform random integer in
@@ -165,9 +164,6 @@ def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None,
         x: floating-point tensor; non-fp32 inputs are cast to fp32 first (exact for fp16/bf16;
             fp64 is rounded to nearest fp32 before the stochastic step).
         generator: optional ``torch.Generator`` on ``x``'s device, for reproducible draws.
-        compiled: apply the noise with one compiled kernel (CPU tensors of at least
-            ``MIN_QUANTIZED_NUMEL`` elements; the same bits: integer and selection
-            arithmetic only). The noise itself is always drawn eagerly, from ``generator``.
 
     Returns:
         A new bfloat16 tensor of ``x``'s shape. Each element is one of the two bf16 values
@@ -178,11 +174,7 @@ def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None,
     if not x.is_floating_point():
         raise TypeError(f"bf16_stochastic_round expects a floating-point tensor, got {x.dtype}")
     x = x.float()
-    draws = bf16_rounding_draws(x.shape, x.device, generator)
-    if compiled and draws.dtype == torch.int64 and _use_compiled(x, x.numel()) \
-            and x.is_contiguous():
-        return _run_compiled(_round_by_thirds, x.view(-1), draws, static=0).view(x.shape)
-    return bf16_round_with_draws(x, draws)
+    return bf16_round_with_draws(x, bf16_rounding_draws(x.shape, x.device, generator))
 
 
 def bf16_rounding_draws(shape: Sequence[int], device: torch.types.Device = None,
@@ -624,22 +616,20 @@ def _compiled(graph: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(graph, options=_COMPILE_OPTIONS)
 
 
-def _run_compiled(graph: Callable[..., Any], *args: Tensor, static: int = 1) -> Any:
+def _run_compiled(graph: Callable[..., Any], *args: Tensor) -> Any:
     """``graph(*args)`` compiled: the block count (first dimension of every argument but the
-    last ``static`` ones, the table or map) dynamic, everything else static, so that one
-    compilation serves all sizes. The marks go on fresh views, never on the caller's
-    tensors."""
+    last, the table or map) dynamic, everything else static, so that one compilation serves
+    all sizes. The marks go on fresh views, never on the caller's tensors."""
     if torch.compiler.is_compiling():  # traced into an enclosing graph: inline it
         return graph(*args)
-    split = len(args) - static
-    sized, last = list(args[:split]), list(args[split:])
+    *sized, last = args
     sized = [t.view(t.shape) for t in sized]
     for t in sized:
         torch._dynamo.mark_dynamic(t, 0)
         for d in range(1, t.ndim):
             torch._dynamo.mark_static(t, d)
     with torch.no_grad():
-        return _compiled(graph)(*sized, *last)
+        return _compiled(graph)(*sized, last)
 
 
 def _use_compiled(x: Tensor, n: int) -> bool:

@@ -169,8 +169,7 @@ class Codec:
             if draws is not None:  # a compiled step's graph: no generator, no seed string
                 old.copy_(q.bf16_round_with_draws(value, draws))
             else:
-                old.copy_(stochastic_round(value, old.dtype, self.seed(key, spec.shape),
-                                           self.compiled))
+                old.copy_(stochastic_round(value, old.dtype, self.seed(key, spec.shape)))
         else:
             old.copy_(value)  # float16 state rounds to nearest (no SR kernel for its layout)
 
@@ -194,25 +193,27 @@ class Codec:
         store, from the seed :meth:`store` would use (the same bits), under ``key + DRAWS``:
         a compiled step then rounds inside its graph, where a seeded generator cannot run.
         The caller removes them after the step."""
-        gen = torch.Generator(device=st[key].device)
-        gen.manual_seed(self.seed(key, spec.shape))
         stored = st[key]
-        st[key + DRAWS] = q.bf16_rounding_draws(stored.shape, stored.device, gen)
+        st[key + DRAWS] = q.bf16_rounding_draws(
+            stored.shape, stored.device, _seeded(self.seed(key, spec.shape), stored.device))
 
     def seed(self, key: str, shape: Any) -> int:
         """The stochastic-rounding seed of one write (a function of step, key and shape)."""
         return zlib.crc32(f"{self.step}/{key}/{shape}".encode()) + self.step
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int,
-                     compiled: bool = False) -> Tensor:
-    """``x`` (float32) rounded stochastically to ``dtype`` with noise drawn from ``seed``
-    (``compiled``: the noise applied by a compiled kernel, the same bits)."""
+def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
+    """``x`` (float32) rounded stochastically to ``dtype`` with noise drawn from ``seed``."""
     if dtype != torch.bfloat16:
         return x.to(dtype)  # fp16 state: round to nearest (no SR kernel for its layout)
-    gen = torch.Generator(device=x.device)
+    return q.bf16_stochastic_round(x, _seeded(seed, x.device))
+
+
+def _seeded(seed: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (:meth:`Codec.seed`)."""
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return q.bf16_stochastic_round(x, gen, compiled)
+    return gen
 
 
 def _stored_kind(codes: Tensor, spec: SlotSpec) -> str:

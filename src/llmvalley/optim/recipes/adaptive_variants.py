@@ -12,6 +12,7 @@ from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
 from llmvalley.optim.transforms.momentum import EMA
 from llmvalley.optim.transforms.variants import (
+    AlignRows,
     BiasCorrect,
     DampedMomentum,
     Friction,
@@ -74,10 +75,11 @@ def _check_sgdp(group: dict[str, Any]) -> None:
 
 
 def _adamp_chain(group: Any) -> list:
+    # AlignRows: a compiled CPU step updates the moments in the projection's pass of row sums
     if group["nesterov"]:  # (beta1 m + (1 - beta1) g) / bc1 over Adam's denominator
-        return [EMA("exp_avg", nesterov=True), BiasCorrect(),
+        return [AlignRows(), EMA("exp_avg", nesterov=True), BiasCorrect(),
                 ScaleByAdam(first_moment="input"), ProjectScaleInvariant()]
-    return [ScaleByAdam(), ProjectScaleInvariant()]
+    return [AlignRows(), ScaleByAdam(), ProjectScaleInvariant()]
 
 
 def _adamomentum_decay(group: dict[str, Any]) -> Decay:

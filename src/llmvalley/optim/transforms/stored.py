@@ -68,5 +68,22 @@ def stored_rows(x: Tensor) -> Tensor:
     return (column @ _one(column)).reshape(-1)[:n]
 
 
-__all__ = ["compiled_cpu", "device_number", "stored_factors", "stored_rows",
+def row_aligned(x: Tensor) -> Tensor:
+    """``x`` unchanged (times a stored 1 per row of its ``(rows, -1)`` view in a compiled CPU
+    step; exact), for an element-wise loop that should share a loop with per-row sums.
+
+    Inductor's CPU backend merges the two dimensions of a contiguous element-wise loop into one,
+    and a flat loop never fuses with a reduction over rows: AdamP's moment updates ran as a pass
+    of their own, and its row sums read their results back. A per-row factor in the loop's body
+    keeps it two-dimensional, and inductor then computes the moments and the row sums in one
+    pass. Tensors of fewer than two dimensions, and every step outside a compiled CPU one, get
+    ``x`` itself."""
+    if x.ndim < 2 or not compiled_cpu(x):
+        return x
+    rows = x.shape[0]
+    ones = stored_rows(torch.ones(rows, dtype=x.dtype, device=x.device))
+    return (x.reshape(rows, -1) * ones[:, None]).reshape(x.shape)
+
+
+__all__ = ["compiled_cpu", "device_number", "row_aligned", "stored_factors", "stored_rows",
            "stored_scalars"]

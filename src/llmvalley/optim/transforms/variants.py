@@ -33,7 +33,7 @@ from llmvalley.optim.transforms.base import (
     scalars,
 )
 from llmvalley.optim.transforms.combine import Combinator, chain_paths, chain_slots, run_chain
-from llmvalley.optim.transforms.stored import stored_rows, stored_scalars
+from llmvalley.optim.transforms.stored import row_aligned, stored_rows, stored_scalars
 
 Group = Mapping[str, Any]
 
@@ -120,6 +120,18 @@ class DampedMomentum(Transform):
         if ctx.hp("nesterov"):
             return torch._foreach_add(updates, bufs, alpha=momentum)
         return bufs
+
+
+class AlignRows(Transform):
+    """The identity on values; in a compiled CPU step it lets the transforms after it update
+    their state in the same pass as :class:`ProjectScaleInvariant`'s row sums (see
+    :func:`~llmvalley.optim.transforms.stored.row_aligned`). Put it first in AdamP's and
+    SGDP's chains."""
+
+    elementwise = True
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        return [row_aligned(u) for u in updates]
 
 
 class ProjectScaleInvariant(Transform):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llmvalley
-from llmvalley.optim import blocked
+from llmvalley.optim import blocked, kernels
 from llmvalley.optim.shell import ChainOptimizer
 from llmvalley.optim.transforms.base import Transform
 from tests.helpers import make_model, make_optimizer, train
@@ -34,9 +34,11 @@ NOT_BLOCKED = ["ranger21", "dog", "momo"]
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of 24 elements (TinyLM's 8-wide rows: 3 rows a block; its group holds ~560
-    elements), and no compiling under ``"auto"``."""
+    elements), no compiling under ``"auto"``, and no hand-written CPU kernel (Adafactor and
+    CAME run blocked where theirs cannot be built)."""
     monkeypatch.setattr(blocked, "BLOCK_NUMEL", 24)
     monkeypatch.setenv("LLMVALLEY_AUTO_COMPILE", "off")
+    monkeypatch.setattr(kernels, "load", lambda name: None)
 
 
 def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -103,6 +103,9 @@ def test_fused_tier_needs_a_kernel():
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),
     ("sgd", {}, "fused"),
     ("adagrad", {}, "fused"),
+    ("adafactor", {}, "fused"),
+    ("came", {}, "fused"),
+    ("adafactor", {"implementation": "foreach"}, "foreach"),
     ("sgd", {"implementation": "foreach"}, "foreach"),
     ("lion", {}, "foreach"),  # auto starts eager (auto_tier moves long runs to compiled)
     ("lion", {"implementation": "compiled"}, "compiled"),

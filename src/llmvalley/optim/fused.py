@@ -6,7 +6,10 @@ and its parameter write.
 - sgd: ``torch._fused_sgd_`` (``torch.optim.SGD(fused=True)``: momentum, dampening, Nesterov,
   coupled decay);
 - adagrad: ``torch._fused_adagrad_`` (``torch.optim.Adagrad(fused=True)``: learning-rate
-  decay, coupled decay; the accumulator starts at ``initial_accumulator_value``).
+  decay, coupled decay; the accumulator starts at ``initial_accumulator_value``);
+- adafactor and came (CPU, float32): the hand-written kernels ``kernels/adafactor.cpp`` and
+  ``kernels/came.cpp`` (:mod:`llmvalley.optim.kernels`): three and four passes over a matrix,
+  where inductor's code for the chain makes six and eight.
 
 Each is a spec's ``fused`` callable ``(ctx) -> bool``: it runs the kernel on the group's
 tensors and returns True, or returns False (nothing done) and the foreach chain runs. It
@@ -22,11 +25,15 @@ The shell flips the gradients' sign for ``maximize`` before the kernel sees them
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import Tensor
 
+from llmvalley.optim import kernels
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
 from llmvalley.optim.transforms.base import StepContext
+from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
 from llmvalley.optim.transforms.momentum import HeavyBall
 from llmvalley.optim.transforms.stored import device_number
 from llmvalley.optim.transforms.variants import ScaleByAdagrad
@@ -36,6 +43,10 @@ FUSED_DEVICES = ("cpu", "cuda")
 _ADAM = ScaleByAdam()
 _HEAVY_BALL = HeavyBall()
 _ADAGRAD = ScaleByAdagrad()
+_ADAFACTOR = ScaleByAdafactor()
+_CAME = ScaleByCAME()
+#: elements per OpenMP thread below which a kernel runs a tensor on fewer threads
+ELEMENTS_PER_THREAD = 1 << 16
 
 
 def ready(ctx: StepContext) -> bool:
@@ -130,4 +141,97 @@ def fused_adagrad(ctx: StepContext) -> bool:
     return True
 
 
-__all__ = ["FUSED_DEVICES", "fused_adagrad", "fused_adam", "fused_sgd", "ready"]
+def _cpu_kernel(ctx: StepContext, name: str) -> Any:
+    """The built CPU kernel ``name`` when the group may run it (float32 tensors on CPU, see
+    :func:`ready`), else None."""
+    first = ctx.params[0]
+    if not ready(ctx) or first.device.type != "cpu" or first.dtype != torch.float32:
+        return None
+    return kernels.load(name)
+
+
+def _factored_slots(ctx: StepContext, transform: Any, names: Callable[[Tensor], tuple[str, ...]]
+                    ) -> list[list[Tensor]] | None:
+    """Each tensor's slots ``names(p)``, or None when one is not dense float32 (or a tensor
+    is empty): then the chain runs."""
+    slots = ctx.bind(transform, {})
+    work = []
+    for i, p in enumerate(ctx.params):
+        state = [slots.slot(k, [i])[0] for k in names(p)]
+        if p.numel() == 0 or any(s.dtype != torch.float32 or not s.is_contiguous()
+                                 for s in state):
+            return None
+        work.append(state)
+    return work
+
+
+def _layout(p: Tensor) -> tuple[int, int, int]:
+    """``(batch, m, n)``: the batch of ``m x n`` matrices a kernel sees, ``m = 0`` for a
+    tensor of fewer than two dimensions (``n`` elements)."""
+    if p.dim() > 1:
+        m, n = p.shape[-2], p.shape[-1]
+        return p.numel() // (m * n), m, n
+    return 1, 0, p.numel()
+
+
+def _threads(p: Tensor) -> int:
+    """OpenMP threads for a kernel on ``p``: torch's count, fewer for a small tensor."""
+    return max(1, min(torch.get_num_threads(), p.numel() // ELEMENTS_PER_THREAD))
+
+
+def _shrink(ctx: StepContext, i: int) -> float:
+    """The decoupled decay factor ``1 - lr wd`` of tensor ``i`` (the spec's decay form)."""
+    return 1.0 - float(ctx.group["lr"]) * ctx.plan.lr_mult[i] * ctx.plan.weight_decay[i]
+
+
+def fused_adafactor(ctx: StepContext) -> bool:
+    """Adafactor through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on
+    CPU (the spec's decay is decoupled and scaled by ``lr``: ``p *= 1 - lr wd``, as
+    torch.optim.Adafactor); anything else, or a machine that cannot build the kernel, runs
+    the chain. One call per tensor updates its row/column factors (or a vector's full second
+    moment) in place and writes the parameter."""
+    kernel = _cpu_kernel(ctx, "adafactor")
+    work = kernel and _factored_slots(
+        ctx, _ADAFACTOR, lambda p: ("row_var", "col_var") if p.dim() > 1 else ("variance",))
+    if not work:
+        return False
+    group = ctx.group
+    eps1, eps2 = group["eps"]
+    eps1 = torch.finfo(torch.float32).eps if eps1 is None else eps1
+    lr, decay, d = float(group["lr"]), group["beta2_decay"], float(group["d"])
+    for i, (p, g, state, t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+        row, col = state if len(state) == 2 else (state[0], state[0])
+        kernel(p, g, row, col, *_layout(p), float(t**decay), float(eps1), min(lr, t**-0.5),
+               float(eps2), d, _shrink(ctx, i), _threads(p))
+    return True
+
+
+def fused_came(ctx: StepContext) -> bool:
+    """CAME through :mod:`llmvalley.optim.kernels`' CPU kernel, under the same conditions as
+    :func:`fused_adafactor` (decay ``p *= 1 - lr wd``, as came-pytorch). One call per tensor
+    updates its momentum and factors in place and writes the parameter."""
+    kernel = _cpu_kernel(ctx, "came")
+    work = kernel and _factored_slots(ctx, _CAME, lambda p: (
+        ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
+        if p.dim() > 1 else ("exp_avg", "exp_avg_sq")))
+    if not work:
+        return False
+    group = ctx.group
+    beta1, beta2, beta3 = group["betas"]
+    eps1, eps2 = group["eps"]
+    lr = float(group["lr"])
+    for i, (p, g, state) in enumerate(zip(ctx.params, ctx.grads, work)):
+        if len(state) == 5:
+            exp_avg, row, col, rrow, rcol = state
+        else:
+            exp_avg, row = state
+            col = rrow = rcol = row
+        kernel(p, g, exp_avg, row, col, rrow, rcol, *_layout(p), lr * ctx.plan.lr_mult[i],
+               beta1, 1 - beta1, beta2, 1 - beta2, beta3, 1 - beta3, eps1, eps2,
+               float(group["clip_threshold"]),
+               _shrink(ctx, i), _threads(p))
+    return True
+
+
+__all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_came",
+           "fused_sgd", "ready"]

@@ -213,8 +213,9 @@ def validate_shell(name: str, group: Mapping[str, Any]) -> None:
 def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     """The tier a group runs in: ``"foreach"``, ``"compiled"`` or ``"fused"``.
 
-    ``implementation="auto"`` (default) is the fastest tier that is exact and never compiles
-    on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw, sgd, adagrad:
+    ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a
+    long compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw,
+    sgd, adagrad; on CPU adafactor and came, whose kernels build once per machine in seconds:
     :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its storage, else
     ``"foreach"`` (on CPU run in cache-sized blocks where the chain allows,
     :mod:`llmvalley.optim.blocked`), which the shell
@@ -246,8 +247,8 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
         if spec.fused is None:
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
-                "kernel (adam, adamw, sgd and adagrad have one); use 'auto', 'foreach' or "
-                "'compiled'")
+                "kernel (adam, adamw, sgd, adagrad, adafactor and came have one); use 'auto', "
+                "'foreach' or 'compiled'")
         if not is_plain(group):
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': the fused kernel computes the "

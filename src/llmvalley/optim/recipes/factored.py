@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmvalley.optim.fused import fused_adafactor, fused_came
 from llmvalley.optim.recipes.common import require_betas
 from llmvalley.optim.spec import OptimizerSpec
 from llmvalley.optim.transforms import ScaleByAdafactor, ScaleByCAME
@@ -34,6 +35,7 @@ SPECS = [
         defaults=dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0),
         build=lambda g: [ScaleByAdafactor()],
         check=_check_adafactor,
+        fused=fused_adafactor,
     ),
     OptimizerSpec(
         name="came",
@@ -41,5 +43,6 @@ SPECS = [
                       clip_threshold=1.0, weight_decay=0.0),
         build=lambda g: [ScaleByCAME()],
         check=_check_came,
+        fused=fused_came,
     ),
 ]

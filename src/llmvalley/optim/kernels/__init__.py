@@ -1,0 +1,57 @@
+"""Hand-written CPU kernels for the fused tier, built on first use with inductor's C++
+toolchain.
+
+Inductor's loop fusion cannot give some recipes the passes their math needs: a matrix's row
+and column sums never share a loop in its CPU backend, so compiled Adafactor read the
+gradient four times (row sums, column sums, ``rms(u)``, the write). A kernel here makes the
+passes the method needs and no more. Each is one C++ file next to this module with an
+``extern "C" void kernel(...)`` entry, built after the helpers of ``common.h`` (row and
+column sums in one pass, OpenMP over rows); :func:`load` compiles it through
+``torch._inductor.codecache.CppPythonBindingsCodeCache`` (the compiler, ISA flags, OpenMP
+and on-disk cache that ``torch.compile`` uses on CPU: a few seconds the first time on a
+machine, then a load from the cache) and returns a Python callable taking tensors for the
+pointer arguments.
+
+A kernel that cannot be built (no C++ compiler, a torch without that API) is reported once
+in the log and :func:`load` returns None: the fused tier then declines and the recipe's
+foreach chain runs, as it does on any other device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+
+#: each kernel's argument types, in the order of its C++ ``kernel`` entry
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "adafactor": ("float*", "const float*", "float*", "float*", "int64_t", "int64_t",
+                  "int64_t", "float", "float", "float", "float", "float", "float", "int64_t"),
+    "came": ("float*", "const float*", "float*", "float*", "float*", "float*", "float*",
+             "int64_t", "int64_t", "int64_t", "float", "float", "float", "float", "float",
+             "float", "float", "float", "float", "float", "float", "int64_t"),
+}
+
+
+@functools.cache
+def load(name: str) -> Callable[..., Any] | None:
+    """The built kernel ``name`` (``<name>.cpp`` here), or None when it cannot be built on
+    this machine (logged once)."""
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        source = (HERE / "common.h").read_text() + (HERE / f"{name}.cpp").read_text()
+        return CppPythonBindingsCodeCache.load_pybinding(list(SIGNATURES[name]), source)
+    except Exception as e:  # no compiler, an older torch: the chain runs instead
+        log.warning("llmvalley: the %s CPU kernel could not be built (%s: %s); the recipe "
+                    "runs its foreach chain", name, type(e).__name__, e)
+        return None
+
+
+__all__ = ["SIGNATURES", "load"]

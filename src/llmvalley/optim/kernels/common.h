@@ -1,0 +1,180 @@
+// Helpers shared by the kernels of llmvalley/optim/kernels (prepended to each kernel's source
+// by kernels/__init__.py). The matrices are `batch` row-major m x n blocks; their
+// batch * m rows are split evenly over the OpenMP threads, and every partial sum is added in
+// thread order, so results depend only on the thread count.
+#include <torch/csrc/inductor/cpp_prefix.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace llmvalley {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VEC = Vec::size();
+// rows whose column sums are added in float before they go into the double totals
+constexpr int64_t COLUMN_BLOCK = 64;
+
+inline float sum_all(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
+}
+
+// the first k lanes of v, zeros after (a tail's padding out of a sum)
+inline Vec head(const Vec& v, int64_t k) {
+  return k == VEC ? v : Vec::set(Vec(0.0f), v, k);
+}
+
+// this thread's rows [lo, hi) of `rows`
+inline void thread_rows(int64_t rows, int64_t* lo, int64_t* hi) {
+  const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+  *lo = rows * tid / nt;
+  *hi = rows * (tid + 1) / nt;
+}
+
+// Sums of f over every row and every column of each matrix, in one pass. f(r, j, k) gives the
+// values of row r, columns j..j+k (k <= VEC lanes; lanes past k are ignored) and may store
+// into buffers of its own on the way. row_sum gets batch * m floats, col_sum batch * n
+// doubles.
+//
+// With a scale (Scaled): once row r is summed, scale(r, row sum) gives a number s_r, and a
+// second sweep over the row (in L1 by then) adds s_r f2 into col_scaled: column sums
+// weighted by a function of each row's sum. f2 is called like f and must not store.
+template <bool Scaled, typename F, typename F2, typename S>
+void row_col_sums_impl(int64_t batch, int64_t m, int64_t n, int threads, const F& f,
+                       const F2& f2, const S& scale, float* row_sum, double* col_sum,
+                       double* col_scaled) {
+  const int64_t rows = batch * m, cols = batch * n;
+  const int64_t parts = Scaled ? 2 : 1;
+  std::vector<double> part(static_cast<size_t>(threads) * parts * cols, 0.0);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int64_t lo, hi;
+    thread_rows(rows, &lo, &hi);
+    double* mine = part.data() + static_cast<size_t>(omp_get_thread_num()) * parts * cols;
+    std::vector<float> block(parts * n, 0.0f);
+    int64_t filled = 0, block_batch = lo < hi ? lo / m : 0;
+    auto flush = [&]() {
+      for (int64_t q = 0; q < parts; ++q) {
+        double* dst = mine + q * cols + block_batch * n;
+        float* src = block.data() + q * n;
+        for (int64_t j = 0; j < n; ++j) {
+          dst[j] += src[j];
+          src[j] = 0.0f;
+        }
+      }
+      filled = 0;
+    };
+    for (int64_t r = lo; r < hi; ++r) {
+      if (r / m != block_batch || filled == COLUMN_BLOCK) {
+        flush();
+        block_batch = r / m;
+      }
+      Vec acc(0.0f);
+      for (int64_t j = 0; j < n; j += VEC) {
+        const int64_t k = std::min(VEC, n - j);
+        const Vec v = head(f(r, j, k), k);
+        acc = acc + v;
+        (Vec::loadu(block.data() + j, k) + v).store(block.data() + j, k);
+      }
+      row_sum[r] = sum_all(acc);
+      if constexpr (Scaled) {
+        const Vec s(scale(r, row_sum[r]));
+        float* second = block.data() + n;
+        for (int64_t j = 0; j < n; j += VEC) {
+          const int64_t k = std::min(VEC, n - j);
+          (Vec::loadu(second + j, k) + head(f2(r, j, k), k) * s).store(second + j, k);
+        }
+      }
+      ++filled;
+    }
+    if (filled) flush();
+  }
+  for (int64_t q = 0; q < parts; ++q) {
+    double* out = q == 0 ? col_sum : col_scaled;
+    std::fill(out, out + cols, 0.0);
+    for (int t = 0; t < threads; ++t) {
+      const double* src = part.data() + (static_cast<size_t>(t) * parts + q) * cols;
+      for (int64_t c = 0; c < cols; ++c) out[c] += src[c];
+    }
+  }
+}
+
+template <typename F>
+void row_col_sums(int64_t batch, int64_t m, int64_t n, int threads, const F& f,
+                  float* row_sum, double* col_sum) {
+  row_col_sums_impl<false>(batch, m, n, threads, f, f, [](int64_t, float) { return 0.0f; },
+                           row_sum, col_sum, nullptr);
+}
+
+template <typename F, typename F2, typename S>
+void row_col_sums_scaled(int64_t batch, int64_t m, int64_t n, int threads, const F& f,
+                         const F2& f2, const S& scale, float* row_sum, double* col_sum,
+                         double* col_scaled) {
+  row_col_sums_impl<true>(batch, m, n, threads, f, f2, scale, row_sum, col_sum, col_scaled);
+}
+
+// sum_j x[j] / y[j] over j < count, skipping the terms with x[j] == 0 (a zero column)
+inline double ratio_sum(const double* x, const float* y, int64_t count) {
+  double total = 0.0;
+  for (int64_t j = 0; j < count; ++j)
+    if (x[j] != 0.0) total += x[j] / y[j];
+  return total;
+}
+
+// sum of x^2 over row r of a matrix with n columns
+inline float row_square_sum(const float* x, int64_t r, int64_t n) {
+  Vec acc(0.0f);
+  for (int64_t j = 0; j < n; j += VEC) {
+    const Vec v = Vec::loadu(x + r * n + j, std::min(VEC, n - j));
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  return sum_all(acc);
+}
+
+// The totals over rows [0, rows) of f(r) (N floats per row), added in double per thread.
+template <size_t N, typename F>
+std::array<double, N> rows_totals(int64_t rows, int threads, const F& f) {
+  std::vector<std::array<double, N>> part(threads);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int64_t lo, hi;
+    thread_rows(rows, &lo, &hi);
+    std::array<double, N> total{};
+    for (int64_t r = lo; r < hi; ++r) {
+      const std::array<float, N> x = f(r);
+      for (size_t i = 0; i < N; ++i) total[i] += x[i];
+    }
+    part[omp_get_thread_num()] = total;
+  }
+  std::array<double, N> total{};
+  for (const auto& x : part)
+    for (size_t i = 0; i < N; ++i) total[i] += x[i];
+  return total;
+}
+
+// f(r) for every row r in [0, rows), rows split over the threads
+template <typename F>
+void for_rows(int64_t rows, int threads, const F& f) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int64_t lo, hi;
+    thread_rows(rows, &lo, &hi);
+    for (int64_t r = lo; r < hi; ++r) f(r);
+  }
+}
+
+// torch.lerp's formula for a float weight
+inline float lerp(float self, float end, float weight) {
+  return weight < 0.5f ? self + weight * (end - self) : end - (end - self) * (1.0f - weight);
+}
+
+// the mean of x[0..count) (summed in double)
+inline float mean(const float* x, int64_t count) {
+  double total = 0.0;
+  for (int64_t i = 0; i < count; ++i) total += x[i];
+  return static_cast<float>(total / count);
+}
+
+}  // namespace llmvalley

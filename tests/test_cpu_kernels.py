@@ -1,0 +1,177 @@
+"""The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor and
+CAME. Each must give the foreach chain's parameters and state to float32 rounding, on every
+path through its C++ (factored matrices, batches of matrices, vectors, a 0-d tensor, rows
+that are not a multiple of the vector width, Adafactor's capped preconditioner, several
+OpenMP threads), and the tier must step aside where it cannot run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import llmvalley
+from llmvalley.optim import kernels
+from tests.helpers import make_optimizer, roundtrip
+
+NAMES = ["adafactor", "came"]
+#: a 2-D matrix whose rows are not a multiple of 16 floats, a batch of matrices, a matrix
+#: of one row, vectors, a 0-d tensor
+SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The kernel calls of the test, by name (the real kernels run)."""
+    calls: list[str] = []
+    real = kernels.load
+
+    def load(name):
+        kernel = real(name)
+        if kernel is None:
+            return None
+
+        def counted(*args):
+            calls.append(name)
+            return kernel(*args)
+        return counted
+
+    monkeypatch.setattr(kernels, "load", load)
+    return calls
+
+
+def make_params(shapes=SHAPES, dtype=torch.float32) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def run(name: str, implementation: str, steps: int = 5, grad_scale: float = 1.0,
+        shapes=SHAPES, dtype=torch.float32, **hp):
+    """``steps`` steps on random gradients (the same for every tier); the parameters, their
+    state tensors and the optimizer."""
+    params = make_params(shapes, dtype)
+    opt = llmvalley.create_optimizer(name, params, implementation=implementation,
+                                     nonfinite="ignore", **hp)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for st in opt.state.values() for _, v in sorted(st.items())
+            if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def assert_close(got, expected, rtol=2e-6, atol=1e-7) -> None:
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("hp", [{}, {"weight_decay": 0.1, "maximize": True}])
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_matches_the_foreach_chain(name, hp, kernel_calls):
+    expected, ref = run(name, "foreach", **hp)
+    got, opt = run(name, "fused", **hp)
+    assert kernel_calls.count(name) == 5 * len(SHAPES)
+    moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
+    assert moved > 1e-3
+    assert_close(got, expected)
+    assert_close(state_tensors(opt), state_tensors(ref))
+
+
+def test_auto_runs_the_kernel(kernel_calls):
+    for name in NAMES:
+        expected, _ = run(name, "foreach", steps=2)
+        got, _ = run(name, "auto", steps=2)
+        assert_close(got, expected)
+    assert kernel_calls.count("adafactor") == kernel_calls.count("came") == 2 * len(SHAPES)
+
+
+@pytest.mark.parametrize("grad_scale", [1e-9, 1e3])
+def test_adafactor_where_its_preconditioner_cap_binds_or_not(grad_scale, kernel_calls):
+    """Gradients of ~1e-9 make the 1/eps1 cap bind (the kernel then sums u^2 in a pass of
+    its own); large ones keep it slack (the sum comes from the column sums)."""
+    expected, _ = run("adafactor", "foreach", grad_scale=grad_scale)
+    got, _ = run("adafactor", "fused", grad_scale=grad_scale)
+    assert kernel_calls
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_on_two_threads(name, kernel_calls):
+    """Tensors big enough to split over two OpenMP threads: the foreach chain's result, and
+    the same bits on every run."""
+    shapes = [(512, 272), (2, 160, 520), (300,)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected, _ = run(name, "foreach", steps=3, shapes=shapes)
+        first, _ = run(name, "fused", steps=3, shapes=shapes)
+        second, _ = run(name, "fused", steps=3, shapes=shapes)
+    finally:
+        torch.set_num_threads(before)
+    assert kernel_calls
+    assert_close(first, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_run_resumes_across_tiers(name):
+    """State written by the kernel loads into the foreach chain and the other way round."""
+    expected, _ = run(name, "foreach", steps=6)
+    params, opt = run(name, "fused", steps=3)
+    saved = roundtrip(opt.state_dict())
+    resumed = llmvalley.create_optimizer(name, params, implementation="foreach",
+                                         nonfinite="ignore")
+    resumed.load_state_dict(saved)
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(6)]
+    for step in range(3, 6):
+        for p, g in zip(params, grads[step]):
+            p.grad = g
+        resumed.step()
+    assert_close(params, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_other_dtypes_and_a_missing_compiler_run_the_chain(name, monkeypatch, caplog):
+    """bfloat16 parameters, and a machine where the kernel cannot be built, run the chain."""
+    expected, _ = run(name, "foreach", dtype=torch.bfloat16)
+    got, _ = run(name, "fused", dtype=torch.bfloat16)
+    assert_close(got, expected, rtol=0, atol=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    from torch._inductor import codecache
+
+    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", broken)
+    kernels.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="llmvalley.optim.kernels"):
+            expected, _ = run(name, "foreach")
+            got, _ = run(name, "fused")
+    finally:
+        kernels.load.cache_clear()
+    assert any("could not be built" in r.getMessage() for r in caplog.records)
+    assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_model_training_through_the_router_matches(kernel_calls):
+    """A routed model (embedding, matrices, norms, biases) trains the same on both tiers."""
+    from tests.helpers import make_model, train
+
+    out = []
+    for impl in ("foreach", "fused"):
+        model = make_model()
+        opt = make_optimizer("came", model, implementation=impl)
+        train(model, opt, 0, 4)
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert kernel_calls
+    assert_close(*out)

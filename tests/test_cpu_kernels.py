@@ -1,8 +1,9 @@
-"""The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor and
-CAME. Each must give the foreach chain's parameters and state to float32 rounding, on every
-path through its C++ (factored matrices, batches of matrices, vectors, a 0-d tensor, rows
-that are not a multiple of the vector width, Adafactor's capped preconditioner, several
-OpenMP threads), and the tier must step aside where it cannot run.
+"""The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor,
+CAME and AdamP. Each must give the foreach chain's parameters and state to float32 rounding,
+on every path through its C++ (factored matrices, batches of matrices, vectors, a 0-d
+tensor, rows that are not a multiple of the vector width, Adafactor's capped preconditioner,
+AdamP's three projection choices, several OpenMP threads), and the tier must step aside where
+it cannot run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import llmvalley
 from llmvalley.optim import kernels
 from tests.helpers import make_optimizer, roundtrip
 
-NAMES = ["adafactor", "came"]
+NAMES = ["adafactor", "came", "adamp"]
 #: a 2-D matrix whose rows are not a multiple of 16 floats, a batch of matrices, a matrix
 #: of one row, vectors, a 0-d tensor
 SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]
@@ -48,16 +49,17 @@ def make_params(shapes=SHAPES, dtype=torch.float32) -> list[torch.nn.Parameter]:
 
 
 def run(name: str, implementation: str, steps: int = 5, grad_scale: float = 1.0,
-        shapes=SHAPES, dtype=torch.float32, **hp):
-    """``steps`` steps on random gradients (the same for every tier); the parameters, their
-    state tensors and the optimizer."""
+        shapes=SHAPES, dtype=torch.float32, grad=None, **hp):
+    """``steps`` steps on random gradients (the same for every tier), or ``grad(p)``; the
+    parameters, their state tensors and the optimizer."""
     params = make_params(shapes, dtype)
     opt = llmvalley.create_optimizer(name, params, implementation=implementation,
                                      nonfinite="ignore", **hp)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:
-            p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(dtype)
+            p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(dtype) \
+                if grad is None else grad(p.detach())
         opt.step()
     return params, opt
 
@@ -67,9 +69,9 @@ def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
             if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
 
-def assert_close(got, expected, rtol=2e-6, atol=1e-7) -> None:
+def assert_close(got, expected, rtol=2e-6, atol=1e-7, msg=None) -> None:
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol, msg=msg)
 
 
 @pytest.mark.parametrize("hp", [{}, {"weight_decay": 0.1, "maximize": True}])
@@ -89,7 +91,8 @@ def test_auto_runs_the_kernel(kernel_calls):
         expected, _ = run(name, "foreach", steps=2)
         got, _ = run(name, "auto", steps=2)
         assert_close(got, expected)
-    assert kernel_calls.count("adafactor") == kernel_calls.count("came") == 2 * len(SHAPES)
+    for name in NAMES:
+        assert kernel_calls.count(name) == 2 * len(SHAPES)
 
 
 @pytest.mark.parametrize("grad_scale", [1e-9, 1e3])
@@ -100,6 +103,32 @@ def test_adafactor_where_its_preconditioner_cap_binds_or_not(grad_scale, kernel_
     got, _ = run("adafactor", "fused", grad_scale=grad_scale)
     assert kernel_calls
     assert_close(got, expected)
+
+
+def alternating_rows(p: torch.Tensor) -> torch.Tensor:
+    """A gradient along each row of ``p`` with alternating signs, plus a little noise: every
+    row's cosine with the weight is about 1, the whole tensor's about 0."""
+    if p.dim() < 2:
+        return torch.ones_like(p)
+    rows = p.reshape(p.shape[0], -1)
+    sign = 1.0 - 2.0 * (torch.arange(rows.shape[0]) % 2).to(p.dtype)
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    return (unit * sign[:, None] + 1e-3 * torch.cos(rows)).reshape(p.shape)
+
+
+@pytest.mark.parametrize("delta, grad, projected", [
+    (10.0, None, "every row"),     # every row passes the test
+    (0.1, alternating_rows, "the whole tensor"),  # no row passes, the whole tensor does
+    (0.0, None, "nothing"),        # nothing passes
+])
+def test_adamp_makes_each_projection_choice(delta, grad, projected, kernel_calls):
+    shapes = [(8, 24), (4, 6, 10), (16,)]
+    expected, _ = run("adamp", "foreach", shapes=shapes, grad=grad, delta=delta,
+                      weight_decay=0.1, nesterov=projected == "every row")
+    got, _ = run("adamp", "fused", shapes=shapes, grad=grad, delta=delta, weight_decay=0.1,
+                 nesterov=projected == "every row")
+    assert kernel_calls
+    assert_close(got, expected, msg=projected)
 
 
 @pytest.mark.parametrize("name", NAMES)

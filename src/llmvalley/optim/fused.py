@@ -7,9 +7,9 @@ and its parameter write.
   coupled decay);
 - adagrad: ``torch._fused_adagrad_`` (``torch.optim.Adagrad(fused=True)``: learning-rate
   decay, coupled decay; the accumulator starts at ``initial_accumulator_value``);
-- adafactor and came (CPU, float32): the hand-written kernels ``kernels/adafactor.cpp`` and
-  ``kernels/came.cpp`` (:mod:`llmvalley.optim.kernels`): three and four passes over a matrix,
-  where inductor's code for the chain makes six and eight.
+- adafactor, came and adamp (CPU, float32): the hand-written kernels ``kernels/*.cpp``
+  (:mod:`llmvalley.optim.kernels`): two, three and two passes over a matrix, where inductor's
+  code for the chain makes six, eight and three.
 
 Each is a spec's ``fused`` callable ``(ctx) -> bool``: it runs the kernel on the group's
 tensors and returns True, or returns False (nothing done) and the foreach chain runs. It
@@ -206,6 +206,28 @@ def fused_adafactor(ctx: StepContext) -> bool:
     return True
 
 
+def fused_adamp(ctx: StepContext) -> bool:
+    """AdamP through :mod:`llmvalley.optim.kernels`' CPU kernel, under the same conditions as
+    :func:`fused_adafactor` (decay ``p *= 1 - lr wd``, times ``wd_ratio`` where the tensor is
+    projected, as clovaai/AdamP). One call per tensor updates its moments in place, makes the
+    projection's choice and writes the parameter."""
+    kernel = _cpu_kernel(ctx, "adamp")
+    work = kernel and _factored_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
+    if not work:
+        return False
+    group = ctx.group
+    beta1, beta2 = group["betas"]
+    eps, lr = group["eps"], float(group["lr"])
+    for i, (p, g, (m, v), t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        rows = p.shape[0] if p.dim() > 1 else 1
+        kernel(p, g, m, v, rows, p.numel() // rows, beta1, 1 - beta1, beta2, 1 - beta2,
+               bc1 / bc2**0.5, eps * bc1, lr * ctx.plan.lr_mult[i], ctx.plan.weight_decay[i],
+               group["wd_ratio"], group["delta"], eps, int(group["nesterov"]),
+               int(p.dim() > 1), _threads(p))
+    return True
+
+
 def fused_came(ctx: StepContext) -> bool:
     """CAME through :mod:`llmvalley.optim.kernels`' CPU kernel, under the same conditions as
     :func:`fused_adafactor` (decay ``p *= 1 - lr wd``, as came-pytorch). One call per tensor
@@ -233,5 +255,5 @@ def fused_came(ctx: StepContext) -> bool:
     return True
 
 
-__all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_came",
-           "fused_sgd", "ready"]
+__all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_adamp",
+           "fused_came", "fused_sgd", "ready"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from llmvalley.optim.fused import fused_adagrad
+from llmvalley.optim.fused import fused_adagrad, fused_adamp
 from llmvalley.optim.recipes.common import require_betas, require_flag, require_number
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
@@ -102,6 +102,7 @@ SPECS = [
                       wd_ratio=0.1, nesterov=False),
         build=_adamp_chain,
         structural=("nesterov",),
+        fused=fused_adamp,
         check=_all(require_betas("adamp", 2), *_projection_checks("adamp")),
     ),
     OptimizerSpec(

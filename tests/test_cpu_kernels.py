@@ -192,6 +192,26 @@ def test_other_dtypes_and_a_missing_compiler_run_the_chain(name, monkeypatch, ca
     assert_close(got, expected, rtol=0, atol=0)
 
 
+class TaggedParameter(torch.nn.Parameter):
+    """A parameter subclass (as a DTensor or another wrapper is): the kernels read raw
+    pointers, so such tensors take the chain."""
+
+
+def test_tensor_subclasses_run_the_chain(kernel_calls):
+    for name in NAMES:
+        expected, _ = run(name, "foreach")
+        params = [TaggedParameter(p.detach()) for p in make_params()]
+        opt = llmvalley.create_optimizer(name, params, implementation="fused",
+                                         nonfinite="ignore")
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        assert_close(params, expected, rtol=0, atol=0)
+    assert not kernel_calls
+
+
 def test_model_training_through_the_router_matches(kernel_calls):
     """A routed model (embedding, matrices, norms, biases) trains the same on both tiers."""
     from tests.helpers import make_model, train

@@ -141,16 +141,23 @@ def fused_adagrad(ctx: StepContext) -> bool:
     return True
 
 
+def _plain(t: Tensor) -> bool:
+    """Whether ``t`` is a plain tensor (the kernels read raw pointers: a tensor subclass such
+    as a DTensor takes the chain)."""
+    return type(t) in (Tensor, torch.nn.Parameter)
+
+
 def _cpu_kernel(ctx: StepContext, name: str) -> Any:
-    """The built CPU kernel ``name`` when the group may run it (float32 tensors on CPU, see
-    :func:`ready`), else None."""
+    """The built CPU kernel ``name`` when the group may run it (plain float32 tensors on
+    CPU, see :func:`ready`), else None."""
     first = ctx.params[0]
-    if not ready(ctx) or first.device.type != "cpu" or first.dtype != torch.float32:
+    if not ready(ctx) or first.device.type != "cpu" or first.dtype != torch.float32 \
+            or not all(_plain(t) for t in (*ctx.params, *ctx.grads)):
         return None
     return kernels.load(name)
 
 
-def _factored_slots(ctx: StepContext, transform: Any, names: Callable[[Tensor], tuple[str, ...]]
+def _dense_slots(ctx: StepContext, transform: Any, names: Callable[[Tensor], tuple[str, ...]]
                     ) -> list[list[Tensor]] | None:
     """Each tensor's slots ``names(p)``, or None when one is not dense float32 (or a tensor
     is empty): then the chain runs."""
@@ -159,7 +166,7 @@ def _factored_slots(ctx: StepContext, transform: Any, names: Callable[[Tensor], 
     for i, p in enumerate(ctx.params):
         state = [slots.slot(k, [i])[0] for k in names(p)]
         if p.numel() == 0 or any(s.dtype != torch.float32 or not s.is_contiguous()
-                                 for s in state):
+                                 or not _plain(s) for s in state):
             return None
         work.append(state)
     return work
@@ -191,7 +198,7 @@ def fused_adafactor(ctx: StepContext) -> bool:
     the chain. One call per tensor updates its row/column factors (or a vector's full second
     moment) in place and writes the parameter."""
     kernel = _cpu_kernel(ctx, "adafactor")
-    work = kernel and _factored_slots(
+    work = kernel and _dense_slots(
         ctx, _ADAFACTOR, lambda p: ("row_var", "col_var") if p.dim() > 1 else ("variance",))
     if not work:
         return False
@@ -212,7 +219,7 @@ def fused_adamp(ctx: StepContext) -> bool:
     projected, as clovaai/AdamP). One call per tensor updates its moments in place, makes the
     projection's choice and writes the parameter."""
     kernel = _cpu_kernel(ctx, "adamp")
-    work = kernel and _factored_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
+    work = kernel and _dense_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
     if not work:
         return False
     group = ctx.group
@@ -233,7 +240,7 @@ def fused_came(ctx: StepContext) -> bool:
     :func:`fused_adafactor` (decay ``p *= 1 - lr wd``, as came-pytorch). One call per tensor
     updates its momentum and factors in place and writes the parameter."""
     kernel = _cpu_kernel(ctx, "came")
-    work = kernel and _factored_slots(ctx, _CAME, lambda p: (
+    work = kernel and _dense_slots(ctx, _CAME, lambda p: (
         ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
         if p.dim() > 1 else ("exp_avg", "exp_avg_sq")))
     if not work:

@@ -1,9 +1,9 @@
 """The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor,
-CAME and AdamP. Each must give the foreach chain's parameters and state to float32 rounding,
-on every path through its C++ (factored matrices, batches of matrices, vectors, a 0-d
-tensor, rows that are not a multiple of the vector width, Adafactor's capped preconditioner,
-AdamP's three projection choices, several OpenMP threads), and the tier must step aside where
-it cannot run.
+CAME, AdamP and SGDP. Each must give the foreach chain's parameters and state to float32
+rounding, on every path through its C++ (factored matrices, batches of matrices, vectors, a
+0-d tensor, rows that are not a multiple of the vector width, Adafactor's capped
+preconditioner, AdamP's and SGDP's three projection choices, SGDP with and without momentum,
+several OpenMP threads), and the tier must step aside where it cannot run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import llmvalley
 from llmvalley.optim import kernels
 from tests.helpers import make_optimizer, roundtrip
 
-NAMES = ["adafactor", "came", "adamp"]
+NAMES = ["adafactor", "came", "adamp", "sgdp"]
+#: the kernel each recipe runs
+KERNEL = {"adafactor": "adafactor", "came": "came", "adamp": "projected", "sgdp": "projected"}
 #: a 2-D matrix whose rows are not a multiple of 16 floats, a batch of matrices, a matrix
 #: of one row, vectors, a 0-d tensor
 SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]
@@ -79,7 +81,7 @@ def assert_close(got, expected, rtol=2e-6, atol=1e-7, msg=None) -> None:
 def test_kernel_matches_the_foreach_chain(name, hp, kernel_calls):
     expected, ref = run(name, "foreach", **hp)
     got, opt = run(name, "fused", **hp)
-    assert kernel_calls.count(name) == 5 * len(SHAPES)
+    assert kernel_calls.count(KERNEL[name]) == 5 * len(SHAPES)
     moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
     assert moved > 1e-3
     assert_close(got, expected)
@@ -88,11 +90,11 @@ def test_kernel_matches_the_foreach_chain(name, hp, kernel_calls):
 
 def test_auto_runs_the_kernel(kernel_calls):
     for name in NAMES:
+        kernel_calls.clear()
         expected, _ = run(name, "foreach", steps=2)
         got, _ = run(name, "auto", steps=2)
         assert_close(got, expected)
-    for name in NAMES:
-        assert kernel_calls.count(name) == 2 * len(SHAPES)
+        assert kernel_calls == [KERNEL[name]] * (2 * len(SHAPES))
 
 
 @pytest.mark.parametrize("grad_scale", [1e-9, 1e3])
@@ -116,19 +118,26 @@ def alternating_rows(p: torch.Tensor) -> torch.Tensor:
     return (unit * sign[:, None] + 1e-3 * torch.cos(rows)).reshape(p.shape)
 
 
+@pytest.mark.parametrize("name, hp", [
+    ("adamp", {}),
+    ("adamp", {"nesterov": True}),
+    ("sgdp", {"momentum": 0.9, "dampening": 0.1}),
+    ("sgdp", {"momentum": 0.9, "nesterov": True}),
+])
 @pytest.mark.parametrize("delta, grad, projected", [
     (10.0, None, "every row"),     # every row passes the test
     (0.1, alternating_rows, "the whole tensor"),  # no row passes, the whole tensor does
     (0.0, None, "nothing"),        # nothing passes
 ])
-def test_adamp_makes_each_projection_choice(delta, grad, projected, kernel_calls):
+def test_projection_kernel_makes_each_choice(name, hp, delta, grad, projected, kernel_calls):
     shapes = [(8, 24), (4, 6, 10), (16,)]
-    expected, _ = run("adamp", "foreach", shapes=shapes, grad=grad, delta=delta,
-                      weight_decay=0.1, nesterov=projected == "every row")
-    got, _ = run("adamp", "fused", shapes=shapes, grad=grad, delta=delta, weight_decay=0.1,
-                 nesterov=projected == "every row")
+    expected, ref = run(name, "foreach", shapes=shapes, grad=grad, delta=delta,
+                        weight_decay=0.1, **hp)
+    got, opt = run(name, "fused", shapes=shapes, grad=grad, delta=delta, weight_decay=0.1,
+                   **hp)
     assert kernel_calls
     assert_close(got, expected, msg=projected)
+    assert_close(state_tensors(opt), state_tensors(ref), msg=projected)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -106,6 +106,7 @@ def test_fused_tier_needs_a_kernel():
     ("adafactor", {}, "fused"),
     ("came", {}, "fused"),
     ("adamp", {}, "fused"),
+    ("sgdp", {}, "fused"),
     ("adafactor", {"implementation": "foreach"}, "foreach"),
     ("sgd", {"implementation": "foreach"}, "foreach"),
     ("lion", {}, "foreach"),  # auto starts eager (auto_tier moves long runs to compiled)

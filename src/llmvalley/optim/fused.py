@@ -7,9 +7,10 @@ and its parameter write.
   coupled decay);
 - adagrad: ``torch._fused_adagrad_`` (``torch.optim.Adagrad(fused=True)``: learning-rate
   decay, coupled decay; the accumulator starts at ``initial_accumulator_value``);
-- adafactor, came and adamp (CPU, float32): the hand-written kernels ``kernels/*.cpp``
-  (:mod:`llmvalley.optim.kernels`): two, three and two passes over a matrix, where inductor's
-  code for the chain makes six, eight and three.
+- adafactor, came, adamp and sgdp (CPU, float32): the hand-written kernels
+  ``kernels/*.cpp`` (:mod:`llmvalley.optim.kernels`): two, three, two and two passes over a
+  matrix, where inductor's code for the chains makes six, eight, three and two; the eager
+  chains make many more, and ``"auto"`` compiles only after hundreds of steps.
 
 Each is a spec's ``fused`` callable ``(ctx) -> bool``: it runs the kernel on the group's
 tensors and returns True, or returns False (nothing done) and the foreach chain runs. It
@@ -36,7 +37,7 @@ from llmvalley.optim.transforms.base import StepContext
 from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
 from llmvalley.optim.transforms.momentum import HeavyBall
 from llmvalley.optim.transforms.stored import device_number
-from llmvalley.optim.transforms.variants import ScaleByAdagrad
+from llmvalley.optim.transforms.variants import DampedMomentum, ScaleByAdagrad
 
 FUSED_DEVICES = ("cpu", "cuda")
 # instances that declare the slots the kernels update (bound with the default slot keys)
@@ -45,6 +46,7 @@ _HEAVY_BALL = HeavyBall()
 _ADAGRAD = ScaleByAdagrad()
 _ADAFACTOR = ScaleByAdafactor()
 _CAME = ScaleByCAME()
+_SGDP = DampedMomentum()
 #: elements per OpenMP thread below which a kernel runs a tensor on fewer threads
 ELEMENTS_PER_THREAD = 1 << 16
 
@@ -213,25 +215,52 @@ def fused_adafactor(ctx: StepContext) -> bool:
     return True
 
 
+def _projected(ctx: StepContext, work: list[list[Tensor]], mode: int,
+               numbers: Callable[[int], tuple[float, ...]], wd_scale: float) -> None:
+    """AdamP's / SGDP's kernel on every tensor: ``numbers(t)`` are its six direction numbers
+    at step ``t`` (see ``kernels/projected.cpp``), ``wd_scale`` multiplies the decay."""
+    kernel, group = kernels.load("projected"), ctx.group
+    eps, lr = group["eps"], float(group["lr"])
+    for i, (p, g, state, t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+        s1, s2 = (state + [p, p])[:2]  # the unused pointers are never read
+        rows = p.shape[0] if p.dim() > 1 else 1
+        kernel(p, g, s1, s2, rows, p.numel() // rows, *numbers(t), lr * ctx.plan.lr_mult[i],
+               ctx.plan.weight_decay[i] * wd_scale, group["wd_ratio"], group["delta"], eps,
+               int(group["nesterov"]), int(p.dim() > 1), _threads(p), mode)
+
+
 def fused_adamp(ctx: StepContext) -> bool:
     """AdamP through :mod:`llmvalley.optim.kernels`' CPU kernel, under the same conditions as
     :func:`fused_adafactor` (decay ``p *= 1 - lr wd``, times ``wd_ratio`` where the tensor is
     projected, as clovaai/AdamP). One call per tensor updates its moments in place, makes the
     projection's choice and writes the parameter."""
-    kernel = _cpu_kernel(ctx, "adamp")
-    work = kernel and _dense_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
+    work = _cpu_kernel(ctx, "projected") and _dense_slots(
+        ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
     if not work:
         return False
-    group = ctx.group
-    beta1, beta2 = group["betas"]
-    eps, lr = group["eps"], float(group["lr"])
-    for i, (p, g, (m, v), t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+    beta1, beta2 = ctx.group["betas"]
+    eps = ctx.group["eps"]
+
+    def numbers(t: int) -> tuple[float, ...]:
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        rows = p.shape[0] if p.dim() > 1 else 1
-        kernel(p, g, m, v, rows, p.numel() // rows, beta1, 1 - beta1, beta2, 1 - beta2,
-               bc1 / bc2**0.5, eps * bc1, lr * ctx.plan.lr_mult[i], ctx.plan.weight_decay[i],
-               group["wd_ratio"], group["delta"], eps, int(group["nesterov"]),
-               int(p.dim() > 1), _threads(p))
+        return beta1, 1 - beta1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1
+
+    _projected(ctx, work, 0, numbers, 1.0)
+    return True
+
+
+def fused_sgdp(ctx: StepContext) -> bool:
+    """SGDP through the same kernel (its momentum buffer starts from zero, as
+    :class:`~llmvalley.optim.transforms.variants.DampedMomentum`; the decay is divided by
+    ``1 - momentum`` for every tensor, as clovaai/AdamP)."""
+    momentum = ctx.group["momentum"]
+    names = ("momentum_buffer",) if momentum != 0 else ()
+    work = _cpu_kernel(ctx, "projected") and _dense_slots(ctx, _SGDP, lambda p: names)
+    if not work:
+        return False
+    keep = 1.0 - ctx.group["dampening"]
+    _projected(ctx, work, 1 if momentum != 0 else 2,
+               lambda t: (momentum, keep, 0.0, 0.0, 0.0, 0.0), 1.0 / (1.0 - momentum))
     return True
 
 
@@ -263,4 +292,4 @@ def fused_came(ctx: StepContext) -> bool:
 
 
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_adamp",
-           "fused_came", "fused_sgd", "ready"]
+           "fused_came", "fused_sgd", "fused_sgdp", "ready"]

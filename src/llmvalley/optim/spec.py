@@ -215,8 +215,8 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
 
     ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a
     long compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw,
-    sgd, adagrad; on CPU adafactor, came and adamp, whose kernels build once per machine in
-    seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its
+    sgd, adagrad; on CPU adafactor, came, adamp and sgdp, whose kernels build once per
+    machine in seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its
     storage, else ``"foreach"`` (on CPU run in cache-sized blocks where the chain allows,
     :mod:`llmvalley.optim.blocked`), which the shell
     moves to the compiled tier once the group has run long enough for the compile to pay
@@ -247,8 +247,8 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
         if spec.fused is None:
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
-                "kernel (adam, adamw, sgd, adagrad, adafactor, came and adamp have one); use "
-                "'auto', 'foreach' or 'compiled'")
+                "kernel (adam, adamw, sgd, adagrad, adafactor, came, adamp and sgdp have one); "
+                "use 'auto', 'foreach' or 'compiled'")
         if not is_plain(group):
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': the fused kernel computes the "

@@ -4,7 +4,8 @@ toolchain.
 Inductor's loop fusion cannot give some recipes the passes their math needs: a matrix's row
 and column sums never share a loop in its CPU backend, so compiled Adafactor read the
 gradient four times (row sums, column sums, ``rms(u)``, the write), and AdamP's moments
-took a pass of their own before the projection's row sums. A kernel here makes the
+took a pass of their own before the projection's row sums (``projected.cpp`` runs AdamP and
+SGDP). A kernel here makes the
 passes the method needs and no more. Each is one C++ file next to this module with an
 ``extern "C" void kernel(...)`` entry, built after the helpers of ``common.h`` (row and
 column sums in one pass, OpenMP over rows); :func:`load` compiles it through
@@ -34,9 +35,9 @@ HERE = Path(__file__).resolve().parent
 SIGNATURES: dict[str, tuple[str, ...]] = {
     "adafactor": ("float*", "const float*", "float*", "float*", "int64_t", "int64_t",
                   "int64_t", "float", "float", "float", "float", "float", "float", "int64_t"),
-    "adamp": ("float*", "const float*", "float*", "float*", "int64_t", "int64_t", "float",
-              "float", "float", "float", "float", "float", "float", "float", "float", "float",
-              "float", "int64_t", "int64_t", "int64_t"),
+    "projected": ("float*", "const float*", "float*", "float*", "int64_t", "int64_t", "float",
+                  "float", "float", "float", "float", "float", "float", "float", "float",
+                  "float", "float", "int64_t", "int64_t", "int64_t", "int64_t"),
     "came": ("float*", "const float*", "float*", "float*", "float*", "float*", "float*",
              "int64_t", "int64_t", "int64_t", "float", "float", "float", "float", "float",
              "float", "float", "float", "float", "float", "float", "int64_t"),

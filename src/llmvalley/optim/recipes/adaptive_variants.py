@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from llmvalley.optim.fused import fused_adagrad, fused_adamp
+from llmvalley.optim.fused import fused_adagrad, fused_adamp, fused_sgdp
 from llmvalley.optim.recipes.common import require_betas, require_flag, require_number
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
@@ -111,6 +111,7 @@ SPECS = [
                       eps=1e-8, delta=0.1, wd_ratio=0.1),
         build=lambda g: [DampedMomentum(), ProjectScaleInvariant(decay_over_momentum=True)],
         check=_check_sgdp,
+        fused=fused_sgdp,
     ),
     OptimizerSpec(
         name="exadam",

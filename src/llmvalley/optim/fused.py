@@ -159,8 +159,8 @@ def _cpu_kernel(ctx: StepContext, name: str) -> Any:
     return kernels.load(name)
 
 
-def _dense_slots(ctx: StepContext, transform: Any, names: Callable[[Tensor], tuple[str, ...]]
-                    ) -> list[list[Tensor]] | None:
+def _dense_slots(ctx: StepContext, transform: Any,
+                 names: Callable[[Tensor], tuple[str, ...]]) -> list[list[Tensor]] | None:
     """Each tensor's slots ``names(p)``, or None when one is not dense float32 (or a tensor
     is empty): then the chain runs."""
     slots = ctx.bind(transform, {})
@@ -286,8 +286,7 @@ def fused_came(ctx: StepContext) -> bool:
             col = rrow = rcol = row
         kernel(p, g, exp_avg, row, col, rrow, rcol, *_layout(p), lr * ctx.plan.lr_mult[i],
                beta1, 1 - beta1, beta2, 1 - beta2, beta3, 1 - beta3, eps1, eps2,
-               float(group["clip_threshold"]),
-               _shrink(ctx, i), _threads(p))
+               float(group["clip_threshold"]), _shrink(ctx, i), _threads(p))
     return True
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,11 @@ def load(name: str) -> Callable[..., Any] | None:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
         source = (HERE / "common.h").read_text() + (HERE / f"{name}.cpp").read_text()
-        return CppPythonBindingsCodeCache.load_pybinding(list(SIGNATURES[name]), source)
+        start = time.perf_counter()
+        kernel = CppPythonBindingsCodeCache.load_pybinding(list(SIGNATURES[name]), source)
+        log.info("llmvalley: the %s CPU kernel is ready in %.1f s (built once per machine, "
+                 "then loaded from inductor's cache)", name, time.perf_counter() - start)
+        return kernel
     except Exception as e:  # no compiler, an older torch: the chain runs instead
         log.warning("llmvalley: the %s CPU kernel could not be built (%s: %s); the recipe "
                     "runs its foreach chain", name, type(e).__name__, e)

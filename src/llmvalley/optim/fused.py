@@ -215,11 +215,11 @@ def fused_adafactor(ctx: StepContext) -> bool:
     return True
 
 
-def _projected(ctx: StepContext, work: list[list[Tensor]], mode: int,
+def _projected(ctx: StepContext, kernel: Any, work: list[list[Tensor]], mode: int,
                numbers: Callable[[int], tuple[float, ...]], wd_scale: float) -> None:
     """AdamP's / SGDP's kernel on every tensor: ``numbers(t)`` are its six direction numbers
     at step ``t`` (see ``kernels/projected.cpp``), ``wd_scale`` multiplies the decay."""
-    kernel, group = kernels.load("projected"), ctx.group
+    group = ctx.group
     eps, lr = group["eps"], float(group["lr"])
     for i, (p, g, state, t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
         s1, s2 = (state + [p, p])[:2]  # the unused pointers are never read
@@ -234,8 +234,8 @@ def fused_adamp(ctx: StepContext) -> bool:
     :func:`fused_adafactor` (decay ``p *= 1 - lr wd``, times ``wd_ratio`` where the tensor is
     projected, as clovaai/AdamP). One call per tensor updates its moments in place, makes the
     projection's choice and writes the parameter."""
-    work = _cpu_kernel(ctx, "projected") and _dense_slots(
-        ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
+    kernel = _cpu_kernel(ctx, "projected")
+    work = kernel and _dense_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
     if not work:
         return False
     beta1, beta2 = ctx.group["betas"]
@@ -245,7 +245,7 @@ def fused_adamp(ctx: StepContext) -> bool:
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         return beta1, 1 - beta1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1
 
-    _projected(ctx, work, 0, numbers, 1.0)
+    _projected(ctx, kernel, work, 0, numbers, 1.0)
     return True
 
 
@@ -255,11 +255,12 @@ def fused_sgdp(ctx: StepContext) -> bool:
     ``1 - momentum`` for every tensor, as clovaai/AdamP)."""
     momentum = ctx.group["momentum"]
     names = ("momentum_buffer",) if momentum != 0 else ()
-    work = _cpu_kernel(ctx, "projected") and _dense_slots(ctx, _SGDP, lambda p: names)
+    kernel = _cpu_kernel(ctx, "projected")
+    work = kernel and _dense_slots(ctx, _SGDP, lambda p: names)
     if not work:
         return False
     keep = 1.0 - ctx.group["dampening"]
-    _projected(ctx, work, 1 if momentum != 0 else 2,
+    _projected(ctx, kernel, work, 1 if momentum != 0 else 2,
                lambda t: (momentum, keep, 0.0, 0.0, 0.0, 0.0), 1.0 / (1.0 - momentum))
     return True
 

@@ -5,14 +5,13 @@ Inductor's loop fusion cannot give some recipes the passes their math needs: a m
 and column sums never share a loop in its CPU backend, so compiled Adafactor read the
 gradient four times (row sums, column sums, ``rms(u)``, the write), and AdamP's moments
 took a pass of their own before the projection's row sums (``projected.cpp`` runs AdamP and
-SGDP). A kernel here makes the
-passes the method needs and no more. Each is one C++ file next to this module with an
-``extern "C" void kernel(...)`` entry, built after the helpers of ``common.h`` (row and
-column sums in one pass, OpenMP over rows); :func:`load` compiles it through
-``torch._inductor.codecache.CppPythonBindingsCodeCache`` (the compiler, ISA flags, OpenMP
-and on-disk cache that ``torch.compile`` uses on CPU: a few seconds the first time on a
-machine, then a load from the cache) and returns a Python callable taking tensors for the
-pointer arguments.
+SGDP). A kernel here makes the passes the method needs and no more. Each is one C++ file
+next to this module with an ``extern "C" void kernel(...)`` entry, built after the helpers
+of ``common.h`` (row and column sums in one pass, OpenMP over rows). :func:`load` compiles
+it through ``torch._inductor.codecache.CppPythonBindingsCodeCache`` (the compiler, ISA
+flags, OpenMP and on-disk cache that ``torch.compile`` uses on CPU: a few seconds the first
+time on a machine, then a load from the cache) and returns a Python callable taking tensors
+for the pointer arguments.
 
 A kernel that cannot be built (no C++ compiler, a torch without that API) is reported once
 in the log and :func:`load` returns None: the fused tier then declines and the recipe's

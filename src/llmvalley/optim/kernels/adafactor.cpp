@@ -50,7 +50,8 @@ void factored(float* p, const float* g, float* row, float* col, int64_t batch, i
     }
     float* cb = col + b * n;
     for (int64_t j = 0; j < n; ++j) {
-      cb[j] = lerp(cb[j], static_cast<float>(col_sq[b * n + j]) / static_cast<float>(m), weight);
+      const float mean_sq = static_cast<float>(col_sq[b * n + j]) / static_cast<float>(m);
+      cb[j] = lerp(cb[j], mean_sq, weight);
       col_factor[b * n + j] = 1.0f / std::sqrt(cb[j]);
       if (cb[j] > 0.0f) col_max = std::max(col_max, col_factor[b * n + j]);
     }

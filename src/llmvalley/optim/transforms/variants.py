@@ -125,8 +125,9 @@ class DampedMomentum(Transform):
 class AlignRows(Transform):
     """The identity on values; in a compiled CPU step it lets the transforms after it update
     their state in the same pass as :class:`ProjectScaleInvariant`'s row sums (see
-    :func:`~llmvalley.optim.transforms.stored.row_aligned`). Put it first in AdamP's and
-    SGDP's chains."""
+    :func:`~llmvalley.optim.transforms.stored.row_aligned`). AdamP's chain starts with it;
+    SGDP's does not (its default has no state to update, and its compiled step is at 1.15x
+    fused AdamW already)."""
 
     elementwise = True
 

@@ -10,14 +10,19 @@ and its parameter write.
 - adafactor, came, adamp and sgdp (CPU, float32): the hand-written kernels
   ``kernels/*.cpp`` (:mod:`llmvalley.optim.kernels`): two, three, two and two passes over a
   matrix, where inductor's code for the chains makes six, eight, three and two; the eager
-  chains make many more, and ``"auto"`` compiles only after hundreds of steps.
+  chains make many more, and ``"auto"`` compiles only after hundreds of steps;
+- adamw8bit, adamw4bit and lion8bit (CPU, float32 parameters; 8-/4-bit state, or float32
+  where the codec keeps a small tensor unquantized): ``kernels/lowbit.cpp``, one pass that
+  decodes each block of the moments, updates them, writes the parameter and encodes them
+  again, leaving the chain's codes and block scales bit for bit.
 
 Each is a spec's ``fused`` callable ``(ctx) -> bool``: it runs the kernel on the group's
 tensors and returns True, or returns False (nothing done) and the foreach chain runs. It
 runs for ``implementation="fused"`` and is ``"auto"``'s first choice
 (:func:`~llmvalley.optim.spec.execution_tier`); not with ``implementation="foreach"`` or
 ``"compiled"``, with adam's ``fused=False``, when a shell option changes the chain or its
-storage (the shell checks), or when the tensors are not all dense, on one CPU or CUDA
+storage (the shell checks; a spec's ``fused_state`` lists the state precisions its kernel
+stores itself), or when the tensors are not all dense, on one CPU or CUDA
 device, in one floating dtype. The kernels compute the same equations as the chains, in
 their own order: results agree to float rounding (the differential tests run both paths).
 The shell flips the gradients' sign for ``maximize`` before the kernel sees them.
@@ -31,11 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmvalley.optim import kernels
+from llmvalley.optim import kernels, quantize
+from llmvalley.optim.state import ABSMAX, _quantizer
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
 from llmvalley.optim.transforms.base import StepContext
 from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
 from llmvalley.optim.transforms.momentum import HeavyBall
+from llmvalley.optim.transforms.sign import LionDirection
 from llmvalley.optim.transforms.stored import device_number
 from llmvalley.optim.transforms.variants import DampedMomentum, ScaleByAdagrad
 
@@ -47,6 +54,7 @@ _ADAGRAD = ScaleByAdagrad()
 _ADAFACTOR = ScaleByAdafactor()
 _CAME = ScaleByCAME()
 _SGDP = DampedMomentum()
+_LION = LionDirection()
 #: elements per OpenMP thread below which a kernel runs a tensor on fewer threads
 ELEMENTS_PER_THREAD = 1 << 16
 
@@ -291,5 +299,103 @@ def fused_came(ctx: StepContext) -> bool:
     return True
 
 
+#: the state kinds the low-bit kernel reads: 8-bit codes, 4-bit codes, float32
+_KINDS = {"int8": 8, "int4": 4, None: 32}
+
+
+def _tables(kind: str, signed: bool) -> tuple[Tensor, Tensor]:
+    """The code map of a quantized slot and its nearest-entry table (the codec's own,
+    :func:`~llmvalley.optim.quantize._code_table`), on CPU."""
+    found = _TABLES.get((kind, signed))
+    if found is None:
+        qmap = _quantizer(kind, signed, torch.device("cpu")).qmap
+        table = quantize._code_table(tuple(qmap.tolist()), "cpu")
+        found = _TABLES[(kind, signed)] = (qmap, table)
+    return found
+
+
+_TABLES: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}
+
+
+def _lowbit_slots(ctx: StepContext, transform: Any, names: tuple[str, ...]
+                  ) -> list[list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] | None:
+    """Each tensor's slots ``names`` as the low-bit kernel takes them, ``(kind, data,
+    absmax, map, table)``, kind 8, 4 or 32 (float32, where the codec keeps a small tensor
+    unquantized); None when a slot is stored otherwise (bfloat16, another layout) or a tensor
+    is empty: then the chain runs."""
+    bound = ctx.bind(transform, {})
+    work = []
+    for i, p in enumerate(ctx.params):
+        if p.numel() == 0:
+            return None
+        state = ctx.states[i]
+        slots = []
+        for name in names:
+            key = bound.ensure(i, name)
+            data, absmax = state[key], state.get(key + ABSMAX)
+            if not (_plain(data) and data.is_contiguous()):
+                return None
+            if absmax is None:
+                if data.dtype != torch.float32:
+                    return None
+                slots.append((32, data, data, data, data))  # map and table unused
+                continue
+            kind = "int8" if data.numel() == p.numel() else "int4"
+            if data.dtype != torch.uint8 or absmax.dtype != torch.float32 \
+                    or not absmax.is_contiguous():
+                return None
+            qmap, table = _tables(kind, bound._spec(i, name).role == "signed")
+            if table is None:
+                return None
+            slots.append((_KINDS[kind], data, absmax, qmap, table))
+        work.append(slots)
+    return work
+
+
+def _lowbit(ctx: StepContext, transform: Any, names: tuple[str, ...], mode: int,
+            numbers: Callable[[int], tuple[float, ...]]) -> bool:
+    """The low-bit kernel (``kernels/lowbit.cpp``) on every tensor of the group: ``mode`` 0
+    Adam, 1 Lion; ``numbers(t)``: its six numbers at step ``t``."""
+    kernel = _cpu_kernel(ctx, "lowbit")
+    work = kernel and _lowbit_slots(ctx, transform, names)
+    if not work:
+        return False
+    lr = float(ctx.group["lr"])
+    for i, (p, g, slots, t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+        m = slots[0]
+        v = slots[1] if len(slots) > 1 else m  # Lion: never read
+        rate = lr * ctx.plan.lr_mult[i]
+        kernel(p, g, m[1], m[2], m[3], m[4], v[1], v[2], v[3], v[4], p.numel(), m[0], v[0],
+               *numbers(t), rate, _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0), mode,
+               _threads(p))
+    return True
+
+
+def fused_lowbit_adam(ctx: StepContext) -> bool:
+    """AdamW with 8-bit or 4-bit moments (adamw8bit, adamw4bit) through
+    :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on CPU (decay ``p *= 1 -
+    lr wd``): one pass per tensor decodes each block of the moments, updates them, writes
+    the parameter and encodes them again, with the codec's maps and nearest-entry rule (the
+    same codes as the chain for the same moments). ``amsgrad`` runs the chain."""
+    if ctx.group.get("amsgrad"):
+        return False
+    beta1, beta2 = ctx.group["betas"]
+    eps = ctx.group["eps"]
+
+    def numbers(t: int) -> tuple[float, ...]:
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        return beta1, 1 - beta1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1
+
+    return _lowbit(ctx, _ADAM, ("exp_avg", "exp_avg_sq"), 0, numbers)
+
+
+def fused_lowbit_lion(ctx: StepContext) -> bool:
+    """Lion with an 8-bit or 4-bit momentum (lion8bit) through the same kernel."""
+    beta1, beta2 = ctx.group["betas"]
+    return _lowbit(ctx, _LION, ("exp_avg",), 1,
+                   lambda t: (beta1, 1 - beta1, beta2, 1 - beta2, 0.0, 0.0))
+
+
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_adamp",
-           "fused_came", "fused_sgd", "fused_sgdp", "ready"]
+           "fused_came", "fused_lowbit_adam", "fused_lowbit_lion", "fused_sgd", "fused_sgdp",
+           "ready"]

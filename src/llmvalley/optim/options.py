@@ -61,9 +61,13 @@ def full_chain(spec: Any, group: Mapping[str, Any]) -> list[Transform]:
     return chain_and_keys(spec, group)[0]
 
 
-def is_plain(group: Mapping[str, Any]) -> bool:
-    """No shell option changes the recipe's chain or its storage (fused paths allowed)."""
+def is_plain(group: Mapping[str, Any], fused_state: tuple[str, ...] = ()) -> bool:
+    """No shell option changes the recipe's chain or its storage (fused paths allowed).
+    ``fused_state``: the state precisions a spec's fused kernel stores itself
+    (:attr:`~llmvalley.optim.spec.OptimizerSpec.fused_state`), allowed as a group's
+    ``state_precision``."""
+    precision = group.get("state_precision")
     return not (group.get("mars") or group.get("cautious") or group.get("adagc")
-                or group.get("state_precision")
+                or (precision and not (isinstance(precision, str) and precision in fused_state))
                 or group.get("state_dtype") is not None
                 or group.get("master_weights") is not None)

@@ -613,7 +613,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             from llmvalley.optim.compiled import compiled_step
 
             compiled_step(self, group, ctx, working)
-        elif not (spec.fused is not None and is_plain(group) and spec.fused(ctx)) \
+        elif not (spec.fused is not None and is_plain(group, spec.fused_state)
+                      and spec.fused(ctx)) \
                 and not self._auto_compiled_step(group, params, ctx, working) \
                 and not self._blocked_step(group, params, ctx):
             self._apply(group, ctx, working, run_chain(self._chain(group), ctx, ctx.grads,

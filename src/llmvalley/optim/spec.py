@@ -89,6 +89,8 @@ class OptimizerSpec:
         decay_keys: hyperparameters zeroed for parameters that take no weight decay.
         fused: optional fast path ``(ctx) -> bool`` that computes exactly the chain and the
             step (True when it ran); used only when no shell option changes the chain.
+        fused_state: the ``state_precision`` values the fused kernel stores itself
+            (adamw8bit's ``"int8"``); any other precision runs the chain.
         check: optional extra validation of a group (raise ``ValueError``).
         rules: default routing rules, applied after the user's by ``create_optimizer``.
         fallback_hparams: hyperparameters of the ``adamw`` fallback (matrix methods).
@@ -106,6 +108,7 @@ class OptimizerSpec:
     structural: tuple[str, ...] = ()
     decay_keys: tuple[str, ...] = ("weight_decay",)
     fused: Callable[[Any], bool] | None = None
+    fused_state: tuple[str, ...] = ()
     check: Callable[[dict[str, Any]], None] | None = None
     rules: tuple = ()
     fallback_hparams: dict[str, Any] | None = None
@@ -215,11 +218,12 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
 
     ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a
     long compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw,
-    sgd, adagrad; on CPU adafactor, came, adamp and sgdp, whose kernels build once per
-    machine in seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its
-    storage, else ``"foreach"`` (on CPU run in cache-sized blocks where the chain allows,
-    :mod:`llmvalley.optim.blocked`), which the shell
-    moves to the compiled tier once the group has run long enough for the compile to pay
+    sgd, adagrad; on CPU adafactor, came, adamp, sgdp, adamw8bit, adamw4bit and lion8bit, whose
+    kernels build once per machine in seconds: :mod:`llmvalley.optim.fused`) and no shell
+    option changes the chain or its storage (beyond the ``state_precision`` values of the
+    spec's ``fused_state``), else ``"foreach"`` (on CPU run in cache-sized blocks where the
+    chain allows, :mod:`llmvalley.optim.blocked`), which the shell moves to the compiled
+    tier once the group has run long enough for the compile to pay
     (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's
     ``fused`` hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is
     ``"foreach"`` (or ``"compiled"`` when asked), ``fused=True`` is ``"fused"``. Raises
@@ -247,16 +251,17 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
         if spec.fused is None:
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
-                "kernel (adam, adamw, sgd, adagrad, adafactor, came, adamp and sgdp have one); "
-                "use 'auto', 'foreach' or 'compiled'")
-        if not is_plain(group):
+                "kernel (adam, adamw, sgd, adagrad, adafactor, came, adamp, sgdp, adamw8bit, "
+                "adamw4bit and lion8bit have one); use 'auto', 'foreach' or 'compiled'")
+        if not is_plain(group, spec.fused_state):
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': the fused kernel computes the "
                 "plain method, and a shell option (mars, cautious, adagc, state_precision, "
                 "state_dtype or master_weights) changes it; use 'foreach' or 'compiled'")
         return "fused"
     if impl == "auto":
-        return "fused" if spec.fused is not None and is_plain(group) else "foreach"
+        return "fused" if spec.fused is not None and is_plain(group, spec.fused_state) \
+            else "foreach"
     return impl
 
 

@@ -5,7 +5,11 @@ Inductor's loop fusion cannot give some recipes the passes their math needs: a m
 and column sums never share a loop in its CPU backend, so compiled Adafactor read the
 gradient four times (row sums, column sums, ``rms(u)``, the write), and AdamP's moments
 took a pass of their own before the projection's row sums (``projected.cpp`` runs AdamP and
-SGDP). A kernel here makes the passes the method needs and no more. Each is one C++ file
+SGDP). A kernel here makes the passes the method needs and no more. ``lowbit.cpp`` runs
+adamw8bit, adamw4bit and lion8bit in one pass: it decodes each block of the 8-/4-bit
+moments into L1, updates them, writes the parameter and encodes them again (the chain decodes
+and encodes in passes of their own, through table lookups that inductor's CPU code makes one
+element at a time). Each is one C++ file
 next to this module with an ``extern "C" void kernel(...)`` entry, built after the helpers
 of ``common.h`` (row and column sums in one pass, OpenMP over rows). :func:`load` compiles
 it through ``torch._inductor.codecache.CppPythonBindingsCodeCache`` (the compiler, ISA
@@ -41,17 +45,23 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "came": ("float*", "const float*", "float*", "float*", "float*", "float*", "float*",
              "int64_t", "int64_t", "int64_t", "float", "float", "float", "float", "float",
              "float", "float", "float", "float", "float", "float", "int64_t"),
+    "lowbit": ("float*", "const float*", "void*", "float*", "const float*", "const int32_t*",
+               "void*", "float*", "const float*", "const int32_t*", "int64_t", "int64_t",
+               "int64_t", "float", "float", "float", "float", "float", "float", "float",
+               "float", "int64_t", "int64_t", "int64_t"),
 }
 
 
 @functools.cache
-def load(name: str) -> Callable[..., Any] | None:
+def load(name: str, defines: tuple[str, ...] = ()) -> Callable[..., Any] | None:
     """The built kernel ``name`` (``<name>.cpp`` here), or None when it cannot be built on
-    this machine (logged once)."""
+    this machine (logged once). ``defines``: ``"NAME VALUE"`` macros set before the source
+    (tests build the low-bit kernel's narrower SIMD paths with them)."""
     try:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        source = (HERE / "common.h").read_text() + (HERE / f"{name}.cpp").read_text()
+        source = "".join(f"#define {d}\n" for d in defines) + \
+            (HERE / "common.h").read_text() + (HERE / f"{name}.cpp").read_text()
         start = time.perf_counter()
         kernel = CppPythonBindingsCodeCache.load_pybinding(list(SIGNATURES[name]), source)
         log.info("llmvalley: the %s CPU kernel is ready in %.1f s (built once per machine, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmvalley.optim.fused import fused_adam
+from llmvalley.optim.fused import fused_adam, fused_lowbit_adam
 from llmvalley.optim.recipes.common import require_betas
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms import (
@@ -53,6 +53,8 @@ def _low_bit_adamw(name: str, precision: str) -> OptimizerSpec:
         defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, weight_decay=1e-2,
                       state_precision=precision),
         build=lambda g: [ScaleByAdam()],
+        fused=fused_lowbit_adam,
+        fused_state=("int8", "int4"),
         check=require_betas(name, 2),
     )
 

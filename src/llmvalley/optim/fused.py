@@ -14,7 +14,10 @@ and its parameter write.
 - adamw8bit, adamw4bit and lion8bit (CPU, float32 parameters; 8-/4-bit state, or float32
   where the codec keeps a small tensor unquantized): ``kernels/lowbit.cpp``, one pass that
   decodes each block of the moments, updates them, writes the parameter and encodes them
-  again, leaving the chain's codes and block scales bit for bit.
+  again, leaving the chain's codes and block scales bit for bit;
+- schedulefree_sgd and schedulefree_adamw (CPU, float32): ``kernels/schedule_free.cpp``, one
+  pass over y, z and the gradient (and AdamW's second moment), where the eager chain makes
+  four to eight and ``"auto"`` compiles only after hundreds of steps.
 
 Each is a spec's ``fused`` callable ``(ctx) -> bool``: it runs the kernel on the group's
 tensors and returns True, or returns False (nothing done) and the foreach chain runs. It
@@ -42,6 +45,7 @@ from llmvalley.optim.transforms.adaptive import ScaleByAdam
 from llmvalley.optim.transforms.base import StepContext
 from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
 from llmvalley.optim.transforms.momentum import HeavyBall
+from llmvalley.optim.transforms.schedule_free import ScheduleFree
 from llmvalley.optim.transforms.sign import LionDirection
 from llmvalley.optim.transforms.stored import device_number
 from llmvalley.optim.transforms.variants import DampedMomentum, ScaleByAdagrad
@@ -55,6 +59,9 @@ _ADAFACTOR = ScaleByAdafactor()
 _CAME = ScaleByCAME()
 _SGDP = DampedMomentum()
 _LION = LionDirection()
+_SF_SGD = ScheduleFree("momentum")
+_SF_ADAMW = ScheduleFree("betas")
+_ADAM_INPUT = ScaleByAdam(first_moment="input")
 #: elements per OpenMP thread below which a kernel runs a tensor on fewer threads
 ELEMENTS_PER_THREAD = 1 << 16
 
@@ -299,6 +306,44 @@ def fused_came(ctx: StepContext) -> bool:
     return True
 
 
+def _schedule_free(ctx: StepContext, transform: ScheduleFree, adam: bool) -> bool:
+    """Schedule-free SGD or AdamW (training mode) through :mod:`llmvalley.optim.kernels`' CPU
+    kernel, for float32 tensors on CPU: one pass per tensor over y (the parameter), z, the
+    gradient (and AdamW's second moment), with the coupled decay, at the numbers the chain's
+    prelude gives (which it advances: ``lr_max``, ``weight_sum``). A z created this step
+    starts at y, as the chain's."""
+    kernel = _cpu_kernel(ctx, "schedule_free")
+    work = kernel and _dense_slots(ctx, transform, lambda p: ("z",))
+    seconds = work and adam and _dense_slots(ctx, _ADAM_INPUT, lambda p: ("exp_avg_sq",))
+    if not work or (adam and not seconds):
+        return False
+    bound = ctx.bind(transform, {})
+    numbers = bound.prelude()
+    group = ctx.group
+    wd = float(group["weight_decay"])
+    beta2 = group["betas"][1] if adam else 0.0
+    eps = group["eps"] if adam else 0.0
+    for i, (p, g, (z,), fresh, t) in enumerate(zip(ctx.params, ctx.grads, work,
+                                                   bound.fresh("z"), ctx.steps)):
+        if fresh:
+            z.copy_(p)
+        v = seconds[i][0] if adam else z  # SGD: never read
+        kernel(p, g, z, v, p.numel(), wd, numbers["c"][i], numbers["coef"][i],
+               numbers["lr"][i], beta2, 1 - beta2, 1 / (1 - beta2**t) ** 0.5 if adam else 0.0,
+               eps, int(adam), _threads(p))
+    return True
+
+
+def fused_schedule_free_sgd(ctx: StepContext) -> bool:
+    """Schedule-free SGD through the schedule-free kernel (:func:`_schedule_free`)."""
+    return _schedule_free(ctx, _SF_SGD, adam=False)
+
+
+def fused_schedule_free_adamw(ctx: StepContext) -> bool:
+    """Schedule-free AdamW through the schedule-free kernel (:func:`_schedule_free`)."""
+    return _schedule_free(ctx, _SF_ADAMW, adam=True)
+
+
 #: the state kinds the low-bit kernel reads: 8-bit codes, 4-bit codes, float32
 _KINDS = {"int8": 8, "int4": 4, None: 32}
 
@@ -397,5 +442,5 @@ def fused_lowbit_lion(ctx: StepContext) -> bool:
 
 
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_adamp",
-           "fused_came", "fused_lowbit_adam", "fused_lowbit_lion", "fused_sgd", "fused_sgdp",
-           "ready"]
+           "fused_came", "fused_lowbit_adam", "fused_lowbit_lion", "fused_schedule_free_adamw",
+           "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "ready"]

@@ -216,20 +216,20 @@ def validate_shell(name: str, group: Mapping[str, Any]) -> None:
 def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     """The tier a group runs in: ``"foreach"``, ``"compiled"`` or ``"fused"``.
 
-    ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a
-    long compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw,
-    sgd, adagrad; on CPU adafactor, came, adamp, sgdp, adamw8bit, adamw4bit and lion8bit, whose
-    kernels build once per machine in seconds: :mod:`llmvalley.optim.fused`) and no shell
-    option changes the chain or its storage (beyond the ``state_precision`` values of the
-    spec's ``fused_state``), else ``"foreach"`` (on CPU run in cache-sized blocks where the
-    chain allows, :mod:`llmvalley.optim.blocked`), which the shell moves to the compiled
-    tier once the group has run long enough for the compile to pay
+    ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a long
+    compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw, sgd,
+    adagrad; on CPU adafactor, came, adamp, sgdp, adamw8bit, adamw4bit, lion8bit,
+    schedulefree_sgd and schedulefree_adamw, whose kernels build once per machine in seconds:
+    :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its storage (beyond
+    the ``state_precision`` values of the spec's ``fused_state``), else ``"foreach"`` (on CPU
+    run in cache-sized blocks where the chain allows, :mod:`llmvalley.optim.blocked`), which the
+    shell moves to the compiled tier once the group has run long enough for the compile to pay
     (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's
-    ``fused`` hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is
-    ``"foreach"`` (or ``"compiled"`` when asked), ``fused=True`` is ``"fused"``. Raises
-    ``ValueError`` naming ``implementation`` for an unknown value, ``"fused"`` on a spec
-    without a fused kernel or with a shell option that changes the chain or its storage, and
-    a ``fused`` value that contradicts it.
+    ``fused`` hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is ``"foreach"``
+    (or ``"compiled"`` when asked), ``fused=True`` is ``"fused"``. Raises ``ValueError`` naming
+    ``implementation`` for an unknown value, ``"fused"`` on a spec without a fused kernel or
+    with a shell option that changes the chain or its storage, and a ``fused`` value that
+    contradicts it.
     """
     impl = group.get("implementation", "auto")
     if not isinstance(impl, str) or impl not in IMPLEMENTATIONS:
@@ -252,7 +252,8 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
                 "kernel (adam, adamw, sgd, adagrad, adafactor, came, adamp, sgdp, adamw8bit, "
-                "adamw4bit and lion8bit have one); use 'auto', 'foreach' or 'compiled'")
+                "adamw4bit, lion8bit, schedulefree_sgd and schedulefree_adamw have one); use "
+                "'auto', 'foreach' or 'compiled'")
         if not is_plain(group, spec.fused_state):
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': the fused kernel computes the "

@@ -1,21 +1,21 @@
 """Hand-written CPU kernels for the fused tier, built on first use with inductor's C++
 toolchain.
 
-Inductor's loop fusion cannot give some recipes the passes their math needs: a matrix's row
-and column sums never share a loop in its CPU backend, so compiled Adafactor read the
-gradient four times (row sums, column sums, ``rms(u)``, the write), and AdamP's moments
-took a pass of their own before the projection's row sums (``projected.cpp`` runs AdamP and
-SGDP). A kernel here makes the passes the method needs and no more. ``lowbit.cpp`` runs
-adamw8bit, adamw4bit and lion8bit in one pass: it decodes each block of the 8-/4-bit
-moments into L1, updates them, writes the parameter and encodes them again (the chain decodes
-and encodes in passes of their own, through table lookups that inductor's CPU code makes one
-element at a time). Each is one C++ file
-next to this module with an ``extern "C" void kernel(...)`` entry, built after the helpers
-of ``common.h`` (row and column sums in one pass, OpenMP over rows). :func:`load` compiles
-it through ``torch._inductor.codecache.CppPythonBindingsCodeCache`` (the compiler, ISA
-flags, OpenMP and on-disk cache that ``torch.compile`` uses on CPU: a few seconds the first
-time on a machine, then a load from the cache) and returns a Python callable taking tensors
-for the pointer arguments.
+Inductor's loop fusion cannot give some recipes the passes their math needs: a matrix's row and
+column sums never share a loop in its CPU backend, so compiled Adafactor read the gradient four
+times (row sums, column sums, ``rms(u)``, the write), and AdamP's moments took a pass of their
+own before the projection's row sums (``projected.cpp`` runs AdamP and SGDP). A kernel here
+makes the passes the method needs and no more. ``lowbit.cpp`` runs adamw8bit, adamw4bit and
+lion8bit in one pass: it decodes each block of the 8-/4-bit moments into L1, updates them,
+writes the parameter and encodes them again (the chain decodes and encodes in passes of their
+own, through table lookups that inductor's CPU code makes one element at a time).
+``schedule_free.cpp`` runs schedule-free SGD and AdamW in one pass. Each is one C++ file next to
+this module with an ``extern "C" void kernel(...)`` entry, built after the helpers of
+``common.h`` (row and column sums in one pass, OpenMP over rows). :func:`load` compiles it
+through ``torch._inductor.codecache.CppPythonBindingsCodeCache`` (the compiler, ISA flags,
+OpenMP and on-disk cache that ``torch.compile`` uses on CPU: a few seconds the first time on a
+machine, then a load from the cache) and returns a Python callable taking tensors for the
+pointer arguments.
 
 A kernel that cannot be built (no C++ compiler, a torch without that API) is reported once
 in the log and :func:`load` returns None: the fused tier then declines and the recipe's
@@ -45,6 +45,9 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "came": ("float*", "const float*", "float*", "float*", "float*", "float*", "float*",
              "int64_t", "int64_t", "int64_t", "float", "float", "float", "float", "float",
              "float", "float", "float", "float", "float", "float", "int64_t"),
+    "schedule_free": ("float*", "const float*", "float*", "float*", "int64_t", "float",
+                      "float", "float", "float", "float", "float", "float", "float", "int64_t",
+                      "int64_t"),
     "lowbit": ("float*", "const float*", "void*", "float*", "const float*", "const int32_t*",
                "void*", "float*", "const float*", "const int32_t*", "int64_t", "int64_t",
                "int64_t", "float", "float", "float", "float", "float", "float", "float",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from llmvalley.optim.fused import fused_schedule_free_adamw, fused_schedule_free_sgd
 from llmvalley.optim.recipes.common import (
     require_betas,
     require_flag,
@@ -106,6 +107,7 @@ SPECS = [
         build=lambda g: [ScaleByAdam(first_moment="input"), CoupledWeightDecay(),
                          ScheduleFree("betas")],
         decay=Decay("none"),
+        fused=fused_schedule_free_adamw,
         check=_check_schedule_free("schedulefree_adamw", lambda g: g["betas"][0]),
     ),
     OptimizerSpec(
@@ -113,6 +115,7 @@ SPECS = [
         defaults=dict(lr=1.0, momentum=0.9, weight_decay=0.0, **SCHEDULE_FREE),
         build=lambda g: [ScheduleFree("momentum")],
         decay=Decay("coupled"),  # g += wd * y, before the iterates
+        fused=fused_schedule_free_sgd,
         check=_check_schedule_free("schedulefree_sgd", lambda g: g["momentum"]),
     ),
     OptimizerSpec(

@@ -531,28 +531,53 @@ def test_sr_returns_a_neighbouring_bf16(device):
     assert (yb[inexact] == up[inexact]).any() and (yb[inexact] == down[inexact]).any()
 
 
-@pytest.mark.parametrize("n", [1000, 4096, 4999, 5000])
-def test_sr_matches_reference_with_same_draws(n):
-    """Bitwise reference: one uniform 16-bit integer r per element (row-major); the value
-    rounds away from zero iff the dropped 16 bits plus r carry into bit 16. Below
-    MIN_QUANTIZED_NUMEL elements r is drawn by ``torch.randint(0, 2**16, shape, dtype=int32,
-    generator=g)``; from it on, three to a 48-bit word of the m = ceil(n/3) drawn by
-    ``torch.randint(0, 2**48, (m,), dtype=int64, generator=g)``: element j of third
-    k = j // m takes bits 16k..16k+15 of word j - k*m."""
-    x = _test_values(10_000, seed=2)[:n].reshape(n // 2 if n % 2 == 0 else n, -1)
+def _reference_noise(index: int, seed: int) -> int:
+    """The rounding noise of element ``index`` under ``seed``, in Python integers: the
+    32-bit hash of ``quantize.bf16_noise``'s docstring, top 16 bits."""
+    m = 0xFFFFFFFF
+    h = (index * 0x61C88647 + seed) & m
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & m
+    h ^= h >> 15
+    h = (h * 0x7B935975) & m
+    h ^= h >> 16
+    return h >> 16
+
+
+@pytest.mark.parametrize("n", [1000, 4097, 300_007])
+def test_sr_matches_reference_with_the_hash(n):
+    """Bitwise reference: one 16-bit integer r per element (row-major index j), the top bits
+    of a 32-bit hash of (seed, j) with the seed drawn as ``torch.randint(0, 2**32, (1,),
+    generator=g)``; the value rounds away from zero iff the dropped 16 bits plus r carry into
+    bit 16. Checked on a sample of elements, across the eager path's chunks."""
+    x = _test_values(n, seed=2)
+    x = x.reshape(-1, 7) if n % 7 == 0 else x
     y = bf16_stochastic_round(x, _gen(123))
-    if n < MIN_QUANTIZED_NUMEL:
-        r = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=_gen(123)).long()
-    else:
-        m = -(-n // 3)
-        words = torch.randint(0, 1 << 48, (m,), dtype=torch.int64,
-                              generator=_gen(123)).tolist()
-        r = [(words[j % m] >> (16 * (j // m))) & 0xFFFF for j in range(n)]
-        r = torch.tensor(r, dtype=torch.int64).view(x.shape)
-    b = _bits(x)
+    seed = int(torch.randint(0, 1 << 32, (1,), dtype=torch.int64, generator=_gen(123)))
+    flat_x, flat_y = x.reshape(-1), _bf16_bits(y).reshape(-1)
+    n = flat_x.numel()
+    sample = sorted({*range(min(n, 600)), *range(n - 50, n),
+                     *torch.randint(0, n, (400,), generator=_gen(5)).tolist()})
+    r = torch.tensor([_reference_noise(j, seed) for j in sample], dtype=torch.int64)
+    b = _bits(flat_x[sample])
     carry = (b & 0xFFFF) + r >= 1 << 16
     expected = (b & 0xFFFF0000) + carry.long() * 0x10000
-    assert torch.equal(_bf16_bits(y), expected)
+    assert torch.equal(flat_y[sample], expected)
+
+
+def test_sr_noise_is_uniform_over_16_bits():
+    """A chi-square test of the noise of 2^22 consecutive indices over the 65536 values, and
+    of its low bit against the neighbouring index (no lattice from the index's structure)."""
+    from llmvalley.optim.quantize import bf16_noise
+
+    noise = bf16_noise(torch.arange(1 << 22), 99).long()
+    counts = torch.bincount(noise, minlength=1 << 16).double()
+    chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum().item()
+    dof = (1 << 16) - 1
+    assert abs(chi2 - dof) < 6 * math.sqrt(2 * dof)
+    pairs = (noise[:-1] & 1) * 2 + (noise[1:] & 1)
+    counts = torch.bincount(pairs, minlength=4).double()
+    assert ((counts - counts.mean()).abs() / counts.mean()).max() < 0.01
 
 
 @pytest.mark.parametrize("value", [1.0 + 2.0**-10, -3.14159, 1.2345e-3, 4.56e-39, 1.3 * 2.0**-133])
@@ -637,3 +662,27 @@ def test_sr_input_dtypes_and_layout():
     assert torch.equal(x, before)
     with pytest.raises(TypeError):
         bf16_stochastic_round(torch.arange(4))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sr_kernel_gives_the_torch_paths_bits(threads, monkeypatch):
+    """The eager rounding's C++ kernel (``kernels/sr.cpp``) against the same hash in torch
+    operations (the fallback where the kernel cannot be built, and what a compiled graph
+    traces): the same bits, with inf, NaN of both signs, values that round up to inf, zeros,
+    subnormals, on a size past one 2^17 chunk with a tail, on one and two threads."""
+    from llmvalley.optim import quantize as q
+
+    n = 300_007
+    x = torch.randn(n, generator=_gen(4)) * torch.logspace(-40, 38, n)
+    x[:8] = torch.tensor([float("inf"), float("-inf"), float("nan"), -float("nan"),
+                          3.3895e38, -0.0, 0.0, 1e-40])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert q._sr_kernel(x) is not None
+        got = q.bf16_round_with_seed(x, 2**32 - 5)
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setattr(q, "_sr_kernel", lambda x: None)
+    expected = q.bf16_round_with_seed(x, 2**32 - 5)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))

@@ -39,9 +39,9 @@ What is compiled, and what is not:
 - 8-/4-bit slots (``state_precision="int8"/"int4"``, adamw8bit, adamw4bit) are decoded before
   the compiled segments and encoded after them by the codec's own compiled kernels
   (``Codec(compiled=True)``: the eager codec's bits), so the graphs see plain compute-dtype
-  state; bfloat16 slots (``state_dtype``) are widened and stored inside the graphs, with
-  their stochastic rounding's random draws made before them from the foreach tier's seeds
-  (the same bits).
+  state; bfloat16 slots (``state_dtype``) are widened and stored inside the graphs, their
+  stochastic rounding's noise hashed there from the foreach tier's seed, passed in as a 0-d
+  tensor (the same bits).
 
 Recompilation: one compilation per chain, dtype and shape set. Step counts (``ctx.steps``,
 the state's ``step``) are symbolic integers from the first compilation, so the next step does
@@ -266,7 +266,7 @@ _RECORDER = "compiled_power_recorder"
 
 
 #: a slot prepared for a compiled step: its state dict, key, slot spec, codes and block scales
-#: (an 8-/4-bit slot), or the key of a bfloat16 slot's draws and None
+#: (an 8-/4-bit slot), or the key of a bfloat16 slot's rounding seed and None
 _Held = tuple[dict[str, Any], str, Any, Tensor, Tensor | None]
 
 
@@ -285,11 +285,12 @@ def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str,
     recompile limit. The codec's own compiled kernels (``Codec(compiled=True)``,
     bit-identical to the eager codec) do the decoding and encoding.
 
-    bfloat16 slots (``state_dtype``) stay in the graph, widened and stored there, but their
-    stochastic rounding's random draws are made here, from the foreach tier's seeds
-    (:meth:`~llmvalley.optim.state.Codec.draw`): a seeded generator, and a seed formatted
-    from the symbolic step, broke the graph inside the chain's loop, which sends the whole
-    segment to eager. float16 slots need nothing (round to nearest traces).
+    bfloat16 slots (``state_dtype``) stay in the graph, widened and stored there, their
+    stochastic rounding's noise hashed there (:func:`~llmvalley.optim.quantize.bf16_noise`);
+    their seeds, the foreach tier's, are put in the state here as 0-d tensors
+    (:meth:`~llmvalley.optim.state.Codec.draw`): a seed formatted from the symbolic step broke
+    the graph inside the chain's loop, which sends the whole segment to eager. float16 slots
+    need nothing (round to nearest traces).
 
     Appends to ``held`` what :func:`_repack_stored` needs, slot by slot (so that a failure
     part-way can be undone)."""
@@ -321,10 +322,10 @@ def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str,
 
 def _repack_stored(ctx: StepContext, held: list[_Held], done: bool) -> None:
     """Encode the 8-/4-bit slots :func:`_unpack_stored` decoded (after a step that did not
-    finish, put the old codes back unchanged), and drop the bfloat16 slots' draws."""
+    finish, put the old codes back unchanged), and drop the bfloat16 slots' seeds."""
     for st, key, slot, stored, absmax in held:
         if absmax is None:
-            st.pop(key, None)  # a slot's draws
+            st.pop(key, None)  # a slot's rounding seed
             continue
         value = st[key]
         st[key], st[key + ABSMAX] = stored, absmax

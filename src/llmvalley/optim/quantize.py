@@ -109,8 +109,8 @@ __all__ = [
     "BLOCK_SIZE_4BIT",
     "BLOCK_SIZE_8BIT",
     "MIN_QUANTIZED_NUMEL",
-    "bf16_round_with_draws",
-    "bf16_rounding_draws",
+    "bf16_noise",
+    "bf16_round_with_seed",
     "bf16_stochastic_round",
     "dequantize_4bit",
     "dequantize_4bit_compiled",
@@ -151,14 +151,8 @@ def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None) -
     E[result] == x. Used when accumulating small updates into bf16 tensors, where
     round-to-nearest would silently drop every update smaller than half an ulp.
 
-    The draws, for ``n`` elements in the row-major order of ``x``'s shape: below
-    ``MIN_QUANTIZED_NUMEL`` elements, ``torch.randint(0, 2**16, x.shape, dtype=int32,
-    generator=generator)``, one per element; from it on, ``m = ceil(n / 3)`` words ``w =
-    torch.randint(0, 2**48, (m,), dtype=int64, generator=generator)``, element ``j`` of third
-    ``k = j // m`` taking bits ``16k .. 16k+15`` of ``w[j - k*m]``. One 64-bit draw per three
-    elements: on CPU the draws were most of the rounding's time (3.7M elements on one AMD
-    EPYC thread: 4.7 ms of draws instead of 15 ms); small tensors keep the one call. The
-    thirds are contiguous so that a compiled kernel needs no division in its indexing.
+    One seed is drawn from ``generator`` (``torch.randint(0, 2**32, (1,))``) and the noise of
+    each element is a hash of (seed, its row-major index): :func:`bf16_round_with_seed`.
 
     Args:
         x: floating-point tensor; non-fp32 inputs are cast to fp32 first (exact for fp16/bf16;
@@ -174,51 +168,74 @@ def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None) -
     if not x.is_floating_point():
         raise TypeError(f"bf16_stochastic_round expects a floating-point tensor, got {x.dtype}")
     x = x.float()
-    return bf16_round_with_draws(x, bf16_rounding_draws(x.shape, x.device, generator))
+    seed = torch.randint(0, 1 << 32, (1,), dtype=torch.int64, generator=generator,
+                         device=generator.device if generator is not None else x.device)
+    return bf16_round_with_seed(x, int(seed))
 
 
-def bf16_rounding_draws(shape: Sequence[int], device: torch.types.Device = None,
-                        generator: torch.Generator | None = None) -> Tensor:
-    """The random draws :func:`bf16_stochastic_round` makes for a tensor of ``shape``: int32
-    noise of that shape below ``MIN_QUANTIZED_NUMEL`` elements, else the int64 words holding
-    three 16-bit integers each. Drawn apart from the rounding so that a compiled step can
-    draw before its graph and round inside it (:func:`bf16_round_with_draws`)."""
-    n = _numel(shape)
-    if n < MIN_QUANTIZED_NUMEL:
-        return torch.randint(0, 1 << 16, tuple(shape), dtype=torch.int32, device=device,
-                             generator=generator)
-    # 2**48 divides 2**64, so each draw is exactly uniform (randint's 64-bit draw modulo range)
-    return torch.randint(0, 1 << 48, ((n + 2) // 3,), dtype=torch.int64, device=device,
-                         generator=generator)
+# the hash of bf16_round_with_seed: 32-bit arithmetic in int64 (every product stays below
+# 2^63, so neither eager torch nor inductor's C++ overflows); multipliers are odd, < 2^31
+_MASK32 = 0xFFFFFFFF
+_HASH_STEP = 0x61C88647  # 2^32 minus the golden-ratio increment 0x9E3779B9
+_HASH_MUL1 = 0x7FEB352D  # Wellons' lowbias32
+_HASH_MUL2 = 0x7B935975  # 2^32 - 0x846CA68B, lowbias32's second multiplier negated
+#: elements hashed at a time by the eager rounding (its int64 temporaries stay in cache)
+SR_CHUNK = 1 << 17
 
 
-def bf16_round_with_draws(x: Tensor, draws: Tensor) -> Tensor:
-    """Float32 ``x`` rounded stochastically to bfloat16 with the draws
-    :func:`bf16_rounding_draws` made for its shape: :func:`bf16_stochastic_round`'s bits.
-    Traceable by ``torch.compile`` (integer and selection arithmetic only)."""
-    if draws.dtype == torch.int32:
-        return _round_with_noise(x, draws)
+def bf16_noise(index: Tensor, seed: int | Tensor) -> Tensor:
+    """The stochastic-rounding noise of the elements at flat ``index`` (int64, below 2^32) under
+    ``seed`` (an int or a 0-d int64 tensor in [0, 2^32)): the top 16 bits of a 32-bit hash, ``h
+    = (index * 0x61C88647 + seed) mod 2^32`` mixed by ``h ^= h >> 16; h *= 0x7FEB352D; h ^= h >>
+    15; h *= 0x7B935975`` (mod 2^32), as int32 in [0, 2^16) (a last ``h ^= h >> 16`` would
+    change only the low bits). Traceable: in a compiled graph it is a few integer operations per
+    element, with nothing drawn or stored."""
+    h = index * _HASH_STEP  # in place from here: fewer temporaries eagerly
+    h += seed
+    h &= _MASK32
+    h ^= h >> 16
+    h *= _HASH_MUL1
+    h &= _MASK32
+    h ^= h >> 15
+    h *= _HASH_MUL2
+    h &= _MASK32
+    return (h >> 16).to(torch.int32)
+
+
+def _sr_kernel(x: Tensor) -> Any:
+    """The stochastic-rounding CPU kernel for a contiguous float32 CPU tensor of at least
+    ``MIN_QUANTIZED_NUMEL`` elements, None otherwise or where it cannot be built."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() \
+            or type(x) not in (Tensor, torch.nn.Parameter) or x.numel() < MIN_QUANTIZED_NUMEL:
+        return None
+    from llmvalley.optim import kernels
+
+    return kernels.load("sr")
+
+
+def bf16_round_with_seed(x: Tensor, seed: int | Tensor) -> Tensor:
+    """Float32 ``x`` rounded stochastically to bfloat16 with the noise :func:`bf16_noise`
+    gives each element (by its row-major index modulo 2^32) under ``seed``. The same bits
+    eagerly and traced by ``torch.compile``: a compiled step passes the seed as a 0-d tensor,
+    so that it changes every step without a recompile."""
     n = x.numel()
-    if torch.compiler.is_compiling():  # three loops with plain indexing, in the graph
-        return _round_by_thirds(x.reshape(-1), draws).view(x.shape)
-    noise = torch.empty(n, dtype=torch.int32, device=x.device)
-    m = draws.numel()
-    for k in range(3):  # the thirds' noise built in place (fewer passes than a cat)
-        part = draws[: min(m, n - k * m)] >> (16 * k)
-        part &= 0xFFFF
-        noise[k * m: k * m + part.numel()] = part
-    return _round_with_noise(x, noise.view(x.shape))
-
-
-def _round_by_thirds(x: Tensor, words: Tensor) -> Tensor:
-    """:func:`_round_with_noise` of flat ``x`` (at least 3 elements) and its draws ``words``,
-    third by third: the compiled form, three loops with plain indexing (one loop indexing
-    ``words[j // 3]`` ran 2-3x slower)."""
-    n, m = x.numel(), words.numel()
-    return torch.cat([
-        _round_with_noise(x[k * m: min(n, (k + 1) * m)],
-                          ((words[: min(m, n - k * m)] >> (16 * k)) & 0xFFFF).to(torch.int32))
-        for k in range(3)])
+    flat = x.reshape(-1)
+    if not torch.compiler.is_compiling():
+        kernel = _sr_kernel(x)
+        if kernel is not None:  # the C++ kernel (kernels/sr.cpp): the same bits, one pass
+            out = torch.empty(x.shape, dtype=torch.bfloat16)
+            kernel(x, out, n, int(seed), max(1, min(torch.get_num_threads(), n >> 16)))
+            return out
+    if torch.compiler.is_compiling() or n <= SR_CHUNK:
+        index = torch.arange(n, dtype=torch.int64, device=x.device) & _MASK32
+        return _round_with_noise(flat, bf16_noise(index, seed)).view(x.shape)
+    out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
+    base = torch.arange(SR_CHUNK, dtype=torch.int64, device=x.device)
+    for start in range(0, n, SR_CHUNK):  # chunks: int64 temporaries of 1 MB, not 8n bytes
+        stop = min(n, start + SR_CHUNK)
+        index = (base[: stop - start] + start) & _MASK32
+        out[start:stop] = _round_with_noise(flat[start:stop], bf16_noise(index, seed))
+    return out.view(x.shape)
 
 
 def _round_with_noise(x: Tensor, noise: Tensor) -> Tensor:

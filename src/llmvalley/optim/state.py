@@ -46,8 +46,8 @@ QUANTIZED = ("int8", "int4")
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED)
 DTYPE_NAMES = {v: k for k, v in FLOAT_PRECISIONS.items()}
 ABSMAX = ".absmax"
-#: key suffix of a bfloat16 slot's stochastic-rounding draws, made before a compiled step's
-#: graph (:meth:`Codec.draw`) and removed after it; never in a saved state
+#: key suffix of a bfloat16 slot's stochastic-rounding seed, a 0-d tensor put there before a
+#: compiled step's graph (:meth:`Codec.draw`) and removed after it; never in a saved state
 DRAWS = ".sr_draws"
 INT8_BLOCK, INT4_BLOCK = q.BLOCK_SIZE_8BIT, q.BLOCK_SIZE_4BIT
 
@@ -165,9 +165,9 @@ class Codec:
             st[key], st[key + ABSMAX] = codes.encode(value)
             return
         if old.dtype == torch.bfloat16 and value.dtype == torch.float32:
-            draws = st.get(key + DRAWS)
-            if draws is not None:  # a compiled step's graph: no generator, no seed string
-                old.copy_(q.bf16_round_with_draws(value, draws))
+            seed = st.get(key + DRAWS)
+            if seed is not None:  # a compiled step's graph: the seed as a 0-d tensor
+                old.copy_(q.bf16_round_with_seed(value, seed))
             else:
                 old.copy_(stochastic_round(value, old.dtype, self.seed(key, spec.shape)))
         else:
@@ -189,31 +189,26 @@ class Codec:
         self.store(st, key, spec, value)
 
     def draw(self, st: dict[str, Any], key: str, spec: SlotSpec) -> None:
-        """Make bfloat16 slot ``key``'s stochastic-rounding draws for this step ahead of its
-        store, from the seed :meth:`store` would use (the same bits), under ``key + DRAWS``:
-        a compiled step then rounds inside its graph, where a seeded generator cannot run.
-        The caller removes them after the step."""
-        stored = st[key]
-        st[key + DRAWS] = q.bf16_rounding_draws(
-            stored.shape, stored.device, _seeded(self.seed(key, spec.shape), stored.device))
+        """Put bfloat16 slot ``key``'s stochastic-rounding seed of this step (the one
+        :meth:`store` would use: the same bits) under ``key + DRAWS`` as a 0-d int64 tensor,
+        so that a compiled step rounds inside its graph, the seed changing every step without
+        a recompile (a seed string formatted from the symbolic step would break the graph).
+        The caller removes it after the step."""
+        st[key + DRAWS] = torch.tensor(self.seed(key, spec.shape), dtype=torch.int64,
+                                       device=st[key].device)
 
     def seed(self, key: str, shape: Any) -> int:
-        """The stochastic-rounding seed of one write (a function of step, key and shape)."""
-        return zlib.crc32(f"{self.step}/{key}/{shape}".encode()) + self.step
+        """The stochastic-rounding seed of one write (a function of step, key and shape), in
+        [0, 2^32)."""
+        return (zlib.crc32(f"{self.step}/{key}/{shape}".encode()) + self.step) & 0xFFFFFFFF
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
-    """``x`` (float32) rounded stochastically to ``dtype`` with noise drawn from ``seed``."""
+    """``x`` (float32) rounded stochastically to ``dtype`` with the noise of ``seed``
+    (:func:`~llmvalley.optim.quantize.bf16_round_with_seed`)."""
     if dtype != torch.bfloat16:
         return x.to(dtype)  # fp16 state: round to nearest (no SR kernel for its layout)
-    return q.bf16_stochastic_round(x, _seeded(seed, x.device))
-
-
-def _seeded(seed: int, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded with ``seed`` (:meth:`Codec.seed`)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+    return q.bf16_round_with_seed(x, seed & 0xFFFFFFFF)
 
 
 def _stored_kind(codes: Tensor, spec: SlotSpec) -> str:

@@ -45,6 +45,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "came": ("float*", "const float*", "float*", "float*", "float*", "float*", "float*",
              "int64_t", "int64_t", "int64_t", "float", "float", "float", "float", "float",
              "float", "float", "float", "float", "float", "float", "int64_t"),
+    "sr": ("const float*", "void*", "int64_t", "int64_t", "int64_t"),
     "schedule_free": ("float*", "const float*", "float*", "float*", "int64_t", "float",
                       "float", "float", "float", "float", "float", "float", "float", "int64_t",
                       "int64_t"),

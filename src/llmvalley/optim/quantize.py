@@ -203,10 +203,10 @@ def bf16_noise(index: Tensor, seed: int | Tensor) -> Tensor:
 
 
 def _sr_kernel(x: Tensor) -> Any:
-    """The stochastic-rounding CPU kernel for a contiguous float32 CPU tensor of at least
-    ``MIN_QUANTIZED_NUMEL`` elements, None otherwise or where it cannot be built."""
+    """The stochastic-rounding CPU kernel for a contiguous float32 CPU tensor, None otherwise
+    or where it cannot be built."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() \
-            or type(x) not in (Tensor, torch.nn.Parameter) or x.numel() < MIN_QUANTIZED_NUMEL:
+            or type(x) not in (Tensor, torch.nn.Parameter):
         return None
     from llmvalley.optim import kernels
 

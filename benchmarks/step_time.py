@@ -168,6 +168,8 @@ def main() -> None:
                         help="print only the state bytes per parameter by precision")
     parser.add_argument("--compiled", action="store_true",
                         help='also time implementation="compiled" (compile time apart)')
+    parser.add_argument("--state-dtype", choices=("bfloat16",),
+                        help="also time each optimizer with this state_dtype")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -191,6 +193,12 @@ def main() -> None:
             variants.append((f"{name} (fused=False)", {"fused": False}))
         if args.compiled:
             variants.append((f"{name} (compiled)", {"implementation": "compiled"}))
+        if args.state_dtype:
+            low = {"state_dtype": getattr(torch, args.state_dtype)}
+            variants.append((f"{name} ({args.state_dtype} state)", low))
+            if args.compiled:
+                variants.append((f"{name} ({args.state_dtype} state, compiled)",
+                                 {**low, "implementation": "compiled"}))
         for label, kw in variants:
             opt = llmvalley.create_optimizer(name, model, nonfinite="ignore", lr=1e-4, **kw)
             # the compiled tier compiles at its second step: two warm-up steps at least

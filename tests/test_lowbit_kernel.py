@@ -211,7 +211,7 @@ def test_a_state_precision_the_kernel_does_not_store_runs_the_chain(kernel_calls
     with pytest.raises(ValueError, match="implementation='fused'"):
         run("adamw8bit", "fused", steps=1, state_precision="bf16")
     run("adamw8bit", "auto", steps=1, state_precision="bf16")
-    assert kernel_calls == []
+    assert "lowbit" not in kernel_calls  # (the bf16 rounding has a kernel of its own)
 
 
 def test_a_missing_compiler_runs_the_chain(monkeypatch):

@@ -129,6 +129,6 @@ def test_a_run_resumes_across_tiers(name):
 def test_other_dtypes_and_shell_options_run_the_chain(name, kernel_calls):
     run(name, "auto", steps=2, dtype=torch.float64)
     run(name, "auto", steps=2, state_precision="bf16")
-    assert kernel_calls == []
+    assert "schedule_free" not in kernel_calls  # (the bf16 rounding has a kernel of its own)
     with pytest.raises(ValueError, match="implementation='fused'"):
         run(name, "fused", steps=1, cautious=True)

@@ -348,9 +348,10 @@ def fused_schedule_free_adamw(ctx: StepContext) -> bool:
 _KINDS = {"int8": 8, "int4": 4, None: 32}
 
 
-def _tables(kind: str, signed: bool) -> tuple[Tensor, Tensor]:
+def _tables(kind: str, signed: bool) -> tuple[Tensor, Tensor | None]:
     """The code map of a quantized slot and its nearest-entry table (the codec's own,
-    :func:`~llmvalley.optim.quantize._code_table`), on CPU."""
+    :func:`~llmvalley.optim.quantize._code_table`; None for a map it cannot tabulate), on
+    CPU."""
     found = _TABLES.get((kind, signed))
     if found is None:
         qmap = _quantizer(kind, signed, torch.device("cpu")).qmap
@@ -359,7 +360,7 @@ def _tables(kind: str, signed: bool) -> tuple[Tensor, Tensor]:
     return found
 
 
-_TABLES: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}
+_TABLES: dict[tuple[str, bool], tuple[Tensor, Tensor | None]] = {}
 
 
 def _lowbit_slots(ctx: StepContext, transform: Any, names: tuple[str, ...]

@@ -38,3 +38,26 @@ def corpus(tmp_path: Path) -> Path:
 
     return write_corpus(tmp_path / "corpus", WORDS, seed=0, files=12, lines=60,
                         words_per_line=9)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The calls of ``llmvalley.optim.kernels``' CPU kernels during the test, by name (the
+    real kernels run)."""
+    from llmvalley.optim import kernels
+
+    calls: list[str] = []
+    real = kernels.load
+
+    def load(name, defines=()):
+        kernel = real(name, defines)
+        if kernel is None:
+            return None
+
+        def counted(*args):
+            calls.append(name)
+            return kernel(*args)
+        return counted
+
+    monkeypatch.setattr(kernels, "load", load)
+    return calls

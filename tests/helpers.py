@@ -204,3 +204,12 @@ REGRESSION_TARGET = {"swan": 0.3}
 
 def rosenbrock_lr(name: str) -> float:
     return ROSENBROCK_LR.get(name, 3e-2)
+
+
+def max_moved(params, shapes, seed: int = 0) -> float:
+    """How far ``params`` moved from their start, ``torch.randn`` of ``shapes`` drawn in turn
+    from a generator seeded with ``seed`` (so a differential test can show it ran steps that
+    matter)."""
+    gen = torch.Generator().manual_seed(seed)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    return max((p.detach() - s).abs().max().item() for p, s in zip(params, start))

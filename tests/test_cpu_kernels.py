@@ -25,26 +25,6 @@ KERNEL = {"adafactor": "adafactor", "came": "came", "adamp": "projected", "sgdp"
 SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The kernel calls of the test, by name (the real kernels run)."""
-    calls: list[str] = []
-    real = kernels.load
-
-    def load(name):
-        kernel = real(name)
-        if kernel is None:
-            return None
-
-        def counted(*args):
-            calls.append(name)
-            return kernel(*args)
-        return counted
-
-    monkeypatch.setattr(kernels, "load", load)
-    return calls
-
-
 def make_params(shapes=SHAPES, dtype=torch.float32) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(0)
     return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]

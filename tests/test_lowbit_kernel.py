@@ -16,7 +16,7 @@ from llmvalley.optim import kernels
 from llmvalley.optim import quantize as q
 from llmvalley.optim.fused import _tables
 from llmvalley.optim.spec import execution_tier
-from tests.helpers import roundtrip
+from tests.helpers import max_moved, roundtrip
 
 #: a matrix of several 8-bit blocks with a partial last one, an odd 4-bit count above the
 #: quantization threshold, a tensor quantized as one partial block, small float32-state
@@ -31,26 +31,6 @@ CASES = [
     ("lion8bit", {"state_precision": "int4", "betas": (0.95, 0.98)}),
     ("adamw4bit", {"state_precision": None}),  # float32 state on the same kernel
 ]
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The low-bit kernel's calls in the test (the real kernel runs)."""
-    calls: list[str] = []
-    real = kernels.load
-
-    def load(name, defines=()):
-        kernel = real(name, defines)
-        if kernel is None:
-            return None
-
-        def counted(*args):
-            calls.append(name)
-            return kernel(*args)
-        return counted
-
-    monkeypatch.setattr(kernels, "load", load)
-    return calls
 
 
 def gradient(p: torch.Tensor, gen: torch.Generator, step: int) -> torch.Tensor:
@@ -93,9 +73,7 @@ def test_kernel_leaves_the_chains_codes_and_parameters(name, hp, kernel_calls):
     expected, ref = run(name, "foreach", **hp)
     got, opt = run(name, "fused", **hp)
     assert kernel_calls == ["lowbit"] * (6 * len(SHAPES))
-    gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(s, generator=gen) for s in SHAPES]
-    assert max((e - s).abs().max().item() for e, s in zip(expected, start)) > 1e-3
+    assert max_moved(expected, SHAPES) > 1e-3
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=2e-6, atol=1e-7)
     quantized = hp.get("state_precision", "int8") is not None

@@ -230,6 +230,20 @@ def fused_adafactor(ctx: StepContext) -> bool:
     return True
 
 
+def _adam_numbers(group: Any) -> Callable[[int], tuple[float, ...]]:
+    """The numbers of Adam's update at step ``t`` that the kernels take: ``b1, 1 - b1, b2,
+    1 - b2`` and the denominator's ``a = bc1 / sqrt(bc2)``, ``b = eps bc1`` (``u = m /
+    (sqrt(v) a + b)``, ScaleByAdam's form)."""
+    beta1, beta2 = group["betas"]
+    eps = group["eps"]
+
+    def numbers(t: int) -> tuple[float, ...]:
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        return beta1, 1 - beta1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1
+
+    return numbers
+
+
 def _projected(ctx: StepContext, kernel: Any, work: list[list[Tensor]], mode: int,
                numbers: Callable[[int], tuple[float, ...]], wd_scale: float) -> None:
     """AdamP's / SGDP's kernel on every tensor: ``numbers(t)`` are its six direction numbers
@@ -253,14 +267,7 @@ def fused_adamp(ctx: StepContext) -> bool:
     work = kernel and _dense_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
     if not work:
         return False
-    beta1, beta2 = ctx.group["betas"]
-    eps = ctx.group["eps"]
-
-    def numbers(t: int) -> tuple[float, ...]:
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        return beta1, 1 - beta1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1
-
-    _projected(ctx, kernel, work, 0, numbers, 1.0)
+    _projected(ctx, kernel, work, 0, _adam_numbers(ctx.group), 1.0)
     return True
 
 
@@ -425,14 +432,7 @@ def fused_lowbit_adam(ctx: StepContext) -> bool:
     same codes as the chain for the same moments). ``amsgrad`` runs the chain."""
     if ctx.group.get("amsgrad"):
         return False
-    beta1, beta2 = ctx.group["betas"]
-    eps = ctx.group["eps"]
-
-    def numbers(t: int) -> tuple[float, ...]:
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        return beta1, 1 - beta1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1
-
-    return _lowbit(ctx, _ADAM, ("exp_avg", "exp_avg_sq"), 0, numbers)
+    return _lowbit(ctx, _ADAM, ("exp_avg", "exp_avg_sq"), 0, _adam_numbers(ctx.group))
 
 
 def fused_lowbit_lion(ctx: StepContext) -> bool:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import llmvalley
+from llmvalley.optim import kernels
 from llmvalley.optim.spec import execution_tier
 from tests.helpers import max_moved, roundtrip
 
@@ -76,9 +77,7 @@ def test_auto_runs_the_kernel(kernel_calls):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_two_threads_give_the_same_bits(name, monkeypatch):
-    from llmvalley.optim import fused
-
-    monkeypatch.setattr(fused, "ELEMENTS_PER_THREAD", 1024)
+    monkeypatch.setattr(kernels, "ELEMENTS_PER_THREAD", 1024)
     one, _ = run(name, "fused")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -62,8 +62,6 @@ _LION = LionDirection()
 _SF_SGD = ScheduleFree("momentum")
 _SF_ADAMW = ScheduleFree("betas")
 _ADAM_INPUT = ScaleByAdam(first_moment="input")
-#: elements per OpenMP thread below which a kernel runs a tensor on fewer threads
-ELEMENTS_PER_THREAD = 1 << 16
 
 
 def ready(ctx: StepContext) -> bool:
@@ -158,18 +156,12 @@ def fused_adagrad(ctx: StepContext) -> bool:
     return True
 
 
-def _plain(t: Tensor) -> bool:
-    """Whether ``t`` is a plain tensor (the kernels read raw pointers: a tensor subclass such
-    as a DTensor takes the chain)."""
-    return type(t) in (Tensor, torch.nn.Parameter)
-
-
 def _cpu_kernel(ctx: StepContext, name: str) -> Any:
     """The built CPU kernel ``name`` when the group may run it (plain float32 tensors on
     CPU, see :func:`ready`), else None."""
     first = ctx.params[0]
     if not ready(ctx) or first.device.type != "cpu" or first.dtype != torch.float32 \
-            or not all(_plain(t) for t in (*ctx.params, *ctx.grads)):
+            or not all(kernels.plain(t) for t in (*ctx.params, *ctx.grads)):
         return None
     return kernels.load(name)
 
@@ -183,7 +175,7 @@ def _dense_slots(ctx: StepContext, transform: Any,
     for i, p in enumerate(ctx.params):
         state = [slots.slot(k, [i])[0] for k in names(p)]
         if p.numel() == 0 or any(s.dtype != torch.float32 or not s.is_contiguous()
-                                 or not _plain(s) for s in state):
+                                 or not kernels.plain(s) for s in state):
             return None
         work.append(state)
     return work
@@ -196,11 +188,6 @@ def _layout(p: Tensor) -> tuple[int, int, int]:
         m, n = p.shape[-2], p.shape[-1]
         return p.numel() // (m * n), m, n
     return 1, 0, p.numel()
-
-
-def _threads(p: Tensor) -> int:
-    """OpenMP threads for a kernel on ``p``: torch's count, fewer for a small tensor."""
-    return max(1, min(torch.get_num_threads(), p.numel() // ELEMENTS_PER_THREAD))
 
 
 def _shrink(ctx: StepContext, i: int) -> float:
@@ -226,7 +213,7 @@ def fused_adafactor(ctx: StepContext) -> bool:
     for i, (p, g, state, t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
         row, col = state if len(state) == 2 else (state[0], state[0])
         kernel(p, g, row, col, *_layout(p), float(t**decay), float(eps1), min(lr, t**-0.5),
-               float(eps2), d, _shrink(ctx, i), _threads(p))
+               float(eps2), d, _shrink(ctx, i), kernels.threads_for(p.numel()))
     return True
 
 
@@ -255,7 +242,7 @@ def _projected(ctx: StepContext, kernel: Any, work: list[list[Tensor]], mode: in
         rows = p.shape[0] if p.dim() > 1 else 1
         kernel(p, g, s1, s2, rows, p.numel() // rows, *numbers(t), lr * ctx.plan.lr_mult[i],
                ctx.plan.weight_decay[i] * wd_scale, group["wd_ratio"], group["delta"], eps,
-               int(group["nesterov"]), int(p.dim() > 1), _threads(p), mode)
+               int(group["nesterov"]), int(p.dim() > 1), kernels.threads_for(p.numel()), mode)
 
 
 def fused_adamp(ctx: StepContext) -> bool:
@@ -309,7 +296,7 @@ def fused_came(ctx: StepContext) -> bool:
             col = rrow = rcol = row
         kernel(p, g, exp_avg, row, col, rrow, rcol, *_layout(p), lr * ctx.plan.lr_mult[i],
                beta1, 1 - beta1, beta2, 1 - beta2, beta3, 1 - beta3, eps1, eps2,
-               float(group["clip_threshold"]), _shrink(ctx, i), _threads(p))
+               float(group["clip_threshold"]), _shrink(ctx, i), kernels.threads_for(p.numel()))
     return True
 
 
@@ -337,7 +324,7 @@ def _schedule_free(ctx: StepContext, transform: ScheduleFree, adam: bool) -> boo
         v = seconds[i][0] if adam else z  # SGD: never read
         kernel(p, g, z, v, p.numel(), wd, numbers["c"][i], numbers["coef"][i],
                numbers["lr"][i], beta2, 1 - beta2, 1 / (1 - beta2**t) ** 0.5 if adam else 0.0,
-               eps, int(adam), _threads(p))
+               eps, int(adam), kernels.threads_for(p.numel()))
     return True
 
 
@@ -386,7 +373,7 @@ def _lowbit_slots(ctx: StepContext, transform: Any, names: tuple[str, ...]
         for name in names:
             key = bound.ensure(i, name)
             data, absmax = state[key], state.get(key + ABSMAX)
-            if not (_plain(data) and data.is_contiguous()):
+            if not (kernels.plain(data) and data.is_contiguous()):
                 return None
             if absmax is None:
                 if data.dtype != torch.float32:
@@ -420,7 +407,7 @@ def _lowbit(ctx: StepContext, transform: Any, names: tuple[str, ...], mode: int,
         rate = lr * ctx.plan.lr_mult[i]
         kernel(p, g, m[1], m[2], m[3], m[4], v[1], v[2], v[3], v[4], p.numel(), m[0], v[0],
                *numbers(t), rate, _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0), mode,
-               _threads(p))
+               kernels.threads_for(p.numel()))
     return True
 
 

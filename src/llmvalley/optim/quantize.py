@@ -205,11 +205,11 @@ def bf16_noise(index: Tensor, seed: int | Tensor) -> Tensor:
 def _sr_kernel(x: Tensor) -> Any:
     """The stochastic-rounding CPU kernel for a contiguous float32 CPU tensor, None otherwise
     or where it cannot be built."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() \
-            or type(x) not in (Tensor, torch.nn.Parameter):
-        return None
     from llmvalley.optim import kernels
 
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() \
+            or not kernels.plain(x):
+        return None
     return kernels.load("sr")
 
 
@@ -219,14 +219,16 @@ def bf16_round_with_seed(x: Tensor, seed: int | Tensor) -> Tensor:
     eagerly and traced by ``torch.compile``: a compiled step passes the seed as a 0-d tensor,
     so that it changes every step without a recompile."""
     n = x.numel()
+    compiling = torch.compiler.is_compiling()
+    kernel = None if compiling else _sr_kernel(x)
+    if kernel is not None:  # the C++ kernel (kernels/sr.cpp): the same bits, one pass
+        from llmvalley.optim import kernels
+
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        kernel(x, out, n, int(seed), kernels.threads_for(n))
+        return out
     flat = x.reshape(-1)
-    if not torch.compiler.is_compiling():
-        kernel = _sr_kernel(x)
-        if kernel is not None:  # the C++ kernel (kernels/sr.cpp): the same bits, one pass
-            out = torch.empty(x.shape, dtype=torch.bfloat16)
-            kernel(x, out, n, int(seed), max(1, min(torch.get_num_threads(), n >> 16)))
-            return out
-    if torch.compiler.is_compiling() or n <= SR_CHUNK:
+    if compiling or n <= SR_CHUNK:
         index = torch.arange(n, dtype=torch.int64, device=x.device) & _MASK32
         return _round_with_noise(flat, bf16_noise(index, seed)).view(x.shape)
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)

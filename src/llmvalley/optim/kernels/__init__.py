@@ -56,6 +56,26 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: elements per OpenMP thread below which a kernel runs a tensor on fewer threads
+ELEMENTS_PER_THREAD = 1 << 16
+
+
+def threads_for(numel: int) -> int:
+    """OpenMP threads for a kernel on ``numel`` elements: torch's count, fewer for a small
+    tensor."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
+
+
+def plain(t: Any) -> bool:
+    """Whether ``t`` is a plain tensor: the kernels read raw pointers, so a tensor subclass
+    such as a DTensor takes the chain."""
+    import torch
+
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
 @functools.cache
 def load(name: str, defines: tuple[str, ...] = ()) -> Callable[..., Any] | None:
     """The built kernel ``name`` (``<name>.cpp`` here), or None when it cannot be built on
@@ -77,4 +97,4 @@ def load(name: str, defines: tuple[str, ...] = ()) -> Callable[..., Any] | None:
         return None
 
 
-__all__ = ["SIGNATURES", "load"]
+__all__ = ["ELEMENTS_PER_THREAD", "SIGNATURES", "load", "plain", "threads_for"]

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 import llmvalley
 from llmvalley.optim.compiled import compile_stats
 from llmvalley.optim.spec import execution_tier
-from llmvalley.optim.state import DRAWS
+from llmvalley.optim.state import SR_SEED
 from tests.helpers import TEST_HPARAMS, create, loss_fn, make_model, make_optimizer, train
 
 #: element-wise, factored, matrix (Newton-Schulz), rotated (eigenbases), shared-statistics
@@ -656,8 +656,8 @@ def test_bfloat16_state_of_the_compiled_tier_saves_and_resumes():
         for step in range(steps):
             if step == resume_at:
                 saved = opt.state_dict()
-                assert all(not k.endswith(DRAWS) for st in saved["state"].values()
-                           for k in st), "draws leaked into the state dict"
+                assert all(not k.endswith(SR_SEED) for st in saved["state"].values()
+                           for k in st), "rounding seeds leaked into the state dict"
                 opt = make()
                 opt.load_state_dict(saved)
             for p in params:

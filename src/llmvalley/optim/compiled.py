@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.options import chain_and_keys
-from llmvalley.optim.state import ABSMAX, DRAWS, QUANTIZED
+from llmvalley.optim.state import ABSMAX, QUANTIZED, SR_SEED
 from llmvalley.optim.transforms.base import (
     PowerTable,
     StepContext,
@@ -288,7 +288,7 @@ def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str,
     bfloat16 slots (``state_dtype``) stay in the graph, widened and stored there, their
     stochastic rounding's noise hashed there (:func:`~llmvalley.optim.quantize.bf16_noise`);
     their seeds, the foreach tier's, are put in the state here as 0-d tensors
-    (:meth:`~llmvalley.optim.state.Codec.draw`): a seed formatted from the symbolic step broke
+    (:meth:`~llmvalley.optim.state.Codec.stage_seed`): a seed formatted from the symbolic step broke
     the graph inside the chain's loop, which sends the whole segment to eager. float16 slots
     need nothing (round to nearest traces).
 
@@ -316,8 +316,8 @@ def _unpack_stored(chain: Sequence[Transform], keys: KeyMap, group: Mapping[str,
                 held.append((st, key, slot, stored, st.pop(key + ABSMAX)))
                 st[key] = value
             elif stored.dtype == torch.bfloat16 != compute:
-                codec.draw(st, key, slot)
-                held.append((st, key + DRAWS, slot, stored, None))
+                codec.stage_seed(st, key, slot)
+                held.append((st, key + SR_SEED, slot, stored, None))
 
 
 def _repack_stored(ctx: StepContext, held: list[_Held], done: bool) -> None:

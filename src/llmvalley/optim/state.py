@@ -47,8 +47,8 @@ PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED)
 DTYPE_NAMES = {v: k for k, v in FLOAT_PRECISIONS.items()}
 ABSMAX = ".absmax"
 #: key suffix of a bfloat16 slot's stochastic-rounding seed, a 0-d tensor put there before a
-#: compiled step's graph (:meth:`Codec.draw`) and removed after it; never in a saved state
-DRAWS = ".sr_draws"
+#: compiled step's graph (:meth:`Codec.stage_seed`) and removed after it; never in a saved state
+SR_SEED = ".sr_seed"
 INT8_BLOCK, INT4_BLOCK = q.BLOCK_SIZE_8BIT, q.BLOCK_SIZE_4BIT
 
 
@@ -165,7 +165,7 @@ class Codec:
             st[key], st[key + ABSMAX] = codes.encode(value)
             return
         if old.dtype == torch.bfloat16 and value.dtype == torch.float32:
-            seed = st.get(key + DRAWS)
+            seed = st.get(key + SR_SEED)
             if seed is not None:  # a compiled step's graph: the seed as a 0-d tensor
                 old.copy_(q.bf16_round_with_seed(value, seed))
             else:
@@ -188,14 +188,14 @@ class Codec:
         self.create(st, key, spec, compute, value.device)
         self.store(st, key, spec, value)
 
-    def draw(self, st: dict[str, Any], key: str, spec: SlotSpec) -> None:
+    def stage_seed(self, st: dict[str, Any], key: str, spec: SlotSpec) -> None:
         """Put bfloat16 slot ``key``'s stochastic-rounding seed of this step (the one
-        :meth:`store` would use: the same bits) under ``key + DRAWS`` as a 0-d int64 tensor,
+        :meth:`store` would use: the same bits) under ``key + SR_SEED`` as a 0-d int64 tensor,
         so that a compiled step rounds inside its graph, the seed changing every step without
         a recompile (a seed string formatted from the symbolic step would break the graph).
         The caller removes it after the step."""
-        st[key + DRAWS] = torch.tensor(self.seed(key, spec.shape), dtype=torch.int64,
-                                       device=st[key].device)
+        st[key + SR_SEED] = torch.tensor(self.seed(key, spec.shape), dtype=torch.int64,
+                                         device=st[key].device)
 
     def seed(self, key: str, shape: Any) -> int:
         """The stochastic-rounding seed of one write (a function of step, key and shape), in

@@ -249,11 +249,12 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
 
     if impl == "fused":
         if spec.fused is None:
+            from llmvalley.optim.registry import list_optimizers
+
+            have = sorted(s.name for s in list_optimizers() if s.fused is not None)
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
-                "kernel (adam, adamw, sgd, adagrad, adafactor, came, adamp, sgdp, adamw8bit, "
-                "adamw4bit, lion8bit, schedulefree_sgd and schedulefree_adamw have one); use "
-                "'auto', 'foreach' or 'compiled'")
+                f"kernel ({', '.join(have)} have one); use 'auto', 'foreach' or 'compiled'")
         if not is_plain(group, spec.fused_state):
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': the fused kernel computes the "

@@ -105,6 +105,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmvalley.optim import kernels
+
 __all__ = [
     "BLOCK_SIZE_4BIT",
     "BLOCK_SIZE_8BIT",
@@ -205,8 +207,6 @@ def bf16_noise(index: Tensor, seed: int | Tensor) -> Tensor:
 def _sr_kernel(x: Tensor) -> Any:
     """The stochastic-rounding CPU kernel for a contiguous float32 CPU tensor, None otherwise
     or where it cannot be built."""
-    from llmvalley.optim import kernels
-
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() \
             or not kernels.plain(x):
         return None
@@ -222,8 +222,6 @@ def bf16_round_with_seed(x: Tensor, seed: int | Tensor) -> Tensor:
     compiling = torch.compiler.is_compiling()
     kernel = None if compiling else _sr_kernel(x)
     if kernel is not None:  # the C++ kernel (kernels/sr.cpp): the same bits, one pass
-        from llmvalley.optim import kernels
-
         out = torch.empty(x.shape, dtype=torch.bfloat16)
         kernel(x, out, n, int(seed), kernels.threads_for(n))
         return out

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
@@ -63,16 +65,12 @@ ELEMENTS_PER_THREAD = 1 << 16
 def threads_for(numel: int) -> int:
     """OpenMP threads for a kernel on ``numel`` elements: torch's count, fewer for a small
     tensor."""
-    import torch
-
     return max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
 
 
 def plain(t: Any) -> bool:
     """Whether ``t`` is a plain tensor: the kernels read raw pointers, so a tensor subclass
     such as a DTensor takes the chain."""
-    import torch
-
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 

@@ -82,7 +82,7 @@ def test_bad_implementation_raises(value):
 
 def test_fused_tier_needs_a_kernel():
     with pytest.raises(ValueError, match="implementation='fused'.*no fused kernel"):
-        llmvalley.create_optimizer("lion", make_model(), implementation="fused")
+        llmvalley.create_optimizer("signum", make_model(), implementation="fused")
     with pytest.raises(ValueError, match="implementation='fused'.*shell option"):
         llmvalley.create_optimizer("adamw", make_model(), implementation="fused",
                                    cautious=True)
@@ -109,7 +109,11 @@ def test_fused_tier_needs_a_kernel():
     ("sgdp", {}, "fused"),
     ("adafactor", {"implementation": "foreach"}, "foreach"),
     ("sgd", {"implementation": "foreach"}, "foreach"),
-    ("lion", {}, "foreach"),  # auto starts eager (auto_tier moves long runs to compiled)
+    ("signum", {}, "foreach"),  # auto starts eager (auto_tier moves long runs to compiled)
+    ("lion", {}, "fused"),  # float32 or bfloat16 moments: the low-bit kernel
+    ("lion", {"state_dtype": torch.bfloat16}, "fused"),
+    ("adamw", {"state_precision": "bf16"}, "fused"),
+    ("adamw", {"state_precision": "int8"}, "foreach"),
     ("lion", {"implementation": "compiled"}, "compiled"),
     ("muon", {"implementation": "foreach"}, "foreach"),
 ])

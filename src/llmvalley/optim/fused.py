@@ -12,9 +12,11 @@ and its parameter write.
   matrix, where inductor's code for the chains makes six, eight, three and two; the eager
   chains make many more, and ``"auto"`` compiles only after hundreds of steps;
 - adamw8bit, adamw4bit and lion8bit (CPU, float32 parameters; 8-/4-bit state, or float32
-  where the codec keeps a small tensor unquantized): ``kernels/lowbit.cpp``, one pass that
-  decodes each block of the moments, updates them, writes the parameter and encodes them
-  again, leaving the chain's codes and block scales bit for bit;
+  where the codec keeps a small tensor unquantized), lion, and adamw with bfloat16 state
+  (``state_precision="bf16"`` or ``state_dtype=torch.bfloat16``; float32 state stays on
+  torch's kernel): ``kernels/lowbit.cpp``, one pass that decodes each block of the moments,
+  updates them, writes the parameter and encodes them again, leaving the chain's codes, block
+  scales and stochastically rounded bfloat16 moments bit for bit;
 - schedulefree_sgd and schedulefree_adamw (CPU, float32): ``kernels/schedule_free.cpp``, one
   pass over y, z and the gradient (and AdamW's second moment), where the eager chain makes
   four to eight and ``"auto"`` compiles only after hundreds of steps.
@@ -90,12 +92,16 @@ def _step_tensors(ctx: StepContext) -> list[torch.Tensor]:
 
 
 def fused_adam(decoupled: bool) -> Callable[[StepContext], bool]:
-    """Adam (``decoupled=False``: coupled decay) or AdamW through torch's fused kernel."""
+    """Adam (``decoupled=False``: coupled decay) or AdamW through torch's fused kernel;
+    AdamW with bfloat16 moments through the low-bit kernel (:func:`fused_lowbit_adam`)."""
 
     def run(ctx: StepContext) -> bool:
         if not ready(ctx):
             return False
         group = ctx.group
+        if group.get("state_precision") is not None or group.get("state_dtype") is not None:
+            # bfloat16 moments (the spec's fused_state): the low-bit kernel stores them
+            return decoupled and fused_lowbit_adam(ctx)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
@@ -338,8 +344,8 @@ def fused_schedule_free_adamw(ctx: StepContext) -> bool:
     return _schedule_free(ctx, _SF_ADAMW, adam=True)
 
 
-#: the state kinds the low-bit kernel reads: 8-bit codes, 4-bit codes, float32
-_KINDS = {"int8": 8, "int4": 4, None: 32}
+#: the state kinds the low-bit kernel reads: 8-bit codes, 4-bit codes, bfloat16, float32
+_KINDS = {"int8": 8, "int4": 4, torch.bfloat16: 16, torch.float32: 32}
 
 
 def _tables(kind: str, signed: bool) -> tuple[Tensor, Tensor | None]:
@@ -358,11 +364,12 @@ _TABLES: dict[tuple[str, bool], tuple[Tensor, Tensor | None]] = {}
 
 
 def _lowbit_slots(ctx: StepContext, transform: Any, names: tuple[str, ...]
-                  ) -> list[list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] | None:
+                  ) -> list[list[tuple[int, Tensor, Tensor, Tensor, Tensor, int]]] | None:
     """Each tensor's slots ``names`` as the low-bit kernel takes them, ``(kind, data,
-    absmax, map, table)``, kind 8, 4 or 32 (float32, where the codec keeps a small tensor
-    unquantized); None when a slot is stored otherwise (bfloat16, another layout) or a tensor
-    is empty: then the chain runs."""
+    absmax, map, table, seed)``: kind 8 or 4 (codes), 16 (bfloat16, rounded stochastically
+    with the codec's seed of this step: the chain's bits) or 32 (float32, also where the codec
+    keeps a small tensor unquantized); None when a slot is stored otherwise (float16, another
+    layout) or a tensor is empty: then the chain runs."""
     bound = ctx.bind(transform, {})
     work = []
     for i, p in enumerate(ctx.params):
@@ -376,9 +383,11 @@ def _lowbit_slots(ctx: StepContext, transform: Any, names: tuple[str, ...]
             if not (kernels.plain(data) and data.is_contiguous()):
                 return None
             if absmax is None:
-                if data.dtype != torch.float32:
+                kind = _KINDS.get(data.dtype)
+                if kind is None:
                     return None
-                slots.append((32, data, data, data, data))  # map and table unused
+                seed = ctx.codec.seed(key, bound._spec(i, name).shape) if kind == 16 else 0
+                slots.append((kind, data, data, data, data, seed))  # map and table unused
                 continue
             kind = "int8" if data.numel() == p.numel() else "int4"
             if data.dtype != torch.uint8 or absmax.dtype != torch.float32 \
@@ -387,7 +396,7 @@ def _lowbit_slots(ctx: StepContext, transform: Any, names: tuple[str, ...]
             qmap, table = _tables(kind, bound._spec(i, name).role == "signed")
             if table is None:
                 return None
-            slots.append((_KINDS[kind], data, absmax, qmap, table))
+            slots.append((_KINDS[kind], data, absmax, qmap, table, 0))
         work.append(slots)
     return work
 
@@ -406,13 +415,13 @@ def _lowbit(ctx: StepContext, transform: Any, names: tuple[str, ...], mode: int,
         v = slots[1] if len(slots) > 1 else m  # Lion: never read
         rate = lr * ctx.plan.lr_mult[i]
         kernel(p, g, m[1], m[2], m[3], m[4], v[1], v[2], v[3], v[4], p.numel(), m[0], v[0],
-               *numbers(t), rate, _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0), mode,
-               kernels.threads_for(p.numel()))
+               m[5], v[5], *numbers(t), rate, _shrink(ctx, i),
+               int(ctx.plan.weight_decay[i] != 0), mode, kernels.threads_for(p.numel()))
     return True
 
 
 def fused_lowbit_adam(ctx: StepContext) -> bool:
-    """AdamW with 8-bit or 4-bit moments (adamw8bit, adamw4bit) through
+    """AdamW with 8-bit, 4-bit or bfloat16 moments (adamw8bit, adamw4bit; adamw) through
     :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on CPU (decay ``p *= 1 -
     lr wd``): one pass per tensor decodes each block of the moments, updates them, writes
     the parameter and encodes them again, with the codec's maps and nearest-entry rule (the
@@ -423,7 +432,8 @@ def fused_lowbit_adam(ctx: StepContext) -> bool:
 
 
 def fused_lowbit_lion(ctx: StepContext) -> bool:
-    """Lion with an 8-bit or 4-bit momentum (lion8bit) through the same kernel."""
+    """Lion (float32 or bfloat16 momentum) and lion8bit (8-bit or 4-bit) through the same
+    kernel."""
     beta1, beta2 = ctx.group["betas"]
     return _lowbit(ctx, _LION, ("exp_avg",), 1,
                    lambda t: (beta1, 1 - beta1, beta2, 1 - beta2, 0.0, 0.0))

@@ -8,7 +8,8 @@ own before the projection's row sums (``projected.cpp`` runs AdamP and SGDP). A 
 makes the passes the method needs and no more. ``lowbit.cpp`` runs adamw8bit, adamw4bit and
 lion8bit in one pass: it decodes each block of the 8-/4-bit moments into L1, updates them,
 writes the parameter and encodes them again (the chain decodes and encodes in passes of their
-own, through table lookups that inductor's CPU code makes one element at a time).
+own, through table lookups that inductor's CPU code makes one element at a time); the same
+kernel runs lion, and adamw with bfloat16 moments (stochastic rounding by hashed noise).
 ``schedule_free.cpp`` runs schedule-free SGD and AdamW in one pass. Each is one C++ file next to
 this module with an ``extern "C" void kernel(...)`` entry, built after the helpers of
 ``common.h`` (row and column sums in one pass, OpenMP over rows). :func:`load` compiles it
@@ -53,8 +54,8 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
                       "int64_t"),
     "lowbit": ("float*", "const float*", "void*", "float*", "const float*", "const int32_t*",
                "void*", "float*", "const float*", "const int32_t*", "int64_t", "int64_t",
-               "int64_t", "float", "float", "float", "float", "float", "float", "float",
-               "float", "int64_t", "int64_t", "int64_t"),
+               "int64_t", "int64_t", "int64_t", "float", "float", "float", "float", "float",
+               "float", "float", "float", "int64_t", "int64_t", "int64_t"),
 }
 
 

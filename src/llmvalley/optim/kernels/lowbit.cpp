@@ -20,9 +20,11 @@
 //   Lion (mode 1): u = sign(b1 m + (1 - b1) g), m <- lerp(m, g, 1 - b2)
 //   then p <- p shrink - lr u   (shrink = 1 - lr wd: the decoupled decay)
 //
-// A slot is stored in one of three kinds (the codec's): 8 (uint8 codes, blocks of 256),
-// 4 (two codes a byte, the even element in the high nibble, blocks of 128) or 32 (float32,
-// for tensors too small to quantize). Chunks are split evenly over the OpenMP threads.
+// A slot is stored in one of four kinds (the codec's): 8 (uint8 codes, blocks of 256),
+// 4 (two codes a byte, the even element in the high nibble, blocks of 128), 16 (bfloat16,
+// stored by stochastic rounding with the hashed noise of kernels/sr.cpp, under the slot's
+// seed of this step and each element's index in the tensor) or 32 (float32: a float32 slot,
+// or a tensor too small to quantize). Chunks are split evenly over the OpenMP threads.
 #include <cstring>
 
 // the plain loops below (packing codes, the tails) vectorised: inductor builds with
@@ -35,10 +37,11 @@ using namespace llmvalley;
 constexpr int64_t CHUNK = 256;
 
 struct Slot {
-  void* data;           // codes (kinds 8, 4) or floats (kind 32)
+  void* data;           // codes (kinds 8, 4), bfloat16 bits (kind 16) or floats (kind 32)
   float* absmax;        // one per block (kinds 8, 4)
-  const float* map;     // the sorted code map
-  const int32_t* table; // the nearest-entry table (65536 entries)
+  const float* map;     // the sorted code map (kinds 8, 4)
+  const int32_t* table; // the nearest-entry table (65536 entries; kinds 8, 4)
+  uint32_t seed;        // the stochastic-rounding seed of this step (kind 16)
 };
 
 // the largest lane of v
@@ -118,6 +121,10 @@ template <int Kind>
 inline void decode(const Slot& s, int64_t start, int64_t k, float* out) {
   if constexpr (Kind == 32) {
     std::memcpy(out, static_cast<const float*>(s.data) + start, k * sizeof(float));
+  } else if constexpr (Kind == 16) {
+    const uint16_t* half = static_cast<const uint16_t*>(s.data) + start;
+    uint32_t* bits = reinterpret_cast<uint32_t*>(out);
+    for (int64_t j = 0; j < k; ++j) bits[j] = static_cast<uint32_t>(half[j]) << 16;
   } else {
     constexpr int64_t B = block_of<Kind>();
     const uint8_t* codes = static_cast<const uint8_t*>(s.data);
@@ -177,11 +184,32 @@ inline void codes_of(const float* x, int64_t e, float divisor, const int32_t* ta
   for (; j < e; ++j) code[j] = code_of(x[j] / divisor, table);
 }
 
+// x[0..k) rounded stochastically to bfloat16 into out: kernels/sr.cpp's rounding of elements
+// [start, start + k) of a tensor (the noise of element i hashes (seed, i mod 2^32))
+inline void round_bf16(const float* x, int64_t start, int64_t k, uint32_t seed,
+                       uint16_t* out) {
+  const uint32_t first = static_cast<uint32_t>(start);
+  for (int64_t j = 0; j < k; ++j) {
+    uint32_t h = (first + static_cast<uint32_t>(j)) * 0x61C88647u + seed;
+    h ^= h >> 16;
+    h *= 0x7FEB352Du;
+    h ^= h >> 15;
+    h *= 0x7B935975u;
+    uint32_t bits;
+    std::memcpy(&bits, x + j, sizeof(bits));
+    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    out[j] = nan ? static_cast<uint16_t>(0xFFFFu)
+                 : static_cast<uint16_t>((bits + (h >> 16)) >> 16);
+  }
+}
+
 // x[0..k) stored into elements [start, start + k) of the slot
 template <int Kind>
 inline void encode(const Slot& s, int64_t start, int64_t k, const float* x) {
   if constexpr (Kind == 32) {
     std::memcpy(static_cast<float*>(s.data) + start, x, k * sizeof(float));
+  } else if constexpr (Kind == 16) {
+    round_bf16(x, start, k, s.seed, static_cast<uint16_t*>(s.data) + start);
   } else {
     constexpr int64_t B = block_of<Kind>();
     alignas(64) int32_t code[B];
@@ -274,6 +302,7 @@ template <int Mode, int MKind>
 void dispatch_v(int64_t v_kind, float* p, const float* g, const Slot& m, const Slot& v,
                 int64_t n, const Numbers& h, int threads) {
   if (Mode == 1 || v_kind == 32) return run<Mode, MKind, 32>(p, g, m, v, n, h, threads);
+  if (v_kind == 16) return run<Mode, MKind, 16>(p, g, m, v, n, h, threads);
   if (v_kind == 8) return run<Mode, MKind, 8>(p, g, m, v, n, h, threads);
   return run<Mode, MKind, 4>(p, g, m, v, n, h, threads);
 }
@@ -282,21 +311,23 @@ template <int Mode>
 void dispatch(int64_t m_kind, int64_t v_kind, float* p, const float* g, const Slot& m,
               const Slot& v, int64_t n, const Numbers& h, int threads) {
   if (m_kind == 32) return dispatch_v<Mode, 32>(v_kind, p, g, m, v, n, h, threads);
+  if (m_kind == 16) return dispatch_v<Mode, 16>(v_kind, p, g, m, v, n, h, threads);
   if (m_kind == 8) return dispatch_v<Mode, 8>(v_kind, p, g, m, v, n, h, threads);
   return dispatch_v<Mode, 4>(v_kind, p, g, m, v, n, h, threads);
 }
 }  // namespace
 
-// m_*, v_*: the slots (v_* unused by Lion); *_kind: 8, 4 or 32. a, b: Adam's denominator
-// numbers (unused by Lion). decay: whether the decoupled decay applies (the chain skips its
-// multiplication when the decay is 0).
+// m_*, v_*: the slots (v_* unused by Lion); *_kind: 8, 4, 16 or 32; *_seed: a bfloat16
+// slot's rounding seed. a, b: Adam's denominator numbers (unused by Lion). decay: whether the
+// decoupled decay applies (the chain skips its multiplication when the decay is 0).
 extern "C" void kernel(float* p, const float* g, void* m_data, float* m_absmax,
                        const float* m_map, const int32_t* m_table, void* v_data,
                        float* v_absmax, const float* v_map, const int32_t* v_table, int64_t n,
-                       int64_t m_kind, int64_t v_kind, float b1, float w1, float b2, float w2,
-                       float a, float b, float lr, float shrink, int64_t decay, int64_t mode,
-                       int64_t threads) {
-  const Slot m{m_data, m_absmax, m_map, m_table}, v{v_data, v_absmax, v_map, v_table};
+                       int64_t m_kind, int64_t v_kind, int64_t m_seed, int64_t v_seed,
+                       float b1, float w1, float b2, float w2, float a, float b, float lr,
+                       float shrink, int64_t decay, int64_t mode, int64_t threads) {
+  const Slot m{m_data, m_absmax, m_map, m_table, static_cast<uint32_t>(m_seed)},
+      v{v_data, v_absmax, v_map, v_table, static_cast<uint32_t>(v_seed)};
   const Numbers h{b1, w1, b2, w2, a, b, lr, shrink, decay != 0};
   if (mode == 0)
     dispatch<0>(m_kind, v_kind, p, g, m, v, n, h, static_cast<int>(threads));

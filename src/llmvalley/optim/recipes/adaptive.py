@@ -54,7 +54,7 @@ def _low_bit_adamw(name: str, precision: str) -> OptimizerSpec:
                       state_precision=precision),
         build=lambda g: [ScaleByAdam()],
         fused=fused_lowbit_adam,
-        fused_state=("int8", "int4"),
+        fused_state=("int8", "int4", "bf16"),
         check=require_betas(name, 2),
     )
 
@@ -73,6 +73,7 @@ SPECS = [
         defaults=dict(ADAM_DEFAULTS, weight_decay=1e-2),
         build=lambda g: [ScaleByAdam()],
         fused=fused_adam(decoupled=True),
+        fused_state=("bf16",),
         check=require_betas("adamw", 2),
     ),
     _low_bit_adamw("adamw8bit", "int8"),

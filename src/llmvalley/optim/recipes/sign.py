@@ -12,6 +12,8 @@ SPECS = [
         name="lion",
         defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0),
         build=lambda g: [LionDirection()],
+        fused=fused_lowbit_lion,
+        fused_state=("bf16",),
         check=require_betas("lion", 2),
     ),
     OptimizerSpec(
@@ -19,7 +21,7 @@ SPECS = [
         defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, state_precision="int8"),
         build=lambda g: [LionDirection()],
         fused=fused_lowbit_lion,
-        fused_state=("int8", "int4"),
+        fused_state=("int8", "int4", "bf16"),
         check=require_betas("lion8bit", 2),
     ),
     OptimizerSpec(

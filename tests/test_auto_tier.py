@@ -92,6 +92,56 @@ def test_chains_that_do_not_compile_whole_stay_eager(monkeypatch):
     assert_close(got, foreach_run("dog", 4), exact=True)
 
 
+def test_a_transform_may_keep_auto_on_the_blocked_eager_tier(monkeypatch):
+    """SinkGD's normalizations declare ``auto_compile = False`` (its cache-blocked eager
+    step is the faster one): ``"auto"`` never compiles it, ``"compiled"`` still does."""
+    monkeypatch.setenv(auto_tier.ENV, "1")
+    graphs, got, _ = graphs_per_step("sinkgd", 4)
+    assert graphs == [0] * 4
+    assert_close(got, foreach_run("sinkgd", 4))  # (blocked: the same math, other rounding)
+    graphs, _, _ = graphs_per_step("sinkgd", 4, implementation="compiled")
+    assert graphs[-1] > 0
+
+
+def compiled_graphs(name: str, implementation: str, steps: int, **hp
+                    ) -> tuple[list[int], list[torch.Tensor]]:
+    """``steps`` steps of ``name`` on two float32 tensors: the graphs compiled after each
+    step, and the parameters."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((16, 8), (8,))]
+    opt = llmvalley.create_optimizer(name, params, implementation=implementation, **hp)
+    graphs = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        graphs.append(compile_stats(opt).graphs)
+    return graphs, params
+
+
+def test_stable_spam_compiles_once_not_every_step():
+    """Stable-SPAM's bias corrections come from restarted step counts computed in Python:
+    traced, every step recompiled (27.9 s a step on 45M parameters). Its transform runs
+    eagerly in the compiled tier, whose graphs (the write) then stop growing."""
+    hp = dict(reset_interval=4, total_steps=20)
+    graphs, got = compiled_graphs("stable_spam", "compiled", 10, **hp)
+    assert 0 < graphs[3] == graphs[-1], graphs
+    for g, e in zip(got, compiled_graphs("stable_spam", "foreach", 10, **hp)[1]):
+        torch.testing.assert_close(g, e)
+
+
+def test_spam_compiles_a_few_graphs_across_resets():
+    """SPAM's reset and clipping flags and its warm-up multiplier come from its prelude:
+    through three reset intervals with warm-ups, a graph per flag pattern (the multiplier a
+    0-d tensor), where tracing the step's functions recompiled every warm-up step up to
+    dynamo's limit."""
+    hp = dict(reset_interval=6, warmup_steps=4, clip_delay=2)
+    graphs, got = compiled_graphs("spam", "compiled", 20, **hp)
+    assert 0 < graphs[-1] <= 4 and graphs[12] == graphs[-1], graphs
+    for g, e in zip(got, compiled_graphs("spam", "foreach", 20, **hp)[1]):
+        torch.testing.assert_close(g, e)
+
+
 def test_shared_statistics_compile_both_passes(monkeypatch):
     """Prodigy's sums run over every group, in the shell's two passes; both passes compile
     (its float state is read and advanced in preludes), so ``"auto"`` moves it to the

@@ -350,6 +350,11 @@ class Transform:
     #: :mod:`llmvalley.optim.blocked`). Element-wise transforms are per-tensor by definition;
     #: leave it False for a transform that batches or compares tensors
     per_tensor: bool = False
+    #: ``implementation="auto"`` may move a chain holding the transform to the compiled tier
+    #: (:mod:`llmvalley.optim.auto_tier`). False where the CPU's cache-blocked eager step is
+    #: the faster one: many passes over each tensor run in cache there, from memory in the
+    #: compiled kernels (SinkGD's alternating normalizations)
+    auto_compile: bool = True
     #: the transform's statistics sum over all tensors of its group (DoG's distance and
     #: gradient sums): when the group's tensors are sharded, one rank owns all of them
     whole_group: bool = False

@@ -83,21 +83,34 @@ class ScaleBySpikeAwareAdam(ScaleByAdam):
     def __init__(self) -> None:
         super().__init__(eps_form="hf")
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
-        theta = float(ctx.hp("threshold"))
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """Each tensor's flags of this step (moments reset, spike clipping on) and its warm-up
+        multiplier: computed from the step count before a compiled kernel, so that the graph
+        holds no function of the symbolic step (the flags specialise it on at most a few
+        patterns; the multiplier comes in as a 0-d tensor)."""
         interval, delay = int(ctx.hp("reset_interval")), int(ctx.hp("clip_delay"))
         warmup = int(ctx.hp("warmup_steps"))
-        _zero_moments(ctx, [interval > 0 and t % interval == 0 for t in ctx.steps])
+        return {
+            "reset": [interval > 0 and t % interval == 0 for t in ctx.steps],
+            "clip": [t >= delay and (interval == 0 or t % interval >= delay)
+                     for t in ctx.steps],
+            "ramp": [spam_warmup_scale(t, interval, warmup) for t in ctx.steps],
+        }
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        theta = float(ctx.hp("threshold"))
+        numbers = ctx.prelude()
+        _zero_moments(ctx, numbers["reset"])
         v = ctx.slot("exp_avg_sq")  # before this step's update
         clipped = []
-        for g, vi, t in zip(updates, v, ctx.steps):
-            if theta != 0 and t >= delay and (interval == 0 or t % interval >= delay):
+        for g, vi, clip in zip(updates, v, numbers["clip"]):
+            if theta != 0 and clip:
                 limit = vi * theta
                 g = torch.where(g * g > limit, g.sign() * limit.sqrt(), g)
             clipped.append(g)
         out = super().__call__(ctx, clipped)
-        ramp = [spam_warmup_scale(t, interval, warmup) for t in ctx.steps]
-        if any(r != 1.0 for r in ramp):
+        ramp = numbers["ramp"]  # 0-d tensors in a compiled segment: always applied there
+        if any(isinstance(r, Tensor) or r != 1.0 for r in ramp):
             torch._foreach_mul_(out, scalars(ramp))
         return out
 
@@ -150,6 +163,12 @@ class ScaleByStableSPAM(ScaleByAdam):
     per_tensor = True
 
     elementwise = False  # max-clip and norm scaling reduce over the tensor
+
+    # Runs eagerly between compiled segments: its bias corrections are powers of restarted
+    # step counts (and of a cosine-scaled beta1) computed in Python, which dynamo would
+    # specialise on, recompiling every step (27.9 s a step on 45M parameters, then eager
+    # anyway once dynamo's recompile limit is reached)
+    compiled = False
 
     STATS = ("m_max", "m_norm", "v_norm")
 

@@ -334,6 +334,23 @@ def test_zero_dim_float64_groups_run_eagerly():
     assert [("compiled", ("ScaleByAdafactor", "write"))] in layouts  # the other one
 
 
+def test_a_float32_scalar_parameter_on_the_compiled_tier():
+    """A trainable 0-d float32 parameter: in a compiled segment its debiased momentum is
+    promoted to float64 (the bias correction is a 0-d float64 tensor there), which Shampoo's
+    float32 roots refused (``tensordot``: both inputs should have the same dtype). ``eps``
+    1e-6: at the default 1e-12 the roots of the nearly singular factors amplify float32
+    rounding to ~3% in either tier (against a float64 run)."""
+    def run_float32(implementation: str) -> list[torch.Tensor]:
+        model = make_model()
+        opt = make_optimizer("shampoo", model, implementation=implementation, eps=1e-6)
+        train(model, opt, 0, 3)
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert make_model().gain.dim() == 0 and make_model().gain.requires_grad
+    for g, e in zip(run_float32("compiled"), run_float32("foreach")):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
+
+
 # ---- step powers: computed before the kernel ----------------------------------------------
 def _graphs_handed_to_inductor(monkeypatch) -> list[torch.fx.GraphModule]:
     import llmvalley.optim.compiled as compiled

@@ -500,6 +500,9 @@ class ScaleByShampoo(Combinator):
         freq = int(ctx.hp("precondition_frequency"))
         out = []
         for i, u in enumerate(updates):
+            # a 0-d tensor's update promotes to float64 in a compiled segment (its bias
+            # correction is a 0-d float64 tensor there); the roots are in the compute dtype
+            u = u.to(ctx.dtypes[i])
             t = ctx.steps[i]
             sizes = shampoo_factor_sizes(ctx.shapes[i], ctx.group)
             if not sizes:  # zero-size tensor

@@ -119,15 +119,21 @@ def compiled_graphs(name: str, implementation: str, steps: int, **hp
     return graphs, params
 
 
-def test_stable_spam_compiles_once_not_every_step():
-    """Stable-SPAM's bias corrections come from restarted step counts computed in Python:
-    traced, every step recompiled (27.9 s a step on 45M parameters). Its transform runs
-    eagerly in the compiled tier, whose graphs (the write) then stop growing."""
-    hp = dict(reset_interval=4, total_steps=20)
-    graphs, got = compiled_graphs("stable_spam", "compiled", 10, **hp)
-    assert 0 < graphs[3] == graphs[-1], graphs
-    for g, e in zip(got, compiled_graphs("stable_spam", "foreach", 10, **hp)[1]):
+@pytest.mark.parametrize("total_steps", [None, 20])
+def test_stable_spam_compiles_once_not_every_step(total_steps):
+    """Stable-SPAM's bias corrections come from restarted step counts: computed in Python
+    inside the graph, every step recompiled (27.9 s a step on 45M parameters). They come from
+    its prelude now (a graph per reset-flag pattern); with ``total_steps`` (Adam's beta1 then
+    changes every step) the transform runs eagerly and only the write compiles."""
+    hp = dict(reset_interval=4, total_steps=total_steps)
+    graphs, got = compiled_graphs("stable_spam", "compiled", 12, **hp)
+    assert 0 < graphs[5] == graphs[-1] <= 4, graphs
+    for g, e in zip(got, compiled_graphs("stable_spam", "foreach", 12, **hp)[1]):
         torch.testing.assert_close(g, e)
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    opt = llmvalley.create_optimizer("stable_spam", params, total_steps=total_steps)
+    chain = opt._chain(opt.param_groups[0])
+    assert chain[-1].compiled is (total_steps is None)
 
 
 def test_spam_compiles_a_few_graphs_across_resets():

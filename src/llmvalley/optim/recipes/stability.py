@@ -49,7 +49,8 @@ SPECS = [
         defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, gamma1=0.7,
                       gamma2=0.9, gamma3=0.999, reset_interval=1000, total_steps=None,
                       eta_min=0.5),
-        build=lambda g: [ScaleByStableSPAM()],
+        build=lambda g: [ScaleByStableSPAM(cosine=g["total_steps"] is not None)],
+        structural=("total_steps",),
         check=_check_stable_spam,
     ),
     OptimizerSpec(  # AdamW; the clipping is the shell option, on by default here

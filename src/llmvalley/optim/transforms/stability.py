@@ -26,7 +26,15 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
-from llmvalley.optim.transforms.base import Shape, SlotSpec, StepContext, Transform, scalars
+from llmvalley.optim.transforms.base import (
+    Shape,
+    SlotSpec,
+    StepContext,
+    Transform,
+    scalars,
+    shifted_power_table,
+    shifted_powers,
+)
 
 Group = Mapping[str, Any]
 
@@ -164,21 +172,39 @@ class ScaleByStableSPAM(ScaleByAdam):
 
     elementwise = False  # max-clip and norm scaling reduce over the tensor
 
-    # Runs eagerly between compiled segments: its bias corrections are powers of restarted
-    # step counts (and of a cosine-scaled beta1) computed in Python, which dynamo would
-    # specialise on, recompiling every step (27.9 s a step on 45M parameters, then eager
-    # anyway once dynamo's recompile limit is reached)
-    compiled = False
-
     STATS = ("m_max", "m_norm", "v_norm")
 
-    def __init__(self) -> None:
+    def __init__(self, cosine: bool = False) -> None:
         super().__init__(eps_form="torch")
         self.slot_names = (*self.slot_names, *self.STATS)
+        # With the cosine factor (``total_steps`` given) Adam's beta1 changes every step, a
+        # Python number a compiled kernel would be specialised on (a recompile per step):
+        # the transform then runs eagerly in the compiled tier. Without it every number of
+        # the step comes from the prelude, and the transform compiles.
+        self.compiled = not cosine
 
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
         return [*super().slots(shape, group, name),
                 *(SlotSpec(s, (), "exact") for s in self.STATS)]
+
+    def prelude(self, ctx: StepContext) -> dict[str, list[Any]]:
+        """Each tensor's numbers of this step, from its restarted step counts: the bias
+        corrections ``1 - g3**k``, ``1 - (g1 s)**k``, ``1 - g2**k`` of the statistics, the
+        reset flags, and Adam's step powers at its own count (:func:`~.base.shifted_powers`)
+        (0-d tensors and flags in a compiled segment: the graph holds no function of the
+        step)."""
+        g1, g2, g3 = (float(ctx.hp(k)) for k in ("gamma1", "gamma2", "gamma3"))
+        interval = int(ctx.hp("reset_interval"))
+        total, eta_min = ctx.hp("total_steps"), float(ctx.hp("eta_min"))
+        counts = [stable_spam_steps(t, interval) for t in ctx.steps]
+        g1s = [g1 * stable_spam_scale(t, total, eta_min) for t in ctx.steps]
+        return {
+            "c_max": [1 - g3**k for k, _ in counts],
+            "c_norm": [1 - g**k for g, (k, _) in zip(g1s, counts)],
+            "c_sq": [1 - g2**k for k, _ in counts],
+            "reset": [interval > 0 and t % interval == 0 for t in ctx.steps],
+            **shifted_powers(ctx, [k for _, k in counts]),
+        }
 
     def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
         g1, g2, g3 = (float(ctx.hp(k)) for k in ("gamma1", "gamma2", "gamma3"))
@@ -186,37 +212,47 @@ class ScaleByStableSPAM(ScaleByAdam):
         total, eta_min = ctx.hp("total_steps"), float(ctx.hp("eta_min"))
         beta1, beta2 = ctx.hp("betas")[:2]
         m_max, m_norm, v_norm = (ctx.slot(s) for s in self.STATS)
-        counts = [stable_spam_steps(t, interval) for t in ctx.steps]
-        scale = [stable_spam_scale(t, total, eta_min) for t in ctx.steps]
+        numbers = ctx.prelude()
+        # the cosine factor (1 without total_steps, the only case that runs compiled)
+        scale = [stable_spam_scale(t, total, eta_min) for t in ctx.steps] \
+            if total is not None else [1.0] * len(updates)
         inputs = []
         for i, g in enumerate(updates):
-            k, s = counts[i][0], scale[i]
             peak = g.abs().max()
             m_max[i].mul_(g3).add_(peak, alpha=1 - g3)
-            limit = m_max[i] / (1 - g3**k)
+            limit = m_max[i] / numbers["c_max"][i]
             g = torch.where(g.abs() > limit, g / peak * limit, g)
             n = torch.linalg.vector_norm(g)
-            g1s = g1 * s
+            g1s = g1 * scale[i]
             m_norm[i].mul_(g1s).add_(n, alpha=1 - g1s)
             v_norm[i].mul_(g2).add_(n * n, alpha=1 - g2)
-            ratio = (m_norm[i] / (1 - g1s**k)) / (torch.sqrt(v_norm[i] / (1 - g2**k)) + eps)
+            ratio = (m_norm[i] / numbers["c_norm"][i]) / (
+                torch.sqrt(v_norm[i] / numbers["c_sq"][i]) + eps)
             inputs.append(torch.where(n > 0, g / n * ratio, g))
-        _zero_moments(ctx, [interval > 0 and t % interval == 0 for t in ctx.steps])
-        if len(set(scale)) == 1 and len({c[1] for c in counts}) == 1:
-            return self._adam(ctx, inputs, [c[1] for c in counts], beta1 * scale[0], beta2)
+        _zero_moments(ctx, numbers["reset"])
+        if torch.compiler.is_compiling():  # Adam's powers come from the prelude's table
+            steps = list(ctx.steps)
+            return self._adam(ctx, inputs, steps, beta1, beta2,
+                              shifted_power_table(ctx, steps))
+        counts = [stable_spam_steps(t, interval)[1] for t in ctx.steps]
+        if len(set(scale)) == 1 and len(set(counts)) == 1:
+            return self._adam(ctx, inputs, counts, beta1 * scale[0], beta2)
         out: list[Tensor] = []  # tensors at different steps: one Adam call each
         for i, u in enumerate(inputs):
             sub = ctx.subset([i])
             sub.keys, sub.transform, sub._loaded = ctx.keys, ctx.transform, ctx._loaded
-            out += self._adam(sub, [u], [counts[i][1]], beta1 * scale[i], beta2)
+            out += self._adam(sub, [u], [counts[i]], beta1 * scale[i], beta2)
         return out
 
-    def _adam(self, ctx: StepContext, updates: list[Tensor], steps: list[int], beta1: float,
-              beta2: float) -> list[Tensor]:
-        """Adam's update with the (scaled) ``beta1`` and the restarted step counts."""
+    def _adam(self, ctx: StepContext, updates: list[Tensor], steps: list[Any], beta1: float,
+              beta2: float, table: Mapping[str, Any] | None = None) -> list[Tensor]:
+        """Adam's update with the (scaled) ``beta1`` and the restarted step counts (in a
+        compiled segment: ``table``, their powers from the prelude)."""
         inner = copy.copy(ctx)  # shares the slot keys and the list of slots to write back
         inner.steps = steps
         inner.group = {**ctx.group, "betas": (beta1, beta2)}
+        for key, value in (table or {}).items():
+            setattr(inner, key, value)
         return ScaleByAdam.__call__(self, inner, updates)
 
 

@@ -427,6 +427,29 @@ def test_step_powers_are_not_computed_in_the_kernel(name, monkeypatch):
         assert not _step_powers(gm), gm.code
 
 
+def test_a_write_segment_stores_no_replaced_gradients(monkeypatch):
+    """AdaGC puts its clipped gradients in ``ctx.grads``; inside a compiled segment that
+    list change made every clipped gradient a graph output (a store of each, every step,
+    read by nobody). The write segment puts the list back, and its graph outputs none."""
+    graphs = _graphs_handed_to_inductor(monkeypatch)
+
+    def run_float32(implementation: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+        model = make_model()
+        train(model, make_optimizer("adagc", model, implementation=implementation), 0, 4)
+        return model, [p.detach().clone() for p in model.parameters()]
+
+    model, got = run_float32("compiled")
+    for g, e in zip(got, run_float32("foreach")[1]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim()}
+    outputs = [tuple(n.meta["example_value"].shape) for gm in graphs for node in gm.graph.nodes
+               if node.op == "output" for n in torch.utils._pytree.tree_leaves(node.args)
+               if isinstance(n, torch.fx.Node)
+               and isinstance(n.meta.get("example_value"), torch.Tensor)]
+    assert graphs and () in outputs  # (the norms' 0-d sums are outputs)
+    assert not shapes & set(outputs), outputs
+
+
 def test_compiled_tier_resumes_from_a_state_dict():
     """A compiled optimizer loaded from a state dict runs its first step eagerly (recording
     the powers its chain reads), then compiled, and continues the foreach run."""

@@ -539,11 +539,15 @@ def _segment_step(transforms: tuple[Transform, ...], keys: KeyMap, ctx: StepCont
                   form: str, scaled: bool, write: bool) -> list[Tensor]:
     """What a compiled segment runs: its transforms, then (last segment) the write. A
     segment that writes returns nothing: returning the directions would make the kernel store
-    them to fresh buffers, a pass over memory nobody reads."""
+    them to fresh buffers, a pass over memory nobody reads. For the same reason it puts back
+    the gradients a transform replaced in ``ctx.grads`` (AdaGC's clipped ones): nothing after
+    the write reads them, and a changed list would be a graph output, stored."""
     ctx.steps = steps  # the symbolic step counts (STEP_SOURCES)
+    grads = list(ctx.grads)
     updates = run_chain(transforms, ctx, updates, keys)
     if write:
         write_step(working, updates, ctx.plan, lr, form, scaled)
+        ctx.grads[:] = grads
         return []
     return updates
 

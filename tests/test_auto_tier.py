@@ -11,6 +11,7 @@ import torch
 import llmvalley
 from llmvalley.optim import auto_tier, kernels
 from llmvalley.optim.compiled import compile_stats
+from llmvalley.optim.transforms.base import Transform
 from tests.helpers import make_optimizer, train
 from tests.test_implementation import float64_model
 
@@ -146,6 +147,31 @@ def test_spam_compiles_a_few_graphs_across_resets():
     assert 0 < graphs[-1] <= 4 and graphs[12] == graphs[-1], graphs
     for g, e in zip(got, compiled_graphs("spam", "foreach", 20, **hp)[1]):
         torch.testing.assert_close(g, e)
+
+
+class _StepSpecialised(Transform):
+    """A step scaled by a Python function of the step count: traced, it specialises the
+    graph on every step (what Stable-SPAM's bias corrections did before their prelude)."""
+
+    elementwise = True
+
+    def __call__(self, ctx, updates):  # (hashing the symbolic step specialises it)
+        return [u * (1.0 + 0.5 ** len({ctx.steps[i]: None})) for i, u in enumerate(updates)]
+
+
+def test_a_chain_that_keeps_recompiling_goes_back_to_eager(monkeypatch):
+    monkeypatch.setenv(auto_tier.ENV, "0")
+    monkeypatch.setattr(auto_tier, "MAX_COMPILING_STEPS", 3)
+    params = [torch.nn.Parameter(torch.randn(8, 8))]
+    opt = llmvalley.ChainOptimizer(params, [_StepSpecialised()], lr=0.1)
+    graphs = []
+    with pytest.warns(RuntimeWarning, match="compiled new graphs on 4 steps"):
+        for _ in range(12):
+            params[0].grad = torch.ones(8, 8)
+            opt.step()
+            graphs.append(compile_stats(opt).graphs)
+    compiling = sum(b > a for a, b in zip([0, *graphs], graphs))
+    assert compiling == 4 and graphs[-1] == graphs[4], graphs  # eager from then on
 
 
 def test_shared_statistics_compile_both_passes(monkeypatch):

@@ -35,7 +35,9 @@ The rule, for a group with ``implementation="auto"`` that does not run a fused k
 The decision depends only on step counts and shapes, which the state dict holds, so a run
 and its resumption switch at the same step, and every DDP rank switches together. If
 compiling a group's step fails, the step runs eagerly (the Python-float state its prelude
-advanced is restored first), a warning names the recipe, and the group stays eager.
+advanced is restored first), a warning names the recipe, and the group stays eager. A group
+whose compiled step keeps compiling new graphs (on more than :data:`MAX_COMPILING_STEPS`
+steps: something specialises the graph on the step) also goes back to eager, with a warning.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ from llmvalley.optim.transforms.shards import is_dtensor
 THRESHOLDS = {"cpu": 1e10}
 #: the fewest elements a group must hold for ``"auto"`` to compile its step
 MIN_NUMEL = 1 << 20
+#: steps of one chain that may compile new graphs under ``"auto"`` (the first compile, a
+#: graph per flag pattern, a basis refresh) before it is kept eager
+MAX_COMPILING_STEPS = 8
 ENV = "LLMVALLEY_AUTO_COMPILE"
 
 log = logging.getLogger(__name__)
@@ -149,6 +154,21 @@ class AutoTier:
                      "(set implementation='foreach' to stay eager)", group["optimizer"], done)
         return True
 
+    def compiled_new_graphs(self, chain: list[Transform], group: Mapping[str, Any]) -> None:
+        """Note that a compiled step of ``group`` compiled new graphs; past
+        :data:`MAX_COMPILING_STEPS` such steps the chain stays eager from now on, with a
+        warning: a number of the step reaches its graph and specialises it, so it would
+        recompile on and on (what Stable-SPAM did before its prelude)."""
+        key = (id(chain), group["optimizer"])
+        counts = self.__dict__.setdefault("_compiling", {})
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] > MAX_COMPILING_STEPS and key not in self._eager:
+            self._eager.add(key)
+            warnings.warn(f"{group['optimizer']}: its compiled step compiled new graphs on "
+                          f"{counts[key]} steps (a number of the step specialises them); "
+                          "implementation='auto' runs it eagerly (the foreach tier) from now "
+                          "on", RuntimeWarning, stacklevel=4)
+
     def failed(self, chain: list[Transform], group: Mapping[str, Any],
                error: BaseException) -> None:
         """Keep ``group``'s chain eager from now on, and say why."""
@@ -171,5 +191,5 @@ def restore(ctx: StepContext, saved: list[dict[str, Any]]) -> None:
     ctx.codec.compiled = False  # the eager step decodes with the eager codec
 
 
-__all__ = ["THRESHOLDS", "AutoTier", "compile_works", "compiles_whole", "element_steps",
-           "threshold"]
+__all__ = ["MAX_COMPILING_STEPS", "THRESHOLDS", "AutoTier", "compile_works", "compiles_whole",
+           "element_steps", "threshold"]

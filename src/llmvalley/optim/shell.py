@@ -781,14 +781,19 @@ class ChainOptimizer(torch.optim.Optimizer):
         if group.get("implementation") == "compiled":
             return True, fn(*args)
         from llmvalley.optim.auto_tier import float_state, restore
+        from llmvalley.optim.compiled import compile_stats
 
         saved = float_state(ctx)
+        graphs = compile_stats(self).graphs
         try:
-            return True, fn(*args)
+            out = fn(*args)
         except Exception as e:  # noqa: BLE001 -- a compile failure: this pass runs eagerly
             restore(ctx, saved)
             self._auto.failed(self._chain(group), group, e)
             return False, None
+        if compile_stats(self).graphs != graphs:
+            self._auto.compiled_new_graphs(self._chain(group), group)
+        return True, out
 
     # ---- train / eval iterates (schedule-free) -----------------------------------------
     def train(self, mode: bool = True) -> ChainOptimizer:

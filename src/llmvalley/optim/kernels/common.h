@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace llmvalley {
@@ -175,6 +176,26 @@ inline float mean(const float* x, int64_t count) {
   double total = 0.0;
   for (int64_t i = 0; i < count; ++i) total += x[i];
   return static_cast<float>(total / count);
+}
+
+// float32 x rounded stochastically to bfloat16 bits with the hashed noise of element `index`
+// under `seed` (llmvalley/optim/quantize.py's bf16_noise): the hash
+//
+//   h = index * 0x61C88647 + seed;  h ^= h >> 16;  h *= 0x7FEB352D;  h ^= h >> 15;  h *= 0x7B935975
+//
+// (mod 2^32), its top 16 bits added to bits(x), the top 16 bits kept; a NaN becomes 0xFFFF,
+// what torch's vectorised float-to-bfloat16 conversion and inductor's code give every NaN.
+// Unsigned 32-bit arithmetic (defined to wrap); loops calling it vectorise.
+inline uint16_t round_bf16_hashed(float x, uint32_t index, uint32_t seed) {
+  uint32_t h = index * 0x61C88647u + seed;
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x7B935975u;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return nan ? static_cast<uint16_t>(0xFFFFu) : static_cast<uint16_t>((bits + (h >> 16)) >> 16);
 }
 
 }  // namespace llmvalley

@@ -189,18 +189,8 @@ inline void codes_of(const float* x, int64_t e, float divisor, const int32_t* ta
 inline void round_bf16(const float* x, int64_t start, int64_t k, uint32_t seed,
                        uint16_t* out) {
   const uint32_t first = static_cast<uint32_t>(start);
-  for (int64_t j = 0; j < k; ++j) {
-    uint32_t h = (first + static_cast<uint32_t>(j)) * 0x61C88647u + seed;
-    h ^= h >> 16;
-    h *= 0x7FEB352Du;
-    h ^= h >> 15;
-    h *= 0x7B935975u;
-    uint32_t bits;
-    std::memcpy(&bits, x + j, sizeof(bits));
-    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-    out[j] = nan ? static_cast<uint16_t>(0xFFFFu)
-                 : static_cast<uint16_t>((bits + (h >> 16)) >> 16);
-  }
+  for (int64_t j = 0; j < k; ++j)
+    out[j] = round_bf16_hashed(x[j], first + static_cast<uint32_t>(j), seed);
 }
 
 // x[0..k) stored into elements [start, start + k) of the slot

@@ -9,6 +9,7 @@ several OpenMP threads), and the tier must step aside where it cannot run.
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -158,7 +159,8 @@ def test_a_run_resumes_across_tiers(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_other_dtypes_and_a_missing_compiler_run_the_chain(name, monkeypatch, caplog):
+def test_other_dtypes_and_a_missing_compiler_run_the_chain(name, monkeypatch, caplog,
+                                                           tmp_path):
     """bfloat16 parameters, and a machine where the kernel cannot be built, run the chain."""
     expected, _ = run(name, "foreach", dtype=torch.bfloat16)
     got, _ = run(name, "fused", dtype=torch.bfloat16)
@@ -170,6 +172,7 @@ def test_other_dtypes_and_a_missing_compiler_run_the_chain(name, monkeypatch, ca
     from torch._inductor import codecache
 
     monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", broken)
+    monkeypatch.setenv("LLMVALLEY_CACHE", str(tmp_path))  # no record of a built kernel
     kernels.load.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="llmvalley.optim.kernels"):
@@ -213,3 +216,36 @@ def test_model_training_through_the_router_matches(kernel_calls):
         out.append([p.detach().clone() for p in model.parameters()])
     assert kernel_calls
     assert_close(*out)
+
+
+LOAD_SR = """
+import sys, torch
+from llmvalley.optim import kernels, quantize
+assert kernels.load("sr") is not None
+x = torch.randn(100_003, generator=torch.Generator().manual_seed(0))
+bits = quantize.bf16_round_with_seed(x, 12345).view(torch.int16).long()
+print(int((bits * torch.arange(bits.numel())).sum()), "torch._inductor.codecache" in sys.modules)
+"""
+
+
+def test_a_later_process_imports_the_recorded_kernel(tmp_path):
+    """The first process builds (or loads) the kernel through inductor and records where it
+    lies; the next imports it from there, without importing inductor, and computes the same
+    bits. A record whose file is gone builds through inductor again."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLMVALLEY_CACHE": str(tmp_path)}
+
+    def run_sr() -> list[str]:
+        out = subprocess.run([sys.executable, "-c", LOAD_SR], env=env, capture_output=True,
+                             text=True, timeout=300, check=True)
+        return out.stdout.split()
+
+    first = run_sr()
+    records = list((tmp_path / "kernels").iterdir())
+    assert first[1] == "True" and len(records) == 1
+    second = run_sr()
+    assert second == [first[0], "False"]
+    records[0].write_text("gone.kernel\n" + str(tmp_path / "gone.so") + "\n")
+    assert run_sr() == first

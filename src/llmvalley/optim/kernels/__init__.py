@@ -21,12 +21,23 @@ pointer arguments.
 A kernel that cannot be built (no C++ compiler, a torch without that API) is reported once
 in the log and :func:`load` returns None: the fused tier then declines and the recipe's
 foreach chain runs, as it does on any other device.
+
+Loading from inductor's cache still imports inductor and probes the compiler: about 3.7 s in
+each new process, the first optimizer step's. :func:`load` therefore also records where the
+built module lies, under ``$LLMVALLEY_CACHE/kernels`` (default ``~/.cache/llmvalley``), keyed by
+the source, torch's build, Python's version and the CPU's vector ISA; a later process imports
+that module directly (milliseconds) and builds through inductor only when the record or the
+file is gone, or the import fails.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +45,12 @@ from typing import Any
 
 import torch
 
+from llmvalley.atomic import replacing
+
 log = logging.getLogger(__name__)
+
+#: the variable naming llmvalley's cache folder (as for tokenized data)
+CACHE_ENV = "LLMVALLEY_CACHE"
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,19 +96,67 @@ def load(name: str, defines: tuple[str, ...] = ()) -> Callable[..., Any] | None:
     """The built kernel ``name`` (``<name>.cpp`` here), or None when it cannot be built on
     this machine (logged once). ``defines``: ``"NAME VALUE"`` macros set before the source
     (tests build the low-bit kernel's narrower SIMD paths with them)."""
+    source = "".join(f"#define {d}\n" for d in defines) + \
+        (HERE / "common.h").read_text() + (HERE / f"{name}.cpp").read_text()
+    record = _record(name, source)
+    kernel = _import_recorded(record)
+    if kernel is not None:
+        return kernel
     try:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        source = "".join(f"#define {d}\n" for d in defines) + \
-            (HERE / "common.h").read_text() + (HERE / f"{name}.cpp").read_text()
         start = time.perf_counter()
         kernel = CppPythonBindingsCodeCache.load_pybinding(list(SIGNATURES[name]), source)
         log.info("llmvalley: the %s CPU kernel is ready in %.1f s (built once per machine, "
                  "then loaded from inductor's cache)", name, time.perf_counter() - start)
-        return kernel
     except Exception as e:  # no compiler, an older torch: the chain runs instead
         log.warning("llmvalley: the %s CPU kernel could not be built (%s: %s); the recipe "
                     "runs its foreach chain", name, type(e).__name__, e)
+        return None
+    module = sys.modules.get(getattr(kernel, "__module__", "") or "")
+    built = getattr(module, "__file__", None)
+    if built:
+        try:  # where the module lies, for the next process (best effort)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            with replacing(record) as partial:
+                partial.write_text(f"{module.__name__}\n{built}\n")
+        except OSError:
+            pass
+    return kernel
+
+
+def _record(name: str, source: str) -> Path:
+    """The file recording where kernel ``name`` built from ``source`` lies: keyed by the
+    source, torch's build, Python's version and the CPU's vector ISA (what the module was
+    compiled for)."""
+    key = hashlib.sha256("\n".join((
+        source, torch.__version__, str(torch.version.git_version),
+        f"{sys.version_info[0]}.{sys.version_info[1]}",
+        torch.backends.cpu.get_cpu_capability())).encode()).hexdigest()[:32]
+    env = os.environ.get(CACHE_ENV)  # the data cache's folder and variable (data/cache.py)
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "llmvalley"
+    return root / "kernels" / f"{name}-{key}"
+
+
+def _import_recorded(record: Path) -> Callable[..., Any] | None:
+    """The kernel from the module :func:`load` recorded, imported as inductor imports it
+    (the tensor-pointer helper's address in the environment, then the extension module),
+    or None: no record, its file gone, or any failure (then inductor builds or loads it)."""
+    try:
+        module_name, path = record.read_text().split("\n")[:2]
+        if not Path(path).is_file():
+            return None
+        if module_name not in sys.modules:
+            os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
+                torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr)
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                return None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[module_name] = module
+        return sys.modules[module_name].kernel
+    except Exception:  # noqa: BLE001 -- no record, or a stale one: build as before
         return None
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from llmvalley.optim import kernels, quantize
-from llmvalley.optim.state import ABSMAX, _quantizer
+from llmvalley.optim.state import ABSMAX, _quantizer, group_precision
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
 from llmvalley.optim.transforms.base import StepContext
 from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
@@ -99,7 +99,7 @@ def fused_adam(decoupled: bool) -> Callable[[StepContext], bool]:
         if not ready(ctx):
             return False
         group = ctx.group
-        if group.get("state_precision") is not None or group.get("state_dtype") is not None:
+        if group_precision(group) is not None:
             # bfloat16 moments (the spec's fused_state): the low-bit kernel stores them
             return decoupled and fused_lowbit_adam(ctx)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmvalley.optim.spec import _hashable
-from llmvalley.optim.state import precision_name
+from llmvalley.optim.state import group_precision
 from llmvalley.optim.transforms.base import Transform
 from llmvalley.optim.transforms.combine import KeyMap, assign_keys
 from llmvalley.optim.transforms.decay import CoupledWeightDecay
@@ -67,11 +67,7 @@ def is_plain(group: Mapping[str, Any], fused_state: tuple[str, ...] = ()) -> boo
     ``fused_state``: the state precisions a spec's fused kernel stores itself
     (:attr:`~llmvalley.optim.spec.OptimizerSpec.fused_state`), allowed as a group's
     ``state_precision``."""
-    precision = group.get("state_precision")
-    if precision is None:  # the codec's fallback: state_dtype (a dtype or its name)
-        precision = group.get("state_dtype")
-        if precision is not None and not isinstance(precision, Mapping):
-            precision = precision_name(precision)
+    precision = group_precision(group)
     return not (group.get("mars") or group.get("cautious") or group.get("adagc")
                 or (precision and not (isinstance(precision, str) and precision in fused_state))
                 or group.get("master_weights") is not None)

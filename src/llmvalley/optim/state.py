@@ -66,6 +66,14 @@ def precision_name(value: Any) -> str | None:
                      "or None")
 
 
+def group_precision(group: Mapping[str, Any]) -> Any:
+    """The precision a group's state is stored in, as :class:`Codec` reads the group:
+    ``state_precision`` (a name, or a per-slot dict as given), else ``state_dtype``'s name;
+    None for the compute dtype."""
+    precision = group.get("state_precision")
+    return precision if precision is not None else precision_name(group.get("state_dtype"))
+
+
 def check_precision(name: str, group: Mapping[str, Any]) -> None:
     """Validate ``state_precision`` / ``state_dtype`` of a group, naming the key."""
     for key in ("state_dtype", "state_precision"):

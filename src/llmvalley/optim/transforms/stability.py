@@ -54,6 +54,12 @@ def _zero_moments(ctx: StepContext, reset: list[bool]) -> None:
     ctx.flush()
 
 
+def is_reset(step: int, reset_interval: int) -> bool:
+    """Whether SPAM's and Stable-SPAM's Adam moments are zeroed at ``step``: every
+    ``reset_interval``-th step, never with ``reset_interval == 0``."""
+    return reset_interval > 0 and step % reset_interval == 0
+
+
 def spam_warmup_scale(step: int, reset_interval: int, warmup_steps: int) -> float:
     """SPAM's step multiplier at ``step`` (from 1): a cosine ramp from 0.01 after each reset.
 
@@ -99,7 +105,7 @@ class ScaleBySpikeAwareAdam(ScaleByAdam):
         interval, delay = int(ctx.hp("reset_interval")), int(ctx.hp("clip_delay"))
         warmup = int(ctx.hp("warmup_steps"))
         return {
-            "reset": [interval > 0 and t % interval == 0 for t in ctx.steps],
+            "reset": [is_reset(t, interval) for t in ctx.steps],
             "clip": [t >= delay and (interval == 0 or t % interval >= delay)
                      for t in ctx.steps],
             "ramp": [spam_warmup_scale(t, interval, warmup) for t in ctx.steps],
@@ -135,7 +141,7 @@ def stable_spam_steps(step: int, reset_interval: int) -> tuple[int, int]:
         stats = step
     else:
         stats = (step - 1) % reset_interval + 2
-    adam = 1 if reset_interval and step % reset_interval == 0 else stats
+    adam = 1 if is_reset(step, reset_interval) else stats
     return stats, adam
 
 
@@ -202,7 +208,7 @@ class ScaleByStableSPAM(ScaleByAdam):
             "c_max": [1 - g3**k for k, _ in counts],
             "c_norm": [1 - g**k for g, (k, _) in zip(g1s, counts)],
             "c_sq": [1 - g2**k for k, _ in counts],
-            "reset": [interval > 0 and t % interval == 0 for t in ctx.steps],
+            "reset": [is_reset(t, interval) for t in ctx.steps],
             **shifted_powers(ctx, [k for _, k in counts]),
         }
 

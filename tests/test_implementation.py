@@ -17,7 +17,15 @@ import llmvalley
 from llmvalley.optim.compiled import compile_stats
 from llmvalley.optim.spec import execution_tier
 from llmvalley.optim.state import SR_SEED
-from tests.helpers import TEST_HPARAMS, create, loss_fn, make_model, make_optimizer, train
+from tests.helpers import (
+    TEST_HPARAMS,
+    create,
+    loss_fn,
+    make_model,
+    make_optimizer,
+    roundtrip,
+    train,
+)
 
 #: element-wise, factored, matrix (Newton-Schulz), rotated (eigenbases), shared-statistics
 #: and float-state recipes: each path through the compiled tier
@@ -99,6 +107,12 @@ def test_fused_tier_needs_a_kernel():
     ("adamw", {"fused": False}, "foreach"),
     ("adamw", {"fused": True}, "fused"),
     ("adamw", {"cautious": True}, "foreach"),  # the kernel computes the plain method only
+    ("adamw", {"adagc": True}, "fused"),  # the clipping as the kernel's gradient scale
+    ("adagc", {}, "fused"),
+    ("sgd", {"adagc": True}, "fused"),
+    ("lion", {"adagc": True}, "foreach"),
+    ("stable_spam", {}, "fused"),
+    ("stable_spam", {"total_steps": 100}, "fused"),
     ("adamw", {"implementation": "compiled"}, "compiled"),
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),
     ("sgd", {}, "fused"),
@@ -146,6 +160,109 @@ def test_fused_tier_matches_foreach(name, hp):
     auto, _ = run(name, "auto", weight_decay=0.1, **hp)
     assert_same(name, fused, expected)
     assert_same(name, auto, expected)
+
+
+#: AdaGC settings that clip in both phases on the tiny model: the warm-up's global norm
+#: (lambda_abs below the gradient norm) and the relative rule (lambda_rel near 1)
+ADAGC_CLIPS = dict(adagc=True, adagc_warmup=3, adagc_lambda_abs=0.05, adagc_lambda_rel=1.0,
+                   adagc_beta=0.5)
+KERNELS = {"adam": "_fused_adam_", "adamw": "_fused_adamw_", "adagc": "_fused_adamw_",
+           "sgd": "_fused_sgd_", "adagrad": "_fused_adagrad_"}
+
+
+def counted_kernel(monkeypatch, name: str) -> list[int]:
+    """Count the calls of torch's fused kernel ``name`` (a list holding the count)."""
+    calls = [0]
+    kernel = getattr(torch, name)
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, name, counting)
+    return calls
+
+
+@pytest.mark.parametrize("name, hp", [
+    ("adam", {}),
+    ("adamw", {"amsgrad": True}),
+    ("adagc", {}),
+    ("sgd", {"momentum": 0.9, "nesterov": True}),
+    ("sgd", {"maximize": True}),
+    ("adagrad", {"lr_decay": 0.05}),
+])
+def test_adagc_runs_on_torch_fused_kernels(name, hp, monkeypatch):
+    """adagc=True keeps adam, adamw, adagc, sgd and adagrad on torch's fused kernels, the
+    clipping factor as their gradient scale: the foreach tier's results (float32 tolerance:
+    the kernel divides by the factor's reciprocal where the chain multiplies), clipping in
+    both AdaGC phases."""
+    hp = {"weight_decay": 0.1, **ADAGC_CLIPS, **hp}
+    if name == "adagc":
+        del hp["adagc"]
+
+    def run32(implementation: str) -> tuple[list, object]:
+        model = make_model()
+        opt = make_optimizer(name, model, implementation=implementation, **hp)
+        train(model, opt, 0, 8)
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    expected, ref = run32("foreach")
+    calls = counted_kernel(monkeypatch, KERNELS[name])
+    for implementation in ("fused", "auto"):
+        calls[0] = 0
+        got, opt = run32(implementation)
+        assert calls[0] >= 8 * len(list(make_model().parameters())), implementation
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=2e-5, atol=1e-6)
+        gammas = [s["adagc_norm"] for s in opt.state.values()]
+        torch.testing.assert_close(gammas, [s["adagc_norm"] for s in ref.state.values()],
+                                   rtol=1e-5, atol=0.0)
+    # the settings clip: a plain run ends elsewhere
+    model = make_model()
+    train(model, make_optimizer(name if name != "adagc" else "adamw", model,
+                                **{k: v for k, v in hp.items() if not k.startswith("adagc")}),
+          0, 8)
+    assert max((p - e).abs().max().item() for p, e in zip(model.parameters(), expected)) > 1e-4
+
+
+def test_adagc_fused_resumes_across_tiers():
+    """A checkpoint of the fused AdaGC step resumes on the foreach tier and the other way
+    round, with the foreach run's results."""
+    hp = dict(weight_decay=0.1, **ADAGC_CLIPS)
+
+    def run32(first: str, second: str) -> list:
+        model = make_model()
+        opt = make_optimizer("adamw", model, implementation=first, **hp)
+        train(model, opt, 0, 5)
+        ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+        resumed = make_model(seed=3)
+        resumed.load_state_dict(ckpt["model"])
+        opt = make_optimizer("adamw", resumed, implementation=second, **hp)
+        opt.load_state_dict(ckpt["opt"])
+        train(resumed, opt, 5, 5)
+        return [p.detach() for p in resumed.parameters()]
+
+    expected = run32("foreach", "foreach")
+    for tiers in (("fused", "foreach"), ("foreach", "fused")):
+        for g, e in zip(run32(*tiers), expected):
+            torch.testing.assert_close(g, e, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, hp", [
+    (torch.float64, {}),  # the kernels read a float32 scale: the chain keeps float64's
+    (torch.float32, {"state_precision": "bf16"}),  # the low-bit kernel takes no scale
+])
+def test_adagc_runs_the_chain_where_the_kernel_cannot_scale(dtype, hp, monkeypatch):
+    calls = [counted_kernel(monkeypatch, k) for k in ("_fused_adamw_",)]
+    model = make_model(dtype=dtype)
+    opt = make_optimizer("adamw", model, implementation="auto", **ADAGC_CLIPS, **hp)
+    train(model, opt, 0, 3)
+    assert calls[0][0] == 0
+    lowbit = []
+    monkeypatch.setattr("llmvalley.optim.fused.fused_lowbit_adam",
+                        lambda ctx: lowbit.append(1) or False)
+    train(model, opt, 3, 1)
+    assert not lowbit
 
 
 def test_fused_sgd_starts_a_new_momentum_buffer_as_the_update():

@@ -373,6 +373,31 @@ def test_adagc_sees_the_clipped_gradient_downstream_and_leaves_grad_alone():
     assert_all_close([w.detach()], [ref.detach()])
 
 
+@pytest.mark.parametrize("implementation, warmup, passes", [
+    ("fused", 10, 1),  # the warm-up's global norm and the clip share one norm pass
+    ("foreach", 10, 1),
+    ("fused", 0, 1),
+    ("foreach", 0, 1),
+])
+def test_adagc_reads_the_gradients_once_for_its_norms(implementation, warmup, passes,
+                                                       monkeypatch):
+    """One group: the per-tensor norms of the clip are the ones the global norm of the
+    warm-up takes (one ``_foreach_norm`` over the gradients per step, not two)."""
+    params = [torch.nn.Parameter(t) for t in initial()]
+    opt = llmvalley.create_optimizer("adamw", [{"params": params}], adagc=True,
+                                     adagc_warmup=warmup, implementation=implementation,
+                                     nonfinite="ignore")
+    calls = []
+    norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm",
+                        lambda tensors, *a, **k: calls.append(len(tensors)) or norm(
+                            tensors, *a, **k))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls == [len(params)] * passes
+
+
 def test_adagc_state_is_declared_and_counted():
     spec = llmvalley.get_spec("lion")
     assert spec.state_numel((8, 4), adagc=True) == spec.state_numel((8, 4)) + 1

@@ -1,8 +1,8 @@
 """The fused execution tier: torch's fused kernels, where one computes exactly a recipe's chain
 and its parameter write.
 
-- adam / adamw: ``torch._fused_adam_`` / ``torch._fused_adamw_`` (``torch.optim.Adam(W)``
-  with ``fused=True``);
+- adam / adamw (and adagc, AdamW with AdaGC's clipping): ``torch._fused_adam_`` /
+  ``torch._fused_adamw_`` (``torch.optim.Adam(W)`` with ``fused=True``);
 - sgd: ``torch._fused_sgd_`` (``torch.optim.SGD(fused=True)``: momentum, dampening, Nesterov,
   coupled decay);
 - adagrad: ``torch._fused_adagrad_`` (``torch.optim.Adagrad(fused=True)``: learning-rate
@@ -19,7 +19,15 @@ and its parameter write.
   scales and stochastically rounded bfloat16 moments bit for bit;
 - schedulefree_sgd and schedulefree_adamw (CPU, float32): ``kernels/schedule_free.cpp``, one
   pass over y, z and the gradient (and AdamW's second moment), where the eager chain makes
-  four to eight and ``"auto"`` compiles only after hundreds of steps.
+  four to eight and ``"auto"`` compiles only after hundreds of steps;
+- stable_spam (CPU, float32): ``kernels/stable_spam.cpp``, two passes over the gradient (the
+  peak and the clipped norm together, then the moments and the write; a third while many
+  elements come near the clipping limit), where inductor's code makes six.
+
+AdaGC's clipping (the shell option ``adagc=True``) runs on torch's kernels (adam, adamw,
+adagc, sgd, adagrad: the specs' ``fused_options``) as their ``grad_scale``, one call per
+tensor: the norms are taken once (shared with the warm-up's global norm) and no clipped copy
+of the gradients is made.
 
 Each is a spec's ``fused`` callable ``(ctx) -> bool``: it runs the kernel on the group's
 tensors and returns True, or returns False (nothing done) and the foreach chain runs. It
@@ -27,9 +35,10 @@ runs for ``implementation="fused"`` and is ``"auto"``'s first choice
 (:func:`~llmvalley.optim.spec.execution_tier`); not with ``implementation="foreach"`` or
 ``"compiled"``, with adam's ``fused=False``, when a shell option changes the chain or its
 storage (the shell checks; a spec's ``fused_state`` lists the state precisions its kernel
-stores itself), or when the tensors are not all dense, on one CPU or CUDA
-device, in one floating dtype. The kernels compute the same equations as the chains, in
-their own order: results agree to float rounding (the differential tests run both paths).
+stores itself, its ``fused_options`` the shell options it computes itself), or when the
+tensors are not all dense, on one CPU or CUDA device, in one floating dtype. The kernels
+compute the same equations as the chains, in their own order: results agree to float
+rounding (the differential tests run both paths).
 The shell flips the gradients' sign for ``maximize`` before the kernel sees them.
 """
 
@@ -49,6 +58,12 @@ from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
 from llmvalley.optim.transforms.momentum import HeavyBall
 from llmvalley.optim.transforms.schedule_free import ScheduleFree
 from llmvalley.optim.transforms.sign import LionDirection
+from llmvalley.optim.transforms.stability import (
+    AdaptiveGradClip,
+    ScaleByStableSPAM,
+    stable_spam_scale,
+    stable_spam_steps,
+)
 from llmvalley.optim.transforms.stored import device_number
 from llmvalley.optim.transforms.variants import DampedMomentum, ScaleByAdagrad
 
@@ -64,6 +79,11 @@ _LION = LionDirection()
 _SF_SGD = ScheduleFree("momentum")
 _SF_ADAMW = ScheduleFree("betas")
 _ADAM_INPUT = ScaleByAdam(first_moment="input")
+_ADAGC = AdaptiveGradClip()
+_STABLE_SPAM = ScaleByStableSPAM()
+#: gradient dtypes whose kernels may take AdaGC's factor as torch's float32 ``grad_scale``
+#: (as precise as the gradient or more; a float64 group runs the chain)
+_SCALED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def ready(ctx: StepContext) -> bool:
@@ -91,28 +111,52 @@ def _step_tensors(ctx: StepContext) -> list[torch.Tensor]:
     return [made[t] for t in ctx.steps]
 
 
+def _scalable(ctx: StepContext) -> bool:
+    """Whether torch's fused kernels can run the group's AdaGC clipping (``adagc=True``) as
+    their gradient scale: its gradients are not float64. True without AdaGC."""
+    return not ctx.group.get("adagc") or ctx.grads[0].dtype in _SCALED_DTYPES
+
+
+def _runs(ctx: StepContext, idx: list[int]) -> list[tuple[list[int], Tensor | None]]:
+    """The kernel calls that step the tensors ``idx``: one for all of them, ``grad_scale``
+    None; with AdaGC (``adagc=True``, a shell option the spec's ``fused_options`` takes) one
+    per tensor, whose ``grad_scale`` is the reciprocal of its clipping factor (torch's fused
+    kernels divide each gradient by it), the norm averages advanced. Call only once the
+    kernel is certain to run."""
+    if not ctx.group.get("adagc"):
+        return [(idx, None)] if idx else []
+    factors = _ADAGC.factors(ctx.bind(_ADAGC, {}), ctx.grads)
+    return [([i], torch.reciprocal(factors[i].to(torch.float32))) for i in idx]
+
+
 def fused_adam(decoupled: bool) -> Callable[[StepContext], bool]:
     """Adam (``decoupled=False``: coupled decay) or AdamW through torch's fused kernel;
-    AdamW with bfloat16 moments through the low-bit kernel (:func:`fused_lowbit_adam`)."""
+    AdamW with bfloat16 moments through the low-bit kernel (:func:`fused_lowbit_adam`).
+    AdaGC's clipping (``adagc=True``) becomes the kernel's gradient scale, one call per
+    tensor (:func:`_runs`)."""
 
     def run(ctx: StepContext) -> bool:
-        if not ready(ctx):
+        if not ready(ctx) or not _scalable(ctx):
             return False
         group = ctx.group
         if group_precision(group) is not None:
             # bfloat16 moments (the spec's fused_state): the low-bit kernel stores them
-            return decoupled and fused_lowbit_adam(ctx)
+            return decoupled and not group.get("adagc") and fused_lowbit_adam(ctx)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        amsgrad = group["amsgrad"]
+        amsgrad = group.get("amsgrad", False)
         beta1, beta2 = group["betas"]
         slots = ctx.bind(_ADAM, {})
-        kernel(
-            ctx.params, ctx.grads, slots.slot("exp_avg"), slots.slot("exp_avg_sq"),
-            slots.slot("max_exp_avg_sq") if amsgrad else [], _step_tensors(ctx),
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-            weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=amsgrad,
-            maximize=False, grad_scale=None, found_inf=None,
-        )
+        m, v = slots.slot("exp_avg"), slots.slot("exp_avg_sq")
+        peak = slots.slot("max_exp_avg_sq") if amsgrad else []
+        steps = _step_tensors(ctx)
+        for idx, scale in _runs(ctx, list(range(len(ctx.params)))):
+            kernel(
+                [ctx.params[i] for i in idx], [ctx.grads[i] for i in idx],
+                [m[i] for i in idx], [v[i] for i in idx], [peak[i] for i in idx] if amsgrad
+                else [], [steps[i] for i in idx], lr=float(group["lr"]), beta1=beta1,
+                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                amsgrad=amsgrad, maximize=False, grad_scale=scale, found_inf=None,
+            )
         return True
 
     return run
@@ -121,32 +165,38 @@ def fused_adam(decoupled: bool) -> Callable[[StepContext], bool]:
 def fused_sgd(ctx: StepContext) -> bool:
     """SGD through torch's fused kernel. A momentum buffer created this step starts as the
     update (``is_first_step``), as :class:`~llmvalley.optim.transforms.HeavyBall` does: the
-    kernel runs once for the tensors whose buffer is new and once for the others."""
-    if not ready(ctx):
+    kernel runs once for the tensors whose buffer is new and once for the others (once per
+    tensor with AdaGC, :func:`_runs`)."""
+    if not ready(ctx) or not _scalable(ctx):
         return False
     group = ctx.group
     momentum = group["momentum"]
     options = dict(weight_decay=group["weight_decay"], momentum=momentum,
                    lr=float(group["lr"]), dampening=group["dampening"],
-                   nesterov=group["nesterov"], maximize=False, grad_scale=None, found_inf=None)
+                   nesterov=group["nesterov"], maximize=False, found_inf=None)
     if momentum == 0:  # no buffer
-        torch._fused_sgd_(ctx.params, ctx.grads, [], is_first_step=False, **options)
+        for idx, scale in _runs(ctx, list(range(len(ctx.params)))):
+            torch._fused_sgd_([ctx.params[i] for i in idx], [ctx.grads[i] for i in idx], [],
+                              is_first_step=False, grad_scale=scale, **options)
         return True
     slots = ctx.bind(_HEAVY_BALL, {})
     buffers, fresh = slots.slot("momentum_buffer"), slots.fresh("momentum_buffer")
+    runs = _runs(ctx, list(range(len(ctx.params))))
     for first in (True, False):
-        idx = [i for i, f in enumerate(fresh) if f == first]
-        if idx:
-            torch._fused_sgd_([ctx.params[i] for i in idx], [ctx.grads[i] for i in idx],
-                              [buffers[i] for i in idx], is_first_step=first, **options)
+        for idx, scale in runs:
+            idx = [i for i in idx if fresh[i] == first]
+            if idx:
+                torch._fused_sgd_([ctx.params[i] for i in idx], [ctx.grads[i] for i in idx],
+                                  [buffers[i] for i in idx], is_first_step=first,
+                                  grad_scale=scale, **options)
     return True
 
 
 def fused_adagrad(ctx: StepContext) -> bool:
     """Adagrad through torch's fused kernel (an accumulator created this step is filled with
     ``initial_accumulator_value`` first, as :class:`~llmvalley.optim.transforms.ScaleByAdagrad`
-    does)."""
-    if not ready(ctx):
+    does; once per tensor with AdaGC, :func:`_runs`)."""
+    if not ready(ctx) or not _scalable(ctx):
         return False
     group = ctx.group
     slots = ctx.bind(_ADAGRAD, {})
@@ -154,11 +204,14 @@ def fused_adagrad(ctx: StepContext) -> bool:
     for s, fresh in zip(sums, slots.fresh("sum")):
         if fresh:
             s.fill_(group["initial_accumulator_value"])
-    torch._fused_adagrad_(
-        ctx.params, ctx.grads, sums, _step_tensors(ctx), lr=float(group["lr"]),
-        lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
-        maximize=False, grad_scale=None, found_inf=None,
-    )
+    steps = _step_tensors(ctx)
+    for idx, scale in _runs(ctx, list(range(len(ctx.params)))):
+        torch._fused_adagrad_(
+            [ctx.params[i] for i in idx], [ctx.grads[i] for i in idx], [sums[i] for i in idx],
+            [steps[i] for i in idx], lr=float(group["lr"]), lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            grad_scale=scale, found_inf=None,
+        )
     return True
 
 
@@ -344,6 +397,36 @@ def fused_schedule_free_adamw(ctx: StepContext) -> bool:
     return _schedule_free(ctx, _SF_ADAMW, adam=True)
 
 
+def fused_stable_spam(ctx: StepContext) -> bool:
+    """Stable-SPAM through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on
+    CPU (decay ``p *= 1 - lr wd``): three passes per tensor (the gradient's peak, the clipped
+    gradient's norm, then the moments and the write), its three statistics updated in place,
+    at the numbers of the transform's prelude (bias corrections at the restarted counts,
+    reset flags) and Adam's restarted step count, with or without ``total_steps``' cosine
+    factor."""
+    kernel = _cpu_kernel(ctx, "stable_spam")
+    work = kernel and _dense_slots(ctx, _STABLE_SPAM, lambda p: (
+        "exp_avg", "exp_avg_sq", *ScaleByStableSPAM.STATS))
+    if not work:
+        return False
+    group = ctx.group
+    numbers = ctx.bind(_STABLE_SPAM, {}).prelude()
+    g1, g2, g3 = (float(group[k]) for k in ("gamma1", "gamma2", "gamma3"))
+    beta1, beta2 = group["betas"]
+    eps, lr, interval = float(group["eps"]), float(group["lr"]), int(group["reset_interval"])
+    total, eta_min = group["total_steps"], float(group["eta_min"])
+    for i, (p, g, state, t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+        s = stable_spam_scale(t, total, eta_min)
+        b1, k = beta1 * s, stable_spam_steps(t, interval)[1]
+        bc1, bc2 = 1 - b1**k, 1 - beta2**k
+        kernel(p, g, *state, p.numel(), g1 * s, 1 - g1 * s, g2, 1 - g2, g3, 1 - g3,
+               numbers["c_max"][i], numbers["c_norm"][i], numbers["c_sq"][i], eps,
+               int(numbers["reset"][i]), 1 - b1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1,
+               lr * ctx.plan.lr_mult[i], _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0),
+               kernels.threads_for(p.numel()))
+    return True
+
+
 #: the state kinds the low-bit kernel reads: 8-bit codes, 4-bit codes, bfloat16, float32
 _KINDS = {"int8": 8, "int4": 4, torch.bfloat16: 16, torch.float32: 32}
 
@@ -441,4 +524,4 @@ def fused_lowbit_lion(ctx: StepContext) -> bool:
 
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_adamp",
            "fused_came", "fused_lowbit_adam", "fused_lowbit_lion", "fused_schedule_free_adamw",
-           "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "ready"]
+           "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "fused_stable_spam", "ready"]

@@ -62,12 +62,15 @@ def full_chain(spec: Any, group: Mapping[str, Any]) -> list[Transform]:
     return chain_and_keys(spec, group)[0]
 
 
-def is_plain(group: Mapping[str, Any], fused_state: tuple[str, ...] = ()) -> bool:
+def is_plain(group: Mapping[str, Any], fused_state: tuple[str, ...] = (),
+             fused_options: tuple[str, ...] = ()) -> bool:
     """No shell option changes the recipe's chain or its storage (fused paths allowed).
     ``fused_state``: the state precisions a spec's fused kernel stores itself
     (:attr:`~llmvalley.optim.spec.OptimizerSpec.fused_state`), allowed as a group's
-    ``state_precision``."""
+    ``state_precision``; ``fused_options``: the shell options it computes itself
+    (:attr:`~llmvalley.optim.spec.OptimizerSpec.fused_options`), allowed on."""
     precision = group_precision(group)
-    return not (group.get("mars") or group.get("cautious") or group.get("adagc")
+    return not (any(group.get(k) and k not in fused_options
+                    for k in ("mars", "cautious", "adagc"))
                 or (precision and not (isinstance(precision, str) and precision in fused_state))
                 or group.get("master_weights") is not None)

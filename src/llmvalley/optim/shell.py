@@ -542,7 +542,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             dtypes.append(dtype)
         codec.step = max(steps)
         if group["maximize"] and grads is None:
-            gs = torch._foreach_neg(gs)
+            gs = list(torch._foreach_neg(gs))  # a list: AdaGC replaces its items
         decay = self.spec(group).decay_for(group)
         ctx = StepContext(
             params=working, grads=gs, states=states, steps=steps, group=group, shapes=shapes,
@@ -613,8 +613,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             from llmvalley.optim.compiled import compiled_step
 
             compiled_step(self, group, ctx, working)
-        elif not (spec.fused is not None and is_plain(group, spec.fused_state)
-                      and spec.fused(ctx)) \
+        elif not (spec.fused is not None
+                  and is_plain(group, spec.fused_state, spec.fused_options)
+                  and spec.fused(ctx)) \
                 and not self._auto_compiled_step(group, params, ctx, working) \
                 and not self._blocked_step(group, params, ctx):
             self._apply(group, ctx, working, run_chain(self._chain(group), ctx, ctx.grads,
@@ -905,6 +906,15 @@ class GradNorms:
             self._norms = {id(g): n for gs in by_device.values()
                            for g, n in zip(gs, torch._foreach_norm(gs))}
         return [self._norms[id(local(t))] for t in tensors]
+
+    def find(self, tensors: list[Tensor]) -> list[Tensor] | None:
+        """The norms of ``tensors`` when each is one of this step's gradients as the step
+        received it (so a transform that needs them and the global norm reads the gradients
+        once: AdaGC's warm-up), else None."""
+        known = {id(g) for g in self.grads}
+        if not all(id(t) in known for t in tensors):
+            return None
+        return self.of(tensors)
 
     def __call__(self) -> Tensor:
         if self.value is None:

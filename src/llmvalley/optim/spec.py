@@ -91,6 +91,9 @@ class OptimizerSpec:
             step (True when it ran); used only when no shell option changes the chain.
         fused_state: the ``state_precision`` values the fused kernel stores itself
             (adamw8bit's ``"int8"``); any other precision runs the chain.
+        fused_options: the shell options the fused kernel computes itself (``"adagc"``:
+            torch's fused kernels take AdaGC's clipping factor as their gradient scale); any
+            other shell option runs the chain.
         check: optional extra validation of a group (raise ``ValueError``).
         rules: default routing rules, applied after the user's by ``create_optimizer``.
         fallback_hparams: hyperparameters of the ``adamw`` fallback (matrix methods).
@@ -109,6 +112,7 @@ class OptimizerSpec:
     decay_keys: tuple[str, ...] = ("weight_decay",)
     fused: Callable[[Any], bool] | None = None
     fused_state: tuple[str, ...] = ()
+    fused_options: tuple[str, ...] = ()
     check: Callable[[dict[str, Any]], None] | None = None
     rules: tuple = ()
     fallback_hparams: dict[str, Any] | None = None
@@ -219,9 +223,11 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a long
     compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw, sgd,
     adagrad; on CPU adafactor, came, adamp, sgdp, lion, adamw8bit, adamw4bit, lion8bit,
-    schedulefree_sgd and schedulefree_adamw, whose kernels build once per machine in seconds:
-    :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its storage (beyond
-    the ``state_precision`` values of the spec's ``fused_state``), else ``"foreach"`` (on CPU
+    schedulefree_sgd, schedulefree_adamw and stable_spam, whose kernels build once per
+    machine in seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain
+    or its storage (beyond the ``state_precision`` values of the spec's ``fused_state`` and
+    the shell options of its ``fused_options``: AdaGC on adam, adamw, adagc, sgd and
+    adagrad), else ``"foreach"`` (on CPU
     run in cache-sized blocks where the chain allows, :mod:`llmvalley.optim.blocked`), which the
     shell moves to the compiled tier once the group has run long enough for the compile to pay
     (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's
@@ -255,15 +261,15 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
                 f"kernel ({', '.join(have)} have one); use 'auto', 'foreach' or 'compiled'")
-        if not is_plain(group, spec.fused_state):
+        if not is_plain(group, spec.fused_state, spec.fused_options):
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': the fused kernel computes the "
                 "plain method, and a shell option (mars, cautious, adagc, state_precision, "
                 "state_dtype or master_weights) changes it; use 'foreach' or 'compiled'")
         return "fused"
     if impl == "auto":
-        return "fused" if spec.fused is not None and is_plain(group, spec.fused_state) \
-            else "foreach"
+        plain = is_plain(group, spec.fused_state, spec.fused_options)
+        return "fused" if spec.fused is not None and plain else "foreach"
     return impl
 
 

@@ -171,6 +171,12 @@ inline float lerp(float self, float end, float weight) {
   return weight < 0.5f ? self + weight * (end - self) : end - (end - self) * (1.0f - weight);
 }
 
+// torch.lerp(start, end, weight) as torch's vectorised CPU kernel computes it (one fma)
+inline Vec lerp_vec(const Vec& start, const Vec& end, float weight) {
+  return weight < 0.5f ? at::vec::fmadd(Vec(weight), end - start, start)
+                       : at::vec::fmadd(Vec(weight - 1.0f), end - start, end);
+}
+
 // the mean of x[0..count) (summed in double)
 inline float mean(const float* x, int64_t count) {
   double total = 0.0;

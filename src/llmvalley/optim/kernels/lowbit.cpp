@@ -231,12 +231,6 @@ struct Numbers {
   bool decay;
 };
 
-// torch.lerp(start, end, weight) as torch's vectorised CPU kernel computes it (one fma)
-inline Vec lerp_vec(const Vec& start, const Vec& end, float weight) {
-  return weight < 0.5f ? at::vec::fmadd(Vec(weight), end - start, start)
-                       : at::vec::fmadd(Vec(weight - 1.0f), end - start, end);
-}
-
 // p <- p shrink - lr u for w lanes at p (the chain's foreach mul, then add with alpha: fma)
 inline void write(float* p, int64_t w, const Vec& u, const Numbers& h) {
   Vec pv = Vec::loadu(p, w);

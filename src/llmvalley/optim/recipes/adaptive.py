@@ -66,6 +66,7 @@ SPECS = [
         build=lambda g: [ScaleByAdam()],
         decay=Decay("coupled"),
         fused=fused_adam(decoupled=False),
+        fused_options=("adagc",),
         check=require_betas("adam", 2),
     ),
     OptimizerSpec(
@@ -74,6 +75,7 @@ SPECS = [
         build=lambda g: [ScaleByAdam()],
         fused=fused_adam(decoupled=True),
         fused_state=("bf16",),
+        fused_options=("adagc",),
         check=require_betas("adamw", 2),
     ),
     _low_bit_adamw("adamw8bit", "int8"),

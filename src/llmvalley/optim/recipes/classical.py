@@ -21,6 +21,7 @@ SPECS = [
         build=lambda g: [HeavyBall()],
         decay=Decay("coupled"),
         fused=fused_sgd,
+        fused_options=("adagc",),
         check=_check_sgd,
     ),
 ]

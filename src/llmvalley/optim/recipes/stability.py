@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmvalley.optim.fused import fused_adam, fused_stable_spam
 from llmvalley.optim.recipes.common import require_betas, require_count, require_number
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
@@ -50,6 +51,7 @@ SPECS = [
                       gamma2=0.9, gamma3=0.999, reset_interval=1000, total_steps=None,
                       eta_min=0.5),
         build=lambda g: [ScaleByStableSPAM(cosine=g["total_steps"] is not None)],
+        fused=fused_stable_spam,
         structural=("total_steps",),
         check=_check_stable_spam,
     ),
@@ -57,6 +59,8 @@ SPECS = [
         name="adagc",
         defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, adagc=True),
         build=lambda g: [ScaleByAdam()],
+        fused=fused_adam(decoupled=True),  # the clipping as the kernel's gradient scale
+        fused_options=("adagc",),
         check=_check_adagc,
     ),
 ]

@@ -293,13 +293,21 @@ class AdaptiveGradClip(Transform):
     def slots(self, shape: Shape, group: Group, name: str = "") -> list[SlotSpec]:
         return [SlotSpec("adagc_norm", (), "exact")]
 
-    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+    def factors(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        """Each tensor's clipping factor of this step (a 0-d tensor in its dtype: 1 where it
+        is not clipped), with the norm averages advanced. The clipped gradient is
+        ``updates[i] * factors[i]``; fused kernels take the factor as their gradient scale
+        instead of a clipped copy (:mod:`llmvalley.optim.fused`)."""
         lam_rel, beta = float(ctx.hp("adagc_lambda_rel")), float(ctx.hp("adagc_beta"))
         lam_abs, warmup = float(ctx.hp("adagc_lambda_abs")), int(ctx.hp("adagc_warmup"))
         gammas = ctx.slot("adagc_norm")
-        norms = torch._foreach_norm(updates)
-        out = list(updates)
         early = [i for i, t in enumerate(ctx.steps) if t <= warmup]
+        # in the warm-up, the global norm's per-gradient norms where these are the gradients
+        # (eager steps: a compiled graph computes its norms in its own loops)
+        known = ctx.global_grad_norm.find(updates) if early and ctx.global_grad_norm \
+            is not None and not torch.compiler.is_compiling() else None
+        norms = torch._foreach_norm(updates) if known is None else known
+        out: list[Tensor] = list(norms)
         if early:
             if ctx.global_grad_norm is not None:
                 total = ctx.global_grad_norm()
@@ -310,8 +318,8 @@ class AdaptiveGradClip(Transform):
                     torch.stack([norms[i].to(device=device, dtype=dtype) for i in early]))
             coef = (lam_abs / (total + self.eps)).clamp(max=1.0)
             for i in early:
-                out[i] = updates[i] * coef.to(updates[i])
-                clipped = torch.linalg.vector_norm(out[i])
+                out[i] = coef.to(norms[i])
+                clipped = norms[i] * out[i]  # the norm of the clipped gradient
                 if ctx.steps[i] == 1:
                     gammas[i].copy_(clipped)
                 else:
@@ -324,7 +332,11 @@ class AdaptiveGradClip(Transform):
                 gamma.copy_(n)
             limit = gamma * lam_rel
             over = n > limit
-            out[i] = updates[i] * torch.where(over, limit / (n + self.eps), 1.0)
+            out[i] = torch.where(over, limit / (n + self.eps), 1.0)
             gamma.mul_(beta).add_(torch.where(over, limit, n), alpha=1 - beta)
+        return out
+
+    def __call__(self, ctx: StepContext, updates: list[Tensor]) -> list[Tensor]:
+        out = [u * f for u, f in zip(updates, self.factors(ctx, updates))]
         ctx.grads[:] = out
         return out

@@ -1,9 +1,10 @@
 """The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor,
-CAME, AdamP and SGDP. Each must give the foreach chain's parameters and state to float32
+CAME, AdamP, SGDP and FAdam. Each must give the foreach chain's parameters and state to float32
 rounding, on every path through its C++ (factored matrices, batches of matrices, vectors, a
 0-d tensor, rows that are not a multiple of the vector width, Adafactor's capped
 preconditioner, AdamP's and SGDP's three projection choices, SGDP with and without momentum,
-several OpenMP threads), and the tier must step aside where it cannot run.
+FAdam's powers, clipping and zero gradients, several OpenMP threads), and the tier must step
+aside where it cannot run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import llmvalley
 from llmvalley.optim import kernels
 from tests.helpers import make_optimizer, roundtrip
 
-NAMES = ["adafactor", "came", "adamp", "sgdp"]
+NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam"]
 #: the kernel each recipe runs
-KERNEL = {"adafactor": "adafactor", "came": "came", "adamp": "projected", "sgdp": "projected"}
+KERNEL = {"adafactor": "adafactor", "came": "came", "adamp": "projected", "sgdp": "projected",
+          "fadam": "fadam"}
 #: a 2-D matrix whose rows are not a multiple of 16 floats, a batch of matrices, a matrix
 #: of one row, vectors, a 0-d tensor
 SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]
@@ -182,6 +184,34 @@ def test_other_dtypes_and_a_missing_compiler_run_the_chain(name, monkeypatch, ca
         kernels.load.cache_clear()
     assert any("could not be built" in r.getMessage() for r in caplog.records)
     assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hp", [
+    {"weight_decay": 0.0},  # the direction is the momentum alone
+    {"p": 0.3, "clip": 0.05},  # a power other than the square root; the clipping binds
+    {"clip": 1e3, "eps": 1e-2},  # no clipping; eps_t large enough to matter
+])
+def test_fadam_kernel_paths(hp, kernel_calls):
+    """FAdam's kernel on its other paths, with one tensor's gradient all zero at times
+    (eps_t is then eps, and the natural gradient zero)."""
+    def grad(p):
+        g = torch.randn(p.shape, generator=gen)
+        if p.numel() == 33:  # the vector's gradient is zero every other step
+            zeros.append(len(zeros) % 2 == 0)
+            if zeros[-1]:
+                g.zero_()
+        return g
+
+    for impl in ("foreach", "fused"):
+        gen, zeros = torch.Generator().manual_seed(5), []
+        params, opt = run("fadam", impl, grad=grad, lr=1e-2, **hp)
+        if impl == "foreach":
+            expected, ref = params, opt
+    assert kernel_calls.count("fadam") == 5 * len(SHAPES)
+    moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
+    assert moved > 1e-3
+    assert_close(params, expected)
+    assert_close(state_tensors(opt), state_tensors(ref))
 
 
 class TaggedParameter(torch.nn.Parameter):

@@ -112,6 +112,7 @@ def test_fused_tier_needs_a_kernel():
     ("sgd", {"adagc": True}, "fused"),
     ("lion", {"adagc": True}, "foreach"),
     ("stable_spam", {}, "fused"),
+    ("fadam", {}, "fused"),
     ("stable_spam", {"total_steps": 100}, "fused"),
     ("adamw", {"implementation": "compiled"}, "compiled"),
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),

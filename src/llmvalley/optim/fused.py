@@ -22,7 +22,10 @@ and its parameter write.
   four to eight and ``"auto"`` compiles only after hundreds of steps;
 - stable_spam (CPU, float32): ``kernels/stable_spam.cpp``, two passes over the gradient (the
   peak and the clipped norm together, then the moments and the write; a third while many
-  elements come near the clipping limit), where inductor's code makes six.
+  elements come near the clipping limit), where inductor's code makes six;
+- fadam (CPU, float32): ``kernels/fadam.cpp``, three passes (the Fisher diagonal with the
+  gradient's RMS, the RMS of the natural gradient and decay, then the momentum and the
+  write), where the eager chain makes about fourteen.
 
 AdaGC's clipping (the shell option ``adagc=True``) runs on torch's kernels (adam, adamw,
 adagc, sgd, adagrad: the specs' ``fused_options``) as their ``grad_scale``, one call per
@@ -65,7 +68,7 @@ from llmvalley.optim.transforms.stability import (
     stable_spam_steps,
 )
 from llmvalley.optim.transforms.stored import device_number
-from llmvalley.optim.transforms.variants import DampedMomentum, ScaleByAdagrad
+from llmvalley.optim.transforms.variants import DampedMomentum, ScaleByAdagrad, ScaleByFAdam
 
 FUSED_DEVICES = ("cpu", "cuda")
 # instances that declare the slots the kernels update (bound with the default slot keys)
@@ -81,6 +84,7 @@ _SF_ADAMW = ScheduleFree("betas")
 _ADAM_INPUT = ScaleByAdam(first_moment="input")
 _ADAGC = AdaptiveGradClip()
 _STABLE_SPAM = ScaleByStableSPAM()
+_FADAM = ScaleByFAdam()
 #: gradient dtypes whose kernels may take AdaGC's factor as torch's float32 ``grad_scale``
 #: (as precise as the gradient or more; a float64 group runs the chain)
 _SCALED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -427,6 +431,27 @@ def fused_stable_spam(ctx: StepContext) -> bool:
     return True
 
 
+def fused_fadam(ctx: StepContext) -> bool:
+    """FAdam through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on CPU:
+    three passes per tensor (the Fisher diagonal with the gradient's RMS, the RMS of the
+    natural gradient and of the natural decay, then the momentum and the write), at the
+    ``beta2_t`` of the transform's prelude. FAdam's decay is in its direction (the spec's
+    decay form is ``"none"``)."""
+    kernel = _cpu_kernel(ctx, "fadam")
+    work = kernel and _dense_slots(ctx, _FADAM, lambda p: ("momentum", "fim"))
+    if not work:
+        return False
+    group = ctx.group
+    beta2_t = ctx.bind(_FADAM, {}).prelude()["beta2_t"]
+    beta1, lr = group["betas"][0], float(group["lr"])
+    for i, (p, g, (m, f)) in enumerate(zip(ctx.params, ctx.grads, work)):
+        kernel(p, g, m, f, p.numel(), beta2_t[i], 1 - beta2_t[i], 1 - beta1,
+               float(group["eps"]), float(group["clip"]), float(group["p"]),
+               float(group["weight_decay"]), lr * ctx.plan.lr_mult[i],
+               kernels.threads_for(p.numel()))
+    return True
+
+
 #: the state kinds the low-bit kernel reads: 8-bit codes, 4-bit codes, bfloat16, float32
 _KINDS = {"int8": 8, "int4": 4, torch.bfloat16: 16, torch.float32: 32}
 
@@ -523,5 +548,6 @@ def fused_lowbit_lion(ctx: StepContext) -> bool:
 
 
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_adamp",
-           "fused_came", "fused_lowbit_adam", "fused_lowbit_lion", "fused_schedule_free_adamw",
-           "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "fused_stable_spam", "ready"]
+           "fused_came", "fused_fadam", "fused_lowbit_adam", "fused_lowbit_lion",
+           "fused_schedule_free_adamw", "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp",
+           "fused_stable_spam", "ready"]

@@ -171,6 +171,26 @@ inline float lerp(float self, float end, float weight) {
   return weight < 0.5f ? self + weight * (end - self) : end - (end - self) * (1.0f - weight);
 }
 
+// f(lo, hi) for the spans [lo, hi) of `span` elements that cover n, the spans split evenly over
+// the threads: each thread joins its spans' results in order, then the threads' results are
+// joined in thread order (so the result depends only on the thread count)
+template <typename T, typename F, typename J>
+T reduce_spans(int64_t n, int64_t span, int threads, T init, const F& f, const J& join) {
+  const int64_t spans = (n + span - 1) / span;
+  std::vector<T> part(threads, init);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int64_t lo, hi;
+    thread_rows(spans, &lo, &hi);
+    T mine = init;
+    for (int64_t s = lo; s < hi; ++s) mine = join(mine, f(s * span, std::min(n, (s + 1) * span)));
+    part[omp_get_thread_num()] = mine;
+  }
+  T total = init;
+  for (const T& x : part) total = join(total, x);
+  return total;
+}
+
 // torch.lerp(start, end, weight) as torch's vectorised CPU kernel computes it (one fma)
 inline Vec lerp_vec(const Vec& start, const Vec& end, float weight) {
   return weight < 0.5f ? at::vec::fmadd(Vec(weight), end - start, start)

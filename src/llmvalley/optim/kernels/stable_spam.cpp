@@ -64,28 +64,6 @@ inline void keep(First& f, const Vec& gv, const Vec& mask) {
   }
 }
 
-// f(j, k) over the tensor's n elements in vectors (k <= VEC lanes), spans split over the
-// threads; each thread's float lanes are combined by `join` into its result, and the threads'
-// results by `join` in thread order
-template <typename T, typename F, typename J>
-T reduce(int64_t n, int threads, T init, const F& f, const J& join) {
-  const int64_t spans = (n + SPAN - 1) / SPAN;
-  std::vector<T> part(threads, init);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    int64_t lo, hi;
-    thread_rows(spans, &lo, &hi);
-    T mine = init;
-    for (int64_t s = lo; s < hi; ++s) {
-      const int64_t end = std::min(n, (s + 1) * SPAN);
-      mine = join(mine, f(s * SPAN, end));
-    }
-    part[omp_get_thread_num()] = mine;
-  }
-  T total = init;
-  for (const T& x : part) total = join(total, x);
-  return total;
-}
 }  // namespace
 
 extern "C" void kernel(float* p, const float* g, float* m, float* v, float* m_max,
@@ -138,8 +116,8 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* m_ma
   const float limit = *m_max / c_max;
   const Vec vlimit(limit), vpeak(peak);
   if (overflow) {  // the norm of the clipped gradient, in a pass of its own
-    sq = reduce<double>(
-        n, nt, 0.0,
+    sq = reduce_spans<double>(
+        n, SPAN, nt, 0.0,
         [&](int64_t lo, int64_t hi) {
           Vec acc(0.0f);
           for (int64_t j = lo; j < hi; j += VEC) {

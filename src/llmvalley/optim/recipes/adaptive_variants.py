@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from llmvalley.optim.fused import fused_adagrad, fused_adamp, fused_sgdp
+from llmvalley.optim.fused import fused_adagrad, fused_adamp, fused_fadam, fused_sgdp
 from llmvalley.optim.recipes.common import require_betas, require_flag, require_number
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
@@ -125,6 +125,7 @@ SPECS = [
                       p=0.5),
         build=lambda g: [ScaleByFAdam()],
         decay=Decay("none"),  # the weight decay is part of the direction (natural gradient)
+        fused=fused_fadam,
         check=_all(require_betas("fadam", 2),
                    _number("fadam", "clip", lambda v: v > 0, "a finite number > 0"),
                    _number("fadam", "p", lambda v: v > 0, "a finite number > 0")),

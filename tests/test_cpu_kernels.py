@@ -1,10 +1,10 @@
-"""The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor,
-CAME, AdamP, SGDP and FAdam. Each must give the foreach chain's parameters and state to float32
-rounding, on every path through its C++ (factored matrices, batches of matrices, vectors, a
-0-d tensor, rows that are not a multiple of the vector width, Adafactor's capped
-preconditioner, AdamP's and SGDP's three projection choices, SGDP with and without momentum,
-FAdam's powers, clipping and zero gradients, several OpenMP threads), and the tier must step
-aside where it cannot run.
+"""The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor, CAME,
+AdamP, SGDP, FAdam and MARS. Each must give the foreach chain's parameters and state to float32
+rounding, on every path through its C++ (factored matrices, batches of matrices, vectors, a 0-d
+tensor, rows that are not a multiple of the vector width, Adafactor's capped preconditioner,
+AdamP's and SGDP's three projection choices, SGDP with and without momentum, FAdam's powers,
+clipping and zero gradients, MARS's two branches with and without the unit-norm rescaling,
+several OpenMP threads), and the tier must step aside where it cannot run.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import llmvalley
 from llmvalley.optim import kernels
 from tests.helpers import make_optimizer, roundtrip
 
-NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam"]
+NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam", "mars"]
 #: the kernel each recipe runs
 KERNEL = {"adafactor": "adafactor", "came": "came", "adamp": "projected", "sgdp": "projected",
-          "fadam": "fadam"}
+          "fadam": "fadam", "mars": "mars"}
 #: a 2-D matrix whose rows are not a multiple of 16 floats, a batch of matrices, a matrix
 #: of one row, vectors, a 0-d tensor
 SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]
@@ -211,6 +211,21 @@ def test_fadam_kernel_paths(hp, kernel_calls):
     moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
     assert moved > 1e-3
     assert_close(params, expected)
+    assert_close(state_tensors(opt), state_tensors(ref))
+
+
+@pytest.mark.parametrize("grad_scale, hp", [
+    (1e-3, {}),  # corrected gradients of norm below 1: not rescaled
+    (1.0, {"optimize_1d": True, "weight_decay": 0.1}),  # every tensor through MARS-AdamW
+    (1.0, {"weight_decay_1d": 0.0, "lr_1d": 1e-2, "gamma": 0.5}),
+])
+def test_mars_kernel_paths(grad_scale, hp, kernel_calls):
+    expected, ref = run("mars", "foreach", grad_scale=grad_scale, **hp)
+    got, opt = run("mars", "fused", grad_scale=grad_scale, **hp)
+    assert kernel_calls.count("mars") == 5 * len(SHAPES)
+    moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
+    assert moved > 1e-3
+    assert_close(got, expected)
     assert_close(state_tensors(opt), state_tensors(ref))
 
 

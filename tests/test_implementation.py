@@ -113,6 +113,7 @@ def test_fused_tier_needs_a_kernel():
     ("lion", {"adagc": True}, "foreach"),
     ("stable_spam", {}, "fused"),
     ("fadam", {}, "fused"),
+    ("mars", {}, "fused"),
     ("stable_spam", {"total_steps": 100}, "fused"),
     ("adamw", {"implementation": "compiled"}, "compiled"),
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),

@@ -25,7 +25,10 @@ and its parameter write.
   elements come near the clipping limit), where inductor's code makes six;
 - fadam (CPU, float32): ``kernels/fadam.cpp``, three passes (the Fisher diagonal with the
   gradient's RMS, the RMS of the natural gradient and decay, then the momentum and the
-  write), where the eager chain makes about fourteen.
+  write), where the eager chain makes about fourteen;
+- mars (CPU, float32): ``kernels/mars.cpp``, two passes for a matrix's MARS-AdamW (the
+  corrected gradient's norm, then the moments, the last gradient and the write) and one for
+  the AdamW branch of the other tensors, where the eager chain makes about twelve.
 
 AdaGC's clipping (the shell option ``adagc=True``) runs on torch's kernels (adam, adamw,
 adagc, sgd, adagrad: the specs' ``fused_options``) as their ``grad_scale``, one call per
@@ -58,7 +61,7 @@ from llmvalley.optim.state import ABSMAX, _quantizer, group_precision
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
 from llmvalley.optim.transforms.base import StepContext
 from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
-from llmvalley.optim.transforms.momentum import HeavyBall
+from llmvalley.optim.transforms.momentum import HeavyBall, MARSCorrection
 from llmvalley.optim.transforms.schedule_free import ScheduleFree
 from llmvalley.optim.transforms.sign import LionDirection
 from llmvalley.optim.transforms.stability import (
@@ -85,6 +88,7 @@ _ADAM_INPUT = ScaleByAdam(first_moment="input")
 _ADAGC = AdaptiveGradClip()
 _STABLE_SPAM = ScaleByStableSPAM()
 _FADAM = ScaleByFAdam()
+_MARS = MARSCorrection()
 #: gradient dtypes whose kernels may take AdaGC's factor as torch's float32 ``grad_scale``
 #: (as precise as the gradient or more; a float64 group runs the chain)
 _SCALED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -452,6 +456,43 @@ def fused_fadam(ctx: StepContext) -> bool:
     return True
 
 
+def fused_mars(ctx: StepContext) -> bool:
+    """MARS through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on CPU:
+    the matrices' MARS-AdamW in two passes (the corrected gradient's norm, then the moments,
+    the last gradient and the write), the other tensors' AdamW branch (``betas_1d``,
+    ``weight_decay_1d``, the rate ``lr_1d``) in one, as the recipe's partition sends them."""
+    from llmvalley.optim.recipes.adaptive import _mars_branch, _mars_vector_lr
+
+    kernel = _cpu_kernel(ctx, "mars")
+    if not kernel:
+        return False
+    group = ctx.group
+    matrix = [_mars_branch(tuple(p.shape), group) == "matrix" for p in ctx.params]
+    adam = _dense_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
+    lasts = _dense_slots(ctx, _MARS, lambda p: ("last_grad",)) if all(matrix) else \
+        _dense_slots(ctx.subset([i for i, mat in enumerate(matrix) if mat]), _MARS,
+                     lambda p: ("last_grad",)) if any(matrix) else []
+    if adam is None or lasts is None:
+        return False
+    lasts = iter(lasts)
+    lr, eps = float(group["lr"]), float(group["eps"])
+    vector_mult = _mars_vector_lr(group) if not all(matrix) else 1.0
+    for i, (p, g, (m, v), t) in enumerate(zip(ctx.params, ctx.grads, adam, ctx.steps)):
+        if matrix[i]:
+            (beta1, beta2), wd, rate = group["betas"], ctx.plan.weight_decay[i], lr
+            (last,) = next(lasts)
+            k = float(group["gamma"]) * beta1 / (1 - beta1)
+        else:
+            (beta1, beta2), wd = group["betas_1d"], group["weight_decay_1d"]
+            rate, last, k = lr * vector_mult, m, 0.0  # no correction: last is never read
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        rate *= ctx.plan.lr_mult[i]
+        kernel(p, g, m, v, last, p.numel(), k, int(matrix[i]), 1 - beta1, beta2, 1 - beta2,
+               bc1 / bc2**0.5, eps * bc1, rate, 1.0 - rate * wd, int(wd != 0),
+               kernels.threads_for(p.numel()))
+    return True
+
+
 #: the state kinds the low-bit kernel reads: 8-bit codes, 4-bit codes, bfloat16, float32
 _KINDS = {"int8": 8, "int4": 4, torch.bfloat16: 16, torch.float32: 32}
 
@@ -548,6 +589,6 @@ def fused_lowbit_lion(ctx: StepContext) -> bool:
 
 
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_adamp",
-           "fused_came", "fused_fadam", "fused_lowbit_adam", "fused_lowbit_lion",
+           "fused_came", "fused_fadam", "fused_lowbit_adam", "fused_lowbit_lion", "fused_mars",
            "fused_schedule_free_adamw", "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp",
            "fused_stable_spam", "ready"]

@@ -197,6 +197,38 @@ inline Vec lerp_vec(const Vec& start, const Vec& end, float weight) {
                        : at::vec::fmadd(Vec(weight - 1.0f), end - start, end);
 }
 
+// ScaleByAdam's step (torch eps form) and the shell's decoupled write, for w lanes:
+//   m <- lerp(m, x, w1), v <- b2 v + w2 x^2, u = m / (sqrt(v) a + b),
+//   p <- p shrink - lr u  (shrink only when `decay`)
+// with the chain's roundings (its lerp and addcmul as torch's vectorised kernels fuse them,
+// the write's add with alpha a fused multiply-add). a = bc1 / sqrt(bc2), b = eps bc1.
+struct AdamWrite {
+  float w1;
+  Vec b2, w2, a, b, neg_lr, shrink;
+  bool decay;
+
+  AdamWrite(float w1_, float b2_, float w2_, float a_, float b_, float lr, float shrink_,
+            bool decay_)
+      : w1(w1_), b2(b2_), w2(w2_), a(a_), b(b_), neg_lr(-lr), shrink(shrink_), decay(decay_) {}
+
+  // the moments m0, v0 (as loaded, or zeros) moved by x and stored at m, v; the direction
+  inline Vec moments(float* m, float* v, const Vec& m0, const Vec& v0, const Vec& x,
+                     int64_t w) const {
+    const Vec mj = lerp_vec(m0, x, w1);
+    const Vec vj = at::vec::fmadd(w2 * x, x, v0 * b2);
+    mj.store(m, w);
+    vj.store(v, w);
+    return mj / (vj.sqrt() * a + b);
+  }
+
+  // p <- p shrink - lr u for w lanes at p
+  inline void write(float* p, const Vec& u, int64_t w) const {
+    Vec pv = Vec::loadu(p, w);
+    if (decay) pv = pv * shrink;
+    at::vec::fmadd(neg_lr, u, pv).store(p, w);
+  }
+};
+
 // the mean of x[0..count) (summed in double)
 inline float mean(const float* x, int64_t count) {
   double total = 0.0;

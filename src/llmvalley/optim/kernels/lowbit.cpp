@@ -231,17 +231,12 @@ struct Numbers {
   bool decay;
 };
 
-// p <- p shrink - lr u for w lanes at p (the chain's foreach mul, then add with alpha: fma)
-inline void write(float* p, int64_t w, const Vec& u, const Numbers& h) {
-  Vec pv = Vec::loadu(p, w);
-  if (h.decay) pv = pv * Vec(h.shrink);
-  at::vec::fmadd(Vec(-h.lr), u, pv).store(p, w);
-}
-
 template <int Mode, int MKind, int VKind>
 void run(float* p, const float* g, const Slot& m, const Slot& v, int64_t n, const Numbers& h,
          int threads) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  // Adam's step and the write (Lion's write: its w1, w2 are its own)
+  const AdamWrite adam(h.w1, h.b2, h.w2, h.a, h.b, h.lr, h.shrink, h.decay);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     int64_t lo, hi;
@@ -256,13 +251,11 @@ void run(float* p, const float* g, const Slot& m, const Slot& v, int64_t n, cons
         decode<VKind>(v, start, k, vb);
         for (int64_t j = 0; j < k; j += VEC) {
           const int64_t w = std::min(VEC, k - j);
-          const Vec gj = Vec::loadu(gg + j, w), m0 = Vec::loadu(mb + j, w);
-          const Vec mj = lerp_vec(m0, gj, h.w1);
-          const Vec vj = at::vec::fmadd(Vec(h.w2) * gj, gj, Vec::loadu(vb + j, w) * Vec(h.b2));
-          mj.store(mb + j, w);
-          vj.store(vb + j, w);
-          const Vec u = mj / (vj.sqrt() * Vec(h.a) + Vec(h.b));
-          write(pp + j, w, u, h);
+          const Vec gj = Vec::loadu(gg + j, w);
+          adam.write(pp + j,
+                     adam.moments(mb + j, vb + j, Vec::loadu(mb + j, w), Vec::loadu(vb + j, w),
+                                  gj, w),
+                     w);
         }
         encode<VKind>(v, start, k, vb);
       } else {
@@ -274,7 +267,7 @@ void run(float* p, const float* g, const Slot& m, const Slot& v, int64_t n, cons
           const Vec u = Vec::blendv(zero, Vec(1.0f), cj > zero) -
                         Vec::blendv(zero, Vec(1.0f), cj < zero);
           lerp_vec(m0, gj, h.w2).store(mb + j, w);
-          write(pp + j, w, u, h);
+          adam.write(pp + j, u, w);
         }
       }
       encode<MKind>(m, start, k, mb);

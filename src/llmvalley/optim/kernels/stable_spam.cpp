@@ -139,9 +139,9 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* m_ma
   *m_norm = *m_norm * g1 + w1n * norm;
   *v_norm = *v_norm * g2 + w2n * (norm * norm);
   const float ratio = (*m_norm / c_norm) / (std::sqrt(*v_norm / c_sq) + eps);
-  const bool scaled = norm > 0.0f, restart = reset != 0, shrinks = decay != 0;
-  const Vec vnorm(norm), vratio(ratio), vw2(w2), vb2(b2), va(a), vb(b), vlr(-lr),
-      vshrink(shrink), zero(0.0f);
+  const bool scaled = norm > 0.0f, restart = reset != 0;
+  const Vec vnorm(norm), vratio(ratio), zero(0.0f);
+  const AdamWrite adam(w1, b2, w2, a, b, lr, shrink, decay != 0);
   // 2. Adam on the rescaled gradient, and the write
   const int64_t spans = (n + SPAN - 1) / SPAN;
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -155,14 +155,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* m_ma
       if (scaled) x = x / vnorm * vratio;
       const Vec m0 = restart ? zero : Vec::loadu(m + j, k);
       const Vec v0 = restart ? zero : Vec::loadu(v + j, k);
-      const Vec mj = lerp_vec(m0, x, w1);
-      const Vec vj = at::vec::fmadd(vw2 * x, x, v0 * vb2);
-      mj.store(m + j, k);
-      vj.store(v + j, k);
-      const Vec u = mj / (vj.sqrt() * va + vb);
-      Vec pv = Vec::loadu(p + j, k);
-      if (shrinks) pv = pv * vshrink;
-      at::vec::fmadd(vlr, u, pv).store(p + j, k);
+      adam.write(p + j, adam.moments(m + j, v + j, m0, v0, x, k), k);
     }
   }
 }

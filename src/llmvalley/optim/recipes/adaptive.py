@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmvalley.optim.fused import fused_adam, fused_lowbit_adam
+from llmvalley.optim.fused import fused_adam, fused_lowbit_adam, fused_mars
 from llmvalley.optim.recipes.common import require_betas
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms import (
@@ -133,6 +133,7 @@ SPECS = [
                              lr_mult=_mars_vector_lr),
         })],
         decay_keys=("weight_decay", "weight_decay_1d"),
+        fused=fused_mars,
         check=_check_mars,
     ),
     OptimizerSpec(

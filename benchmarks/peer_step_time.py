@@ -86,10 +86,14 @@ class Pair(torch.optim.Optimizer):
 # Skipped because the method or its state differs (see the results file):
 #   shampoo (theirs: original Shampoo; ours: distributed-Shampoo eigendecomposition with
 #   Adam grafting), sophia / sophia_h / adahessian (need Hessian-vector products from a
-#   backward graph, not a step() on fixed gradients), spam / stable_spam / adagc (their SPAM
-#   is the sparse-mask variant with different resets), adamuon, conda, galore, fira, apollo
+#   backward graph, not a step() on fixed gradients), spam (theirs is the sparse-mask variant
+#   with different resets), adamuon, conda, galore, fira, apollo
 #   (not matched in the time of issue 11's first pass), HeavyBall's RMSprop (bias-corrected
 #   EMA, not torch's RMSprop), HeavyBall's ADOPT (no llmvalley adopt).
+# stable_spam and adagc are the same methods with small differences of convention (their
+# StableSPAM restarts its Adam count at 1 after a reset and rescales .grad in place; their
+# AdaGC clamps the norms at eps and switches phase at step == warmup_steps): the times
+# compare, the bits do not.
 def matches(total_steps: int) -> list[Match]:
     import heavyball as hb
     import pytorch_optimizer as po
@@ -146,6 +150,12 @@ def matches(total_steps: int) -> list[Match]:
         Match("exadam", PO, "EXAdam", plain(lambda ps: po.EXAdam(ps, lr=1e-3))),
         Match("fadam", PO, "FAdam", plain(lambda ps: po.FAdam(ps, lr=1e-3))),
         Match("ano", PO, "Ano", plain(lambda ps: po.Ano(ps, lr=1e-4))),
+        Match("stable_spam", PO, "StableSPAM", plain(lambda ps: po.StableSPAM(
+            ps, lr=1e-3, betas=(0.9, 0.999), gamma1=0.7, gamma2=0.9, theta=0.999,
+            update_proj_gap=1000, eps=1e-8))),
+        Match("adagc", PO, "AdaGC", plain(lambda ps: po.AdaGC(
+            ps, lr=1e-3, betas=(0.9, 0.999), beta=0.99, lambda_abs=1.0, lambda_rel=1.04,
+            warmup_steps=100, weight_decay=1e-2, eps=1e-8))),
         Match("ranger21", PO, "Ranger21", plain(lambda ps: po.Ranger21(
             ps, num_iterations=total_steps, lr=1e-3)), {"total_steps": total_steps}),
         # sign and momentum

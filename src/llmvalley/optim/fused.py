@@ -1,8 +1,8 @@
 """The fused execution tier: torch's fused kernels, where one computes exactly a recipe's chain
 and its parameter write.
 
-- adam / adamw (and adagc, AdamW with AdaGC's clipping): ``torch._fused_adam_`` /
-  ``torch._fused_adamw_`` (``torch.optim.Adam(W)`` with ``fused=True``);
+- adam / adamw: ``torch._fused_adam_`` / ``torch._fused_adamw_`` (``torch.optim.Adam(W)``
+  with ``fused=True``);
 - sgd: ``torch._fused_sgd_`` (``torch.optim.SGD(fused=True)``: momentum, dampening, Nesterov,
   coupled decay);
 - adagrad: ``torch._fused_adagrad_`` (``torch.optim.Adagrad(fused=True)``: learning-rate
@@ -26,14 +26,13 @@ and its parameter write.
 - fadam (CPU, float32): ``kernels/fadam.cpp``, three passes (the Fisher diagonal with the
   gradient's RMS, the RMS of the natural gradient and decay, then the momentum and the
   write), where the eager chain makes about fourteen;
-- mars (CPU, float32): ``kernels/mars.cpp``, two passes for a matrix's MARS-AdamW (the
-  corrected gradient's norm, then the moments, the last gradient and the write) and one for
-  the AdamW branch of the other tensors, where the eager chain makes about twelve.
-
-AdaGC's clipping (the shell option ``adagc=True``) runs on torch's kernels (adam, adamw,
-adagc, sgd, adagrad: the specs' ``fused_options``) as their ``grad_scale``, one call per
-tensor: the norms are taken once (shared with the warm-up's global norm) and no clipped copy
-of the gradients is made.
+- mars, and adamw / adagc with AdaGC's clipping (CPU, float32): ``kernels/adam.cpp``, two
+  passes for a matrix's MARS-AdamW (the corrected gradient's norm, then the moments, the last
+  gradient and the write) and one for the AdamW branch of the other tensors, where the eager
+  chain makes about twelve; one pass for AdamW whose gradient it scales by AdaGC's clipping
+  factor as it reads it (the shell option ``adagc=True``, the specs' ``fused_options``: the
+  norms are taken once, shared with the warm-up's global norm, and no clipped copy of the
+  gradients is made).
 
 Each is a spec's ``fused`` callable ``(ctx) -> bool``: it runs the kernel on the group's
 tensors and returns True, or returns False (nothing done) and the foreach chain runs. It
@@ -89,9 +88,6 @@ _ADAGC = AdaptiveGradClip()
 _STABLE_SPAM = ScaleByStableSPAM()
 _FADAM = ScaleByFAdam()
 _MARS = MARSCorrection()
-#: gradient dtypes whose kernels may take AdaGC's factor as torch's float32 ``grad_scale``
-#: (as precise as the gradient or more; a float64 group runs the chain)
-_SCALED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def ready(ctx: StepContext) -> bool:
@@ -119,52 +115,31 @@ def _step_tensors(ctx: StepContext) -> list[torch.Tensor]:
     return [made[t] for t in ctx.steps]
 
 
-def _scalable(ctx: StepContext) -> bool:
-    """Whether torch's fused kernels can run the group's AdaGC clipping (``adagc=True``) as
-    their gradient scale: its gradients are not float64. True without AdaGC."""
-    return not ctx.group.get("adagc") or ctx.grads[0].dtype in _SCALED_DTYPES
-
-
-def _runs(ctx: StepContext, idx: list[int]) -> list[tuple[list[int], Tensor | None]]:
-    """The kernel calls that step the tensors ``idx``: one for all of them, ``grad_scale``
-    None; with AdaGC (``adagc=True``, a shell option the spec's ``fused_options`` takes) one
-    per tensor, whose ``grad_scale`` is the reciprocal of its clipping factor (torch's fused
-    kernels divide each gradient by it), the norm averages advanced. Call only once the
-    kernel is certain to run."""
-    if not ctx.group.get("adagc"):
-        return [(idx, None)] if idx else []
-    factors = _ADAGC.factors(ctx.bind(_ADAGC, {}), ctx.grads)
-    return [([i], torch.reciprocal(factors[i].to(torch.float32))) for i in idx]
-
-
 def fused_adam(decoupled: bool) -> Callable[[StepContext], bool]:
     """Adam (``decoupled=False``: coupled decay) or AdamW through torch's fused kernel;
-    AdamW with bfloat16 moments through the low-bit kernel (:func:`fused_lowbit_adam`).
-    AdaGC's clipping (``adagc=True``) becomes the kernel's gradient scale, one call per
-    tensor (:func:`_runs`)."""
+    AdamW with bfloat16 moments through the low-bit kernel (:func:`fused_lowbit_adam`), and
+    with AdaGC's clipping (``adagc=True``) through the Adam kernel (:func:`fused_adagc_adam`)."""
 
     def run(ctx: StepContext) -> bool:
-        if not ready(ctx) or not _scalable(ctx):
+        if not ready(ctx):
             return False
         group = ctx.group
+        if group.get("adagc"):
+            return decoupled and group_precision(group) is None and fused_adagc_adam(ctx)
         if group_precision(group) is not None:
             # bfloat16 moments (the spec's fused_state): the low-bit kernel stores them
-            return decoupled and not group.get("adagc") and fused_lowbit_adam(ctx)
+            return decoupled and fused_lowbit_adam(ctx)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        amsgrad = group.get("amsgrad", False)
+        amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
         slots = ctx.bind(_ADAM, {})
-        m, v = slots.slot("exp_avg"), slots.slot("exp_avg_sq")
-        peak = slots.slot("max_exp_avg_sq") if amsgrad else []
-        steps = _step_tensors(ctx)
-        for idx, scale in _runs(ctx, list(range(len(ctx.params)))):
-            kernel(
-                [ctx.params[i] for i in idx], [ctx.grads[i] for i in idx],
-                [m[i] for i in idx], [v[i] for i in idx], [peak[i] for i in idx] if amsgrad
-                else [], [steps[i] for i in idx], lr=float(group["lr"]), beta1=beta1,
-                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-                amsgrad=amsgrad, maximize=False, grad_scale=scale, found_inf=None,
-            )
+        kernel(
+            ctx.params, ctx.grads, slots.slot("exp_avg"), slots.slot("exp_avg_sq"),
+            slots.slot("max_exp_avg_sq") if amsgrad else [], _step_tensors(ctx),
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+            weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=amsgrad,
+            maximize=False, grad_scale=None, found_inf=None,
+        )
         return True
 
     return run
@@ -173,38 +148,32 @@ def fused_adam(decoupled: bool) -> Callable[[StepContext], bool]:
 def fused_sgd(ctx: StepContext) -> bool:
     """SGD through torch's fused kernel. A momentum buffer created this step starts as the
     update (``is_first_step``), as :class:`~llmvalley.optim.transforms.HeavyBall` does: the
-    kernel runs once for the tensors whose buffer is new and once for the others (once per
-    tensor with AdaGC, :func:`_runs`)."""
-    if not ready(ctx) or not _scalable(ctx):
+    kernel runs once for the tensors whose buffer is new and once for the others."""
+    if not ready(ctx):
         return False
     group = ctx.group
     momentum = group["momentum"]
     options = dict(weight_decay=group["weight_decay"], momentum=momentum,
                    lr=float(group["lr"]), dampening=group["dampening"],
-                   nesterov=group["nesterov"], maximize=False, found_inf=None)
+                   nesterov=group["nesterov"], maximize=False, grad_scale=None, found_inf=None)
     if momentum == 0:  # no buffer
-        for idx, scale in _runs(ctx, list(range(len(ctx.params)))):
-            torch._fused_sgd_([ctx.params[i] for i in idx], [ctx.grads[i] for i in idx], [],
-                              is_first_step=False, grad_scale=scale, **options)
+        torch._fused_sgd_(ctx.params, ctx.grads, [], is_first_step=False, **options)
         return True
     slots = ctx.bind(_HEAVY_BALL, {})
     buffers, fresh = slots.slot("momentum_buffer"), slots.fresh("momentum_buffer")
-    runs = _runs(ctx, list(range(len(ctx.params))))
     for first in (True, False):
-        for idx, scale in runs:
-            idx = [i for i in idx if fresh[i] == first]
-            if idx:
-                torch._fused_sgd_([ctx.params[i] for i in idx], [ctx.grads[i] for i in idx],
-                                  [buffers[i] for i in idx], is_first_step=first,
-                                  grad_scale=scale, **options)
+        idx = [i for i, f in enumerate(fresh) if f == first]
+        if idx:
+            torch._fused_sgd_([ctx.params[i] for i in idx], [ctx.grads[i] for i in idx],
+                              [buffers[i] for i in idx], is_first_step=first, **options)
     return True
 
 
 def fused_adagrad(ctx: StepContext) -> bool:
     """Adagrad through torch's fused kernel (an accumulator created this step is filled with
     ``initial_accumulator_value`` first, as :class:`~llmvalley.optim.transforms.ScaleByAdagrad`
-    does; once per tensor with AdaGC, :func:`_runs`)."""
-    if not ready(ctx) or not _scalable(ctx):
+    does)."""
+    if not ready(ctx):
         return False
     group = ctx.group
     slots = ctx.bind(_ADAGRAD, {})
@@ -212,14 +181,11 @@ def fused_adagrad(ctx: StepContext) -> bool:
     for s, fresh in zip(sums, slots.fresh("sum")):
         if fresh:
             s.fill_(group["initial_accumulator_value"])
-    steps = _step_tensors(ctx)
-    for idx, scale in _runs(ctx, list(range(len(ctx.params)))):
-        torch._fused_adagrad_(
-            [ctx.params[i] for i in idx], [ctx.grads[i] for i in idx], [sums[i] for i in idx],
-            [steps[i] for i in idx], lr=float(group["lr"]), lr_decay=group["lr_decay"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-            grad_scale=scale, found_inf=None,
-        )
+    torch._fused_adagrad_(
+        ctx.params, ctx.grads, sums, _step_tensors(ctx), lr=float(group["lr"]),
+        lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
+        maximize=False, grad_scale=None, found_inf=None,
+    )
     return True
 
 
@@ -456,14 +422,39 @@ def fused_fadam(ctx: StepContext) -> bool:
     return True
 
 
+def fused_adagc_adam(ctx: StepContext) -> bool:
+    """AdamW with AdaGC's clipping (``adagc=True``; the adagc recipe) through
+    :mod:`llmvalley.optim.kernels`' Adam kernel, for float32 tensors on CPU without
+    ``amsgrad``: one pass per tensor that scales the gradient by its clipping factor as it
+    reads it (torch's fused kernels take a gradient scale too, but write the unscaled gradient
+    back into ``.grad``). The factors are computed once the kernel is certain to run; their
+    norms are the warm-up's global norm's (one read of the gradients for both)."""
+    if ctx.group.get("amsgrad"):
+        return False
+    kernel = _cpu_kernel(ctx, "adam")
+    work = kernel and _dense_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
+    if not work:
+        return False
+    factors = _ADAGC.factors(ctx.bind(_ADAGC, {}), ctx.grads)
+    numbers = _adam_numbers(ctx.group)
+    lr = float(ctx.group["lr"])
+    for i, (p, g, (m, v), t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+        _, w1, b2, w2, a, b = numbers(t)
+        rate = lr * ctx.plan.lr_mult[i]
+        kernel(p, g, m, v, m, p.numel(), 0.0, 0, float(factors[i]), w1, b2, w2, a, b, rate,
+               _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0),
+               kernels.threads_for(p.numel()))
+    return True
+
+
 def fused_mars(ctx: StepContext) -> bool:
-    """MARS through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on CPU:
+    """MARS through :mod:`llmvalley.optim.kernels`' Adam kernel, for float32 tensors on CPU:
     the matrices' MARS-AdamW in two passes (the corrected gradient's norm, then the moments,
     the last gradient and the write), the other tensors' AdamW branch (``betas_1d``,
     ``weight_decay_1d``, the rate ``lr_1d``) in one, as the recipe's partition sends them."""
     from llmvalley.optim.recipes.adaptive import _mars_branch, _mars_vector_lr
 
-    kernel = _cpu_kernel(ctx, "mars")
+    kernel = _cpu_kernel(ctx, "adam")
     if not kernel:
         return False
     group = ctx.group
@@ -487,8 +478,8 @@ def fused_mars(ctx: StepContext) -> bool:
             rate, last, k = lr * vector_mult, m, 0.0  # no correction: last is never read
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         rate *= ctx.plan.lr_mult[i]
-        kernel(p, g, m, v, last, p.numel(), k, int(matrix[i]), 1 - beta1, beta2, 1 - beta2,
-               bc1 / bc2**0.5, eps * bc1, rate, 1.0 - rate * wd, int(wd != 0),
+        kernel(p, g, m, v, last, p.numel(), k, int(matrix[i]), 1.0, 1 - beta1, beta2,
+               1 - beta2, bc1 / bc2**0.5, eps * bc1, rate, 1.0 - rate * wd, int(wd != 0),
                kernels.threads_for(p.numel()))
     return True
 
@@ -588,7 +579,7 @@ def fused_lowbit_lion(ctx: StepContext) -> bool:
                    lambda t: (beta1, 1 - beta1, beta2, 1 - beta2, 0.0, 0.0))
 
 
-__all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagrad", "fused_adam", "fused_adamp",
-           "fused_came", "fused_fadam", "fused_lowbit_adam", "fused_lowbit_lion", "fused_mars",
-           "fused_schedule_free_adamw", "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp",
-           "fused_stable_spam", "ready"]
+__all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagc_adam", "fused_adagrad",
+           "fused_adam", "fused_adamp", "fused_came", "fused_fadam", "fused_lowbit_adam",
+           "fused_lowbit_lion", "fused_mars", "fused_schedule_free_adamw",
+           "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "fused_stable_spam", "ready"]

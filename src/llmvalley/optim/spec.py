@@ -92,8 +92,8 @@ class OptimizerSpec:
         fused_state: the ``state_precision`` values the fused kernel stores itself
             (adamw8bit's ``"int8"``); any other precision runs the chain.
         fused_options: the shell options the fused kernel computes itself (``"adagc"``:
-            torch's fused kernels take AdaGC's clipping factor as their gradient scale); any
-            other shell option runs the chain.
+            the CPU Adam kernel scales each gradient by AdaGC's clipping factor as it reads
+            it); any other shell option runs the chain.
         check: optional extra validation of a group (raise ``ValueError``).
         rules: default routing rules, applied after the user's by ``create_optimizer``.
         fallback_hparams: hyperparameters of the ``adamw`` fallback (matrix methods).
@@ -221,20 +221,19 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     """The tier a group runs in: ``"foreach"``, ``"compiled"`` or ``"fused"``.
 
     ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a long
-    compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw, sgd,
-    adagrad; on CPU adafactor, came, adamp, sgdp, lion, adamw8bit, adamw4bit, lion8bit,
-    schedulefree_sgd, schedulefree_adamw, stable_spam, fadam and mars, whose kernels build once per
-    machine in seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain
-    or its storage (beyond the ``state_precision`` values of the spec's ``fused_state`` and
-    the shell options of its ``fused_options``: AdaGC on adam, adamw, adagc, sgd and
-    adagrad), else ``"foreach"`` (on CPU
-    run in cache-sized blocks where the chain allows, :mod:`llmvalley.optim.blocked`), which the
-    shell moves to the compiled tier once the group has run long enough for the compile to pay
-    (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's
-    ``fused`` hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is ``"foreach"``
-    (or ``"compiled"`` when asked), ``fused=True`` is ``"fused"``. Raises ``ValueError`` naming
-    ``implementation`` for an unknown value, ``"fused"`` on a spec without a fused kernel or
-    with a shell option that changes the chain or its storage, and a ``fused`` value that
+    compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw, sgd, adagrad;
+    on CPU adafactor, came, adamp, sgdp, lion, adamw8bit, adamw4bit, lion8bit, schedulefree_sgd,
+    schedulefree_adamw, stable_spam, fadam, mars and adagc, whose kernels build once per machine in
+    seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its storage
+    (beyond the ``state_precision`` values of the spec's ``fused_state`` and the shell options of
+    its ``fused_options``: AdaGC on adamw and adagc), else ``"foreach"`` (on CPU run in cache-sized
+    blocks where the chain allows, :mod:`llmvalley.optim.blocked`), which the shell moves to the
+    compiled tier once the group has run long enough for the compile to pay
+    (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's ``fused``
+    hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is ``"foreach"`` (or
+    ``"compiled"`` when asked), ``fused=True`` is ``"fused"``. Raises ``ValueError`` naming
+    ``implementation`` for an unknown value, ``"fused"`` on a spec without a fused kernel or with a
+    shell option that changes the chain or its storage, and a ``fused`` value that
     contradicts it.
     """
     impl = group.get("implementation", "auto")

@@ -66,7 +66,6 @@ SPECS = [
         build=lambda g: [ScaleByAdam()],
         decay=Decay("coupled"),
         fused=fused_adam(decoupled=False),
-        fused_options=("adagc",),
         check=require_betas("adam", 2),
     ),
     OptimizerSpec(

@@ -160,7 +160,6 @@ SPECS = [
         build=lambda g: [ScaleByAdagrad()],
         decay=Decay("coupled"),
         fused=fused_adagrad,
-        fused_options=("adagc",),
         check=_all(_number("adagrad", "lr_decay", lambda v: v >= 0, "a finite number >= 0"),
                    _number("adagrad", "initial_accumulator_value", lambda v: v >= 0,
                            "a finite number >= 0")),

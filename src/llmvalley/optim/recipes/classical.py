@@ -21,7 +21,6 @@ SPECS = [
         build=lambda g: [HeavyBall()],
         decay=Decay("coupled"),
         fused=fused_sgd,
-        fused_options=("adagc",),
         check=_check_sgd,
     ),
 ]

@@ -59,7 +59,7 @@ SPECS = [
         name="adagc",
         defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, adagc=True),
         build=lambda g: [ScaleByAdam()],
-        fused=fused_adam(decoupled=True),  # the clipping as the kernel's gradient scale
+        fused=fused_adam(decoupled=True),  # the Adam kernel, scaling each gradient as it reads
         fused_options=("adagc",),
         check=_check_adagc,
     ),

@@ -1,10 +1,11 @@
 """The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor, CAME,
-AdamP, SGDP, FAdam and MARS. Each must give the foreach chain's parameters and state to float32
-rounding, on every path through its C++ (factored matrices, batches of matrices, vectors, a 0-d
-tensor, rows that are not a multiple of the vector width, Adafactor's capped preconditioner,
-AdamP's and SGDP's three projection choices, SGDP with and without momentum, FAdam's powers,
-clipping and zero gradients, MARS's two branches with and without the unit-norm rescaling,
-several OpenMP threads), and the tier must step aside where it cannot run.
+AdamP, SGDP, FAdam, MARS and SPAM. Each must give the foreach chain's parameters and state to
+float32 rounding, on every path through its C++ (factored matrices, batches of matrices,
+vectors, a 0-d tensor, rows that are not a multiple of the vector width, Adafactor's capped
+preconditioner, AdamP's and SGDP's three projection choices, SGDP with and without momentum,
+FAdam's powers, clipping and zero gradients, MARS's two branches with and without the unit-norm
+rescaling, SPAM's resets, warm-up and spike clipping, several OpenMP threads), and the tier must
+step aside where it cannot run.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import llmvalley
 from llmvalley.optim import kernels
 from tests.helpers import make_optimizer, roundtrip
 
-NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam", "mars"]
+NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam", "mars", "spam"]
 #: the kernel each recipe runs
 KERNEL = {"adafactor": "adafactor", "came": "came", "adamp": "projected", "sgdp": "projected",
-          "fadam": "fadam", "mars": "adam"}
+          "fadam": "fadam", "mars": "adam", "spam": "spam"}
 #: a 2-D matrix whose rows are not a multiple of 16 floats, a batch of matrices, a matrix
 #: of one row, vectors, a 0-d tensor
 SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]
@@ -226,6 +227,30 @@ def test_mars_kernel_paths(grad_scale, hp, kernel_calls):
     moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
     assert moved > 1e-3
     assert_close(got, expected)
+    assert_close(state_tensors(opt), state_tensors(ref))
+
+
+@pytest.mark.parametrize("hp", [
+    # resets every 3 steps, a warm-up multiplier after each, spikes clipped from the next step
+    {"reset_interval": 3, "warmup_steps": 2, "clip_delay": 1, "threshold": 1.5,
+     "weight_decay": 0.1},
+    {"threshold": 0, "reset_interval": 4, "warmup_steps": 3, "clip_delay": 0},  # no clipping
+])
+def test_spam_kernel_paths(hp, kernel_calls):
+    def grad(p):  # spikes: every third step the gradients jump 30-fold
+        spikes.append(1)
+        g = torch.randn(p.shape, generator=gen)
+        return g * 30.0 if len(spikes) % (3 * len(SHAPES)) < len(SHAPES) else g
+
+    for impl in ("foreach", "fused"):
+        gen, spikes = torch.Generator().manual_seed(7), []
+        params, opt = run("spam", impl, steps=9, grad=grad, lr=1e-2, **hp)
+        if impl == "foreach":
+            expected, ref = params, opt
+    assert kernel_calls.count("spam") == 9 * len(SHAPES)
+    moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
+    assert moved > 1e-3
+    assert_close(params, expected)
     assert_close(state_tensors(opt), state_tensors(ref))
 
 

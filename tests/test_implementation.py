@@ -115,6 +115,7 @@ def test_fused_tier_needs_a_kernel():
     ("stable_spam", {}, "fused"),
     ("fadam", {}, "fused"),
     ("mars", {}, "fused"),
+    ("spam", {}, "fused"),
     ("stable_spam", {"total_steps": 100}, "fused"),
     ("adamw", {"implementation": "compiled"}, "compiled"),
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),

@@ -20,6 +20,8 @@ and its parameter write.
 - schedulefree_sgd and schedulefree_adamw (CPU, float32): ``kernels/schedule_free.cpp``, one
   pass over y, z and the gradient (and AdamW's second moment), where the eager chain makes
   four to eight and ``"auto"`` compiles only after hundreds of steps;
+- spam (CPU, float32): ``kernels/spam.cpp``, one pass (moments reset, spike clipping, Adam,
+  the warm-up multiplier, the write and the decay), where the eager chain makes about ten;
 - stable_spam (CPU, float32): ``kernels/stable_spam.cpp``, two passes over the gradient (the
   peak and the clipped norm together, then the moments and the write; a third while many
   elements come near the clipping limit), where inductor's code makes six;
@@ -49,6 +51,7 @@ The shell flips the gradients' sign for ``maximize`` before the kernel sees them
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +68,7 @@ from llmvalley.optim.transforms.schedule_free import ScheduleFree
 from llmvalley.optim.transforms.sign import LionDirection
 from llmvalley.optim.transforms.stability import (
     AdaptiveGradClip,
+    ScaleBySpikeAwareAdam,
     ScaleByStableSPAM,
     stable_spam_scale,
     stable_spam_steps,
@@ -86,6 +90,7 @@ _SF_ADAMW = ScheduleFree("betas")
 _ADAM_INPUT = ScaleByAdam(first_moment="input")
 _ADAGC = AdaptiveGradClip()
 _STABLE_SPAM = ScaleByStableSPAM()
+_SPAM = ScaleBySpikeAwareAdam()
 _FADAM = ScaleByFAdam()
 _MARS = MARSCorrection()
 
@@ -371,6 +376,28 @@ def fused_schedule_free_adamw(ctx: StepContext) -> bool:
     return _schedule_free(ctx, _SF_ADAMW, adam=True)
 
 
+def fused_spam(ctx: StepContext) -> bool:
+    """SPAM through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on CPU:
+    one pass per tensor (moments reset, spike clipping, Adam in the HF eps form, the warm-up
+    multiplier, the write and the decay after it), at the flags and multipliers of the
+    transform's prelude."""
+    kernel = _cpu_kernel(ctx, "spam")
+    work = kernel and _dense_slots(ctx, _SPAM, lambda p: ("exp_avg", "exp_avg_sq"))
+    if not work:
+        return False
+    group = ctx.group
+    numbers = ctx.bind(_SPAM, {}).prelude()
+    beta1, beta2 = group["betas"]
+    lr, theta, eps = float(group["lr"]), float(group["threshold"]), float(group["eps"])
+    for i, (p, g, (m, v), t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+        scale = math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        kernel(p, g, m, v, p.numel(), theta, int(numbers["clip"][i]),
+               int(numbers["reset"][i]), 1 - beta1, beta2, 1 - beta2, eps, scale,
+               float(numbers["ramp"][i]), lr * ctx.plan.lr_mult[i], _shrink(ctx, i),
+               int(ctx.plan.weight_decay[i] != 0), kernels.threads_for(p.numel()))
+    return True
+
+
 def fused_stable_spam(ctx: StepContext) -> bool:
     """Stable-SPAM through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on
     CPU (decay ``p *= 1 - lr wd``): three passes per tensor (the gradient's peak, the clipped
@@ -582,4 +609,5 @@ def fused_lowbit_lion(ctx: StepContext) -> bool:
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagc_adam", "fused_adagrad",
            "fused_adam", "fused_adamp", "fused_came", "fused_fadam", "fused_lowbit_adam",
            "fused_lowbit_lion", "fused_mars", "fused_schedule_free_adamw",
-           "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "fused_stable_spam", "ready"]
+           "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "fused_spam",
+           "fused_stable_spam", "ready"]

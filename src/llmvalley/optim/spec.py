@@ -223,18 +223,17 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a long
     compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw, sgd, adagrad;
     on CPU adafactor, came, adamp, sgdp, lion, adamw8bit, adamw4bit, lion8bit, schedulefree_sgd,
-    schedulefree_adamw, stable_spam, fadam, mars and adagc, whose kernels build once per machine in
-    seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its storage
-    (beyond the ``state_precision`` values of the spec's ``fused_state`` and the shell options of
-    its ``fused_options``: AdaGC on adamw and adagc), else ``"foreach"`` (on CPU run in cache-sized
-    blocks where the chain allows, :mod:`llmvalley.optim.blocked`), which the shell moves to the
-    compiled tier once the group has run long enough for the compile to pay
+    schedulefree_adamw, spam, stable_spam, fadam, mars and adagc, whose kernels build once per
+    machine in seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its
+    storage (beyond the ``state_precision`` values of the spec's ``fused_state`` and the shell
+    options of its ``fused_options``: AdaGC on adamw and adagc), else ``"foreach"`` (on CPU run in
+    cache-sized blocks where the chain allows, :mod:`llmvalley.optim.blocked`), which the shell
+    moves to the compiled tier once the group has run long enough for the compile to pay
     (:mod:`llmvalley.optim.auto_tier`; this function returns the starting tier). A spec's ``fused``
     hyperparameter (adam, adamw) maps onto the tier: ``fused=False`` is ``"foreach"`` (or
     ``"compiled"`` when asked), ``fused=True`` is ``"fused"``. Raises ``ValueError`` naming
     ``implementation`` for an unknown value, ``"fused"`` on a spec without a fused kernel or with a
-    shell option that changes the chain or its storage, and a ``fused`` value that
-    contradicts it.
+    shell option that changes the chain or its storage, and a ``fused`` value that contradicts it.
     """
     impl = group.get("implementation", "auto")
     if not isinstance(impl, str) or impl not in IMPLEMENTATIONS:

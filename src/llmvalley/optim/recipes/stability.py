@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmvalley.optim.fused import fused_adam, fused_stable_spam
+from llmvalley.optim.fused import fused_adam, fused_spam, fused_stable_spam
 from llmvalley.optim.recipes.common import require_betas, require_count, require_number
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms.adaptive import ScaleByAdam
@@ -43,6 +43,7 @@ SPECS = [
                       reset_interval=500, warmup_steps=150, clip_delay=20),
         build=lambda g: [ScaleBySpikeAwareAdam()],
         decay=Decay("decoupled_after"),
+        fused=fused_spam,
         check=_check_spam,
     ),
     OptimizerSpec(

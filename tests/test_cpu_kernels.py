@@ -1,11 +1,11 @@
 """The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor, CAME,
-AdamP, SGDP, FAdam, MARS and SPAM. Each must give the foreach chain's parameters and state to
-float32 rounding, on every path through its C++ (factored matrices, batches of matrices,
+AdamP, SGDP, FAdam, MARS, SPAM and Adan. Each must give the foreach chain's parameters and state
+to float32 rounding, on every path through its C++ (factored matrices, batches of matrices,
 vectors, a 0-d tensor, rows that are not a multiple of the vector width, Adafactor's capped
 preconditioner, AdamP's and SGDP's three projection choices, SGDP with and without momentum,
 FAdam's powers, clipping and zero gradients, MARS's two branches with and without the unit-norm
-rescaling, SPAM's resets, warm-up and spike clipping, several OpenMP threads), and the tier must
-step aside where it cannot run.
+rescaling, SPAM's resets, warm-up and spike clipping, Adan's two decay forms, several OpenMP
+threads), and the tier must step aside where it cannot run.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import llmvalley
 from llmvalley.optim import kernels
 from tests.helpers import make_optimizer, roundtrip
 
-NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam", "mars", "spam"]
+NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam", "mars", "spam", "adan"]
 #: the kernel each recipe runs
 KERNEL = {"adafactor": "adafactor", "came": "came", "adamp": "projected", "sgdp": "projected",
-          "fadam": "fadam", "mars": "adam", "spam": "spam"}
+          "fadam": "fadam", "mars": "adam", "spam": "spam", "adan": "adan"}
 #: a 2-D matrix whose rows are not a multiple of 16 floats, a batch of matrices, a matrix
 #: of one row, vectors, a 0-d tensor
 SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]
@@ -251,6 +251,18 @@ def test_spam_kernel_paths(hp, kernel_calls):
     moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
     assert moved > 1e-3
     assert_close(params, expected)
+    assert_close(state_tensors(opt), state_tensors(ref))
+
+
+@pytest.mark.parametrize("hp", [
+    {"weight_decay": 0.1},  # the proximal decay
+    {"weight_decay": 0.1, "no_prox": True, "lr": 1e-2},  # the decoupled one
+])
+def test_adan_kernel_decays(hp, kernel_calls):
+    expected, ref = run("adan", "foreach", **hp)
+    got, opt = run("adan", "fused", **hp)
+    assert kernel_calls.count("adan") == 5 * len(SHAPES)
+    assert_close(got, expected)
     assert_close(state_tensors(opt), state_tensors(ref))
 
 

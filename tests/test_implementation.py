@@ -116,6 +116,7 @@ def test_fused_tier_needs_a_kernel():
     ("fadam", {}, "fused"),
     ("mars", {}, "fused"),
     ("spam", {}, "fused"),
+    ("adan", {}, "fused"),
     ("stable_spam", {"total_steps": 100}, "fused"),
     ("adamw", {"implementation": "compiled"}, "compiled"),
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),

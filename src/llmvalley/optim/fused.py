@@ -20,6 +20,8 @@ and its parameter write.
 - schedulefree_sgd and schedulefree_adamw (CPU, float32): ``kernels/schedule_free.cpp``, one
   pass over y, z and the gradient (and AdamW's second moment), where the eager chain makes
   four to eight and ``"auto"`` compiles only after hundreds of steps;
+- adan (CPU, float32): ``kernels/adan.cpp``, one pass over its three moments, the last
+  gradient and the parameter, where the eager chain makes about fifteen;
 - spam (CPU, float32): ``kernels/spam.cpp``, one pass (moments reset, spike clipping, Adam,
   the warm-up multiplier, the write and the decay), where the eager chain makes about ten;
 - stable_spam (CPU, float32): ``kernels/stable_spam.cpp``, two passes over the gradient (the
@@ -60,7 +62,7 @@ from torch import Tensor
 
 from llmvalley.optim import kernels, quantize
 from llmvalley.optim.state import ABSMAX, _quantizer, group_precision
-from llmvalley.optim.transforms.adaptive import ScaleByAdam
+from llmvalley.optim.transforms.adaptive import ScaleByAdam, ScaleByAdan
 from llmvalley.optim.transforms.base import StepContext
 from llmvalley.optim.transforms.factored import ScaleByAdafactor, ScaleByCAME
 from llmvalley.optim.transforms.momentum import HeavyBall, MARSCorrection
@@ -89,6 +91,7 @@ _SF_SGD = ScheduleFree("momentum")
 _SF_ADAMW = ScheduleFree("betas")
 _ADAM_INPUT = ScaleByAdam(first_moment="input")
 _ADAGC = AdaptiveGradClip()
+_ADAN = ScaleByAdan()
 _STABLE_SPAM = ScaleByStableSPAM()
 _SPAM = ScaleBySpikeAwareAdam()
 _FADAM = ScaleByFAdam()
@@ -449,6 +452,29 @@ def fused_fadam(ctx: StepContext) -> bool:
     return True
 
 
+def fused_adan(ctx: StepContext) -> bool:
+    """Adan through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on CPU: one
+    pass per tensor (its three moments, the last gradient and the write, with the proximal
+    decay, or the decoupled one with ``no_prox``). A last gradient created this step makes the
+    first difference zero, as the chain's."""
+    kernel = _cpu_kernel(ctx, "adan")
+    work = kernel and _dense_slots(ctx, _ADAN, lambda p: (
+        "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad"))
+    if not work:
+        return False
+    group = ctx.group
+    beta1, beta2, beta3 = group["betas"]
+    eps, lr, proximal = float(group["eps"]), float(group["lr"]), not group["no_prox"]
+    fresh = ctx.bind(_ADAN, {}).fresh("prev_grad")
+    for i, (p, g, state, t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
+        rate, wd = lr * ctx.plan.lr_mult[i], ctx.plan.weight_decay[i]
+        kernel(p, g, *state, p.numel(), int(fresh[i]), 1 - beta1, beta2, 1 - beta2, beta3,
+               1 - beta3, 1 - beta1**t, beta2 / (1 - beta2**t), math.sqrt(1 - beta3**t), eps,
+               rate, 1 + rate * wd if proximal else 1 - rate * wd, int(wd != 0), int(not proximal),
+               kernels.threads_for(p.numel()))
+    return True
+
+
 def fused_adagc_adam(ctx: StepContext) -> bool:
     """AdamW with AdaGC's clipping (``adagc=True``; the adagc recipe) through
     :mod:`llmvalley.optim.kernels`' Adam kernel, for float32 tensors on CPU without
@@ -607,7 +633,7 @@ def fused_lowbit_lion(ctx: StepContext) -> bool:
 
 
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagc_adam", "fused_adagrad",
-           "fused_adam", "fused_adamp", "fused_came", "fused_fadam", "fused_lowbit_adam",
-           "fused_lowbit_lion", "fused_mars", "fused_schedule_free_adamw",
+           "fused_adam", "fused_adamp", "fused_adan", "fused_came", "fused_fadam",
+           "fused_lowbit_adam", "fused_lowbit_lion", "fused_mars", "fused_schedule_free_adamw",
            "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "fused_spam",
            "fused_stable_spam", "ready"]

@@ -223,7 +223,7 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
     ``implementation="auto"`` (default) is the fastest tier that is exact and never makes a long
     compile on first use: ``"fused"`` where the spec has a fused kernel (adam, adamw, sgd, adagrad;
     on CPU adafactor, came, adamp, sgdp, lion, adamw8bit, adamw4bit, lion8bit, schedulefree_sgd,
-    schedulefree_adamw, spam, stable_spam, fadam, mars and adagc, whose kernels build once per
+    schedulefree_adamw, spam, stable_spam, fadam, mars, adan and adagc, whose kernels build once per
     machine in seconds: :mod:`llmvalley.optim.fused`) and no shell option changes the chain or its
     storage (beyond the ``state_precision`` values of the spec's ``fused_state`` and the shell
     options of its ``fused_options``: AdaGC on adamw and adagc), else ``"foreach"`` (on CPU run in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmvalley.optim.fused import fused_adam, fused_lowbit_adam, fused_mars
+from llmvalley.optim.fused import fused_adam, fused_adan, fused_lowbit_adam, fused_mars
 from llmvalley.optim.recipes.common import require_betas
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms import (
@@ -102,6 +102,7 @@ SPECS = [
                       no_prox=False),
         build=lambda g: [ScaleByAdan()],
         decay=lambda g: Decay("decoupled" if g["no_prox"] else "proximal"),
+        fused=fused_adan,
         check=require_betas("adan", 3),
     ),
     OptimizerSpec(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -60,16 +62,25 @@ def assert_close(got, expected, rtol=2e-6, atol=1e-7, msg=None) -> None:
         torch.testing.assert_close(g, e, rtol=rtol, atol=atol, msg=msg)
 
 
-@pytest.mark.parametrize("hp", [{}, {"weight_decay": 0.1, "maximize": True}])
-@pytest.mark.parametrize("name", NAMES)
-def test_kernel_matches_the_foreach_chain(name, hp, kernel_calls):
-    expected, ref = run(name, "foreach", **hp)
-    got, opt = run(name, "fused", **hp)
-    assert kernel_calls.count(KERNEL[name]) == 5 * len(SHAPES)
+def assert_kernel_matches(name: str, kernel_calls: list[str], steps: int = 5,
+                          grads: Callable[[], Any] = lambda: None, **hp) -> None:
+    """``steps`` steps of ``name`` on the foreach chain and on the fused tier from the same
+    start (``grads()`` makes each run's gradient function; None: random gradients): the kernel
+    ran on every tensor at every step, the parameters moved, and the parameters and state
+    agree to float32 rounding."""
+    expected, ref = run(name, "foreach", steps=steps, grad=grads(), **hp)
+    got, opt = run(name, "fused", steps=steps, grad=grads(), **hp)
+    assert kernel_calls.count(KERNEL[name]) == steps * len(SHAPES)
     moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
     assert moved > 1e-3
     assert_close(got, expected)
     assert_close(state_tensors(opt), state_tensors(ref))
+
+
+@pytest.mark.parametrize("hp", [{}, {"weight_decay": 0.1, "maximize": True}])
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_matches_the_foreach_chain(name, hp, kernel_calls):
+    assert_kernel_matches(name, kernel_calls, **hp)
 
 
 def test_auto_runs_the_kernel(kernel_calls):
@@ -195,24 +206,19 @@ def test_other_dtypes_and_a_missing_compiler_run_the_chain(name, monkeypatch, ca
 def test_fadam_kernel_paths(hp, kernel_calls):
     """FAdam's kernel on its other paths, with one tensor's gradient all zero at times
     (eps_t is then eps, and the natural gradient zero)."""
-    def grad(p):
-        g = torch.randn(p.shape, generator=gen)
-        if p.numel() == 33:  # the vector's gradient is zero every other step
-            zeros.append(len(zeros) % 2 == 0)
-            if zeros[-1]:
-                g.zero_()
-        return g
-
-    for impl in ("foreach", "fused"):
+    def grads():
         gen, zeros = torch.Generator().manual_seed(5), []
-        params, opt = run("fadam", impl, grad=grad, lr=1e-2, **hp)
-        if impl == "foreach":
-            expected, ref = params, opt
-    assert kernel_calls.count("fadam") == 5 * len(SHAPES)
-    moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
-    assert moved > 1e-3
-    assert_close(params, expected)
-    assert_close(state_tensors(opt), state_tensors(ref))
+
+        def grad(p):
+            g = torch.randn(p.shape, generator=gen)
+            if p.numel() == 33:  # the vector's gradient is zero every other step
+                zeros.append(len(zeros) % 2 == 0)
+                if zeros[-1]:
+                    g.zero_()
+            return g
+        return grad
+
+    assert_kernel_matches("fadam", kernel_calls, grads=grads, lr=1e-2, **hp)
 
 
 @pytest.mark.parametrize("grad_scale, hp", [
@@ -221,13 +227,7 @@ def test_fadam_kernel_paths(hp, kernel_calls):
     (1.0, {"weight_decay_1d": 0.0, "lr_1d": 1e-2, "gamma": 0.5}),
 ])
 def test_mars_kernel_paths(grad_scale, hp, kernel_calls):
-    expected, ref = run("mars", "foreach", grad_scale=grad_scale, **hp)
-    got, opt = run("mars", "fused", grad_scale=grad_scale, **hp)
-    assert kernel_calls.count("adam") == 5 * len(SHAPES)
-    moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
-    assert moved > 1e-3
-    assert_close(got, expected)
-    assert_close(state_tensors(opt), state_tensors(ref))
+    assert_kernel_matches("mars", kernel_calls, grad_scale=grad_scale, **hp)
 
 
 @pytest.mark.parametrize("hp", [
@@ -237,21 +237,16 @@ def test_mars_kernel_paths(grad_scale, hp, kernel_calls):
     {"threshold": 0, "reset_interval": 4, "warmup_steps": 3, "clip_delay": 0},  # no clipping
 ])
 def test_spam_kernel_paths(hp, kernel_calls):
-    def grad(p):  # spikes: every third step the gradients jump 30-fold
-        spikes.append(1)
-        g = torch.randn(p.shape, generator=gen)
-        return g * 30.0 if len(spikes) % (3 * len(SHAPES)) < len(SHAPES) else g
-
-    for impl in ("foreach", "fused"):
+    def grads():
         gen, spikes = torch.Generator().manual_seed(7), []
-        params, opt = run("spam", impl, steps=9, grad=grad, lr=1e-2, **hp)
-        if impl == "foreach":
-            expected, ref = params, opt
-    assert kernel_calls.count("spam") == 9 * len(SHAPES)
-    moved = max((e - p).abs().max().item() for e, p in zip(expected, make_params()))
-    assert moved > 1e-3
-    assert_close(params, expected)
-    assert_close(state_tensors(opt), state_tensors(ref))
+
+        def grad(p):  # spikes: every third step the gradients jump 30-fold
+            spikes.append(1)
+            g = torch.randn(p.shape, generator=gen)
+            return g * 30.0 if len(spikes) % (3 * len(SHAPES)) < len(SHAPES) else g
+        return grad
+
+    assert_kernel_matches("spam", kernel_calls, steps=9, grads=grads, lr=1e-2, **hp)
 
 
 @pytest.mark.parametrize("hp", [
@@ -259,11 +254,7 @@ def test_spam_kernel_paths(hp, kernel_calls):
     {"weight_decay": 0.1, "no_prox": True, "lr": 1e-2},  # the decoupled one
 ])
 def test_adan_kernel_decays(hp, kernel_calls):
-    expected, ref = run("adan", "foreach", **hp)
-    got, opt = run("adan", "fused", **hp)
-    assert kernel_calls.count("adan") == 5 * len(SHAPES)
-    assert_close(got, expected)
-    assert_close(state_tensors(opt), state_tensors(ref))
+    assert_kernel_matches("adan", kernel_calls, **hp)
 
 
 class TaggedParameter(torch.nn.Parameter):

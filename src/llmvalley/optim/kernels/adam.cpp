@@ -31,19 +31,10 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* last
   // 1. the corrected gradient's norm
   float norm = 0.0f;
   if (mars) {
-    const double sq = reduce_spans<double>(
-        n, SPAN, nt, 0.0,
-        [&](int64_t lo, int64_t hi) {
-          Vec acc(0.0f);
-          for (int64_t j = lo; j < hi; j += VEC) {
-            const int64_t w = std::min(VEC, hi - j);
-            const Vec gv = Vec::loadu(g + j, w);
-            const Vec c = head((gv - Vec::loadu(last + j, w)) * vk + gv, w);
-            acc = at::vec::fmadd(c, c, acc);
-          }
-          return static_cast<double>(sum_all(acc));
-        },
-        [](double x, double y) { return x + y; });
+    const double sq = sum_squares(n, SPAN, nt, [&](int64_t j, int64_t w) {
+      const Vec gv = Vec::loadu(g + j, w);
+      return (gv - Vec::loadu(last + j, w)) * vk + gv;
+    });
     norm = static_cast<float>(std::sqrt(sq));
   }
   const bool unit = norm > 1.0f;
@@ -51,26 +42,18 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* last
   const Vec vnorm(norm), vscale(scale);
   const AdamWrite adam(w1, b2, w2, a, b, lr, shrink, decay != 0);
   // 2. Adam on the corrected gradient, and the write
-  const int64_t spans = (n + SPAN - 1) / SPAN;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int64_t lo, hi;
-    thread_rows(spans, &lo, &hi);
-    const int64_t end = std::min(n, hi * SPAN);
-    for (int64_t j = lo * SPAN; j < end; j += VEC) {
-      const int64_t w = std::min(VEC, end - j);
-      const Vec gv = Vec::loadu(g + j, w);
-      Vec c = gv;
-      if (mars) {
-        c = (gv - Vec::loadu(last + j, w)) * vk + gv;
-        if (unit) c = c / vnorm;
-        gv.store(last + j, w);
-      } else if (scaled) {
-        c = gv * vscale;
-      }
-      const Vec u = adam.moments(m + j, v + j, Vec::loadu(m + j, w), Vec::loadu(v + j, w), c,
-                                 w);
-      adam.write(p + j, u, w);
+  for_vectors(n, SPAN, nt, [&](int64_t j, int64_t w) {
+    const Vec gv = Vec::loadu(g + j, w);
+    Vec c = gv;
+    if (mars) {
+      c = (gv - Vec::loadu(last + j, w)) * vk + gv;
+      if (unit) c = c / vnorm;
+      gv.store(last + j, w);
+    } else if (scaled) {
+      c = gv * vscale;
     }
-  }
+    const Vec u = adam.moments(m + j, v + j, Vec::loadu(m + j, w), Vec::loadu(v + j, w), c,
+                               w);
+    adam.write(p + j, u, w);
+  });
 }

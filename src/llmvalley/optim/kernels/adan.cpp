@@ -26,34 +26,26 @@ extern "C" void kernel(float* p, const float* g, float* m, float* d, float* sq, 
   const bool fresh = first != 0, decays = decay != 0, proximal = mode == 0;
   const Vec vb2(b2), vb3(b3), vw3(w3), vbc1(1.0f / bc1), vc2(c2), vroot3(1.0f / root3), veps(eps),
       vlr(-lr), vdecay(decay_factor);
-  const int64_t spans = (n + SPAN - 1) / SPAN;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int64_t lo, hi;
-    thread_rows(spans, &lo, &hi);
-    const int64_t end = std::min(n, hi * SPAN);
-    for (int64_t j = lo * SPAN; j < end; j += VEC) {
-      const int64_t k = std::min(VEC, end - j);
-      const Vec gv = Vec::loadu(g + j, k);
-      const Vec dg = fresh ? Vec(0.0f) : gv - Vec::loadu(prev + j, k);
-      const Vec mj = lerp_vec(Vec::loadu(m + j, k), gv, w1);
-      const Vec dj = lerp_vec(Vec::loadu(d + j, k), dg, w2);
-      const Vec x = dg * vb2 + gv;
-      const Vec nj = at::vec::fmadd(vw3 * x, x, Vec::loadu(sq + j, k) * vb3);
-      mj.store(m + j, k);
-      dj.store(d + j, k);
-      nj.store(sq + j, k);
-      gv.store(prev + j, k);
-      const Vec u = (mj * vbc1 + dj * vc2) / (nj.sqrt() * vroot3 + veps);
-      Vec pv = Vec::loadu(p + j, k);
-      if (proximal) {
-        pv = at::vec::fmadd(vlr, u, pv);
-        if (decays) pv = pv / vdecay;
-      } else {
-        if (decays) pv = pv * vdecay;
-        pv = at::vec::fmadd(vlr, u, pv);
-      }
-      pv.store(p + j, k);
+  for_vectors(n, SPAN, nt, [&](int64_t j, int64_t k) {
+    const Vec gv = Vec::loadu(g + j, k);
+    const Vec dg = fresh ? Vec(0.0f) : gv - Vec::loadu(prev + j, k);
+    const Vec mj = lerp_vec(Vec::loadu(m + j, k), gv, w1);
+    const Vec dj = lerp_vec(Vec::loadu(d + j, k), dg, w2);
+    const Vec x = dg * vb2 + gv;
+    const Vec nj = at::vec::fmadd(vw3 * x, x, Vec::loadu(sq + j, k) * vb3);
+    mj.store(m + j, k);
+    dj.store(d + j, k);
+    nj.store(sq + j, k);
+    gv.store(prev + j, k);
+    const Vec u = (mj * vbc1 + dj * vc2) / (nj.sqrt() * vroot3 + veps);
+    Vec pv = Vec::loadu(p + j, k);
+    if (proximal) {
+      pv = at::vec::fmadd(vlr, u, pv);
+      if (decays) pv = pv / vdecay;
+    } else {
+      if (decays) pv = pv * vdecay;
+      pv = at::vec::fmadd(vlr, u, pv);
     }
-  }
+    pv.store(p + j, k);
+  });
 }

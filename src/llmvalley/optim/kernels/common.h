@@ -191,6 +191,39 @@ T reduce_spans(int64_t n, int64_t span, int threads, T init, const F& f, const J
   return total;
 }
 
+// the sum of x^2 over x = f(j, k), the values of the vectors of k <= VEC lanes at j that cover
+// n elements (lanes past k ignored; f may store on the way): in float lanes per span, then in
+// double in span and thread order (see reduce_spans)
+template <typename F>
+double sum_squares(int64_t n, int64_t span, int threads, const F& f) {
+  return reduce_spans<double>(
+      n, span, threads, 0.0,
+      [&](int64_t lo, int64_t hi) {
+        Vec acc(0.0f);
+        for (int64_t j = lo; j < hi; j += VEC) {
+          const int64_t k = std::min(VEC, hi - j);
+          const Vec x = head(f(j, k), k);
+          acc = at::vec::fmadd(x, x, acc);
+        }
+        return static_cast<double>(sum_all(acc));
+      },
+      [](double x, double y) { return x + y; });
+}
+
+// f(j, k) for the vectors of k <= VEC lanes at j that cover n elements, in spans of `span`
+// elements split evenly over the threads (an element-wise pass)
+template <typename F>
+void for_vectors(int64_t n, int64_t span, int threads, const F& f) {
+  const int64_t spans = (n + span - 1) / span;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int64_t lo, hi;
+    thread_rows(spans, &lo, &hi);
+    const int64_t end = std::min(n, hi * span);
+    for (int64_t j = lo * span; j < end; j += VEC) f(j, std::min(VEC, end - j));
+  }
+}
+
 // torch.lerp(start, end, weight) as torch's vectorised CPU kernel computes it (one fma)
 inline Vec lerp_vec(const Vec& start, const Vec& end, float weight) {
   return weight < 0.5f ? at::vec::fmadd(Vec(weight), end - start, start)

@@ -30,8 +30,6 @@ inline Vec power(const Vec& f, float pw, int64_t k) {
   return Vec::loadu(x, k);
 }
 
-inline double add(double x, double y) { return x + y; }
-
 struct Sums {
   double nat = 0.0, decay = 0.0;
 };
@@ -43,20 +41,11 @@ extern "C" void kernel(float* p, const float* g, float* m, float* f, int64_t n, 
   const int nt = static_cast<int>(threads);
   const Vec vb2t(b2t), vw2t(w2t);
   // 1. the Fisher diagonal, and the gradient's sum of squares
-  const double gsq = reduce_spans<double>(
-      n, SPAN, nt, 0.0,
-      [&](int64_t lo, int64_t hi) {
-        Vec acc(0.0f);
-        for (int64_t j = lo; j < hi; j += VEC) {
-          const int64_t k = std::min(VEC, hi - j);
-          const Vec gv = Vec::loadu(g + j, k);
-          at::vec::fmadd(vw2t * gv, gv, Vec::loadu(f + j, k) * vb2t).store(f + j, k);
-          const Vec h = head(gv, k);
-          acc = at::vec::fmadd(h, h, acc);
-        }
-        return static_cast<double>(sum_all(acc));
-      },
-      add);
+  const double gsq = sum_squares(n, SPAN, nt, [&](int64_t j, int64_t k) {
+    const Vec gv = Vec::loadu(g + j, k);
+    at::vec::fmadd(vw2t * gv, gv, Vec::loadu(f + j, k) * vb2t).store(f + j, k);
+    return gv;
+  });
   const float grad_rms = std::sqrt(static_cast<float>(gsq) / static_cast<float>(n));
   const float eps_t = grad_rms > 0.0f ? eps * std::min(grad_rms, 1.0f) : eps;
   const Vec veps(eps_t);
@@ -84,21 +73,13 @@ extern "C" void kernel(float* p, const float* g, float* m, float* f, int64_t n, 
   const float cw = std::max(std::sqrt(static_cast<float>(sums.decay) / n) / clip, 1.0f);
   const Vec vcn(1.0f / cn), vcw(1.0f / cw), vwd(wd), vlr(-lr);
   // 3. the momentum, the direction and the write
-  const int64_t spans = (n + SPAN - 1) / SPAN;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int64_t lo, hi;
-    thread_rows(spans, &lo, &hi);
-    const int64_t end = std::min(n, hi * SPAN);
-    for (int64_t j = lo * SPAN; j < end; j += VEC) {
-      const int64_t k = std::min(VEC, end - j);
-      const Vec d = power(Vec::loadu(f + j, k), pw, k) + veps;
-      const Vec r = Vec(1.0f) / d;
-      const Vec mj = lerp_vec(Vec::loadu(m + j, k), Vec::loadu(g + j, k) * r * vcn, w1);
-      mj.store(m + j, k);
-      const Vec pv = Vec::loadu(p + j, k);
-      const Vec u = decay ? pv * r * vcw * vwd + mj : mj;
-      at::vec::fmadd(vlr, u, pv).store(p + j, k);
-    }
-  }
+  for_vectors(n, SPAN, nt, [&](int64_t j, int64_t k) {
+    const Vec d = power(Vec::loadu(f + j, k), pw, k) + veps;
+    const Vec r = Vec(1.0f) / d;
+    const Vec mj = lerp_vec(Vec::loadu(m + j, k), Vec::loadu(g + j, k) * r * vcn, w1);
+    mj.store(m + j, k);
+    const Vec pv = Vec::loadu(p + j, k);
+    const Vec u = decay ? pv * r * vcw * vwd + mj : mj;
+    at::vec::fmadd(vlr, u, pv).store(p + j, k);
+  });
 }

@@ -22,25 +22,17 @@ extern "C" void kernel(float* p, const float* g, float* z, float* v, int64_t n, 
                        int64_t mode, int64_t threads) {
   const Vec vwd(wd), vc(c), vcoef(coef), vlr(-lr), vb2(b2), vk2(k2), va(a), veps(eps);
   const bool decay = wd != 0.0f, adam = mode == 1;
-  const int64_t spans = (n + SPAN - 1) / SPAN;
-#pragma omp parallel num_threads(static_cast<int>(threads)) if (threads > 1)
-  {
-    int64_t lo, hi;
-    thread_rows(spans, &lo, &hi);
-    const int64_t end = std::min(n, hi * SPAN);
-    for (int64_t j = lo * SPAN; j < end; j += VEC) {
-      const int64_t k = std::min(VEC, end - j);
-      const Vec y = Vec::loadu(p + j, k), zv = Vec::loadu(z + j, k);
-      Vec d = Vec::loadu(g + j, k);
-      if (adam) {
-        const Vec vv = at::vec::fmadd(vk2 * d, d, Vec::loadu(v + j, k) * vb2);
-        vv.store(v + j, k);
-        d = d / (vv.sqrt() * va + veps);
-      }
-      if (decay) d = at::vec::fmadd(vwd, y, d);
-      const Vec u = at::vec::fmadd(vcoef, d, (y - zv) * vc);
-      (y - u).store(p + j, k);
-      at::vec::fmadd(vlr, d, zv).store(z + j, k);
+  for_vectors(n, SPAN, static_cast<int>(threads), [&](int64_t j, int64_t k) {
+    const Vec y = Vec::loadu(p + j, k), zv = Vec::loadu(z + j, k);
+    Vec d = Vec::loadu(g + j, k);
+    if (adam) {
+      const Vec vv = at::vec::fmadd(vk2 * d, d, Vec::loadu(v + j, k) * vb2);
+      vv.store(v + j, k);
+      d = d / (vv.sqrt() * va + veps);
     }
-  }
+    if (decay) d = at::vec::fmadd(vwd, y, d);
+    const Vec u = at::vec::fmadd(vcoef, d, (y - zv) * vc);
+    (y - u).store(p + j, k);
+    at::vec::fmadd(vlr, d, zv).store(z + j, k);
+  });
 }

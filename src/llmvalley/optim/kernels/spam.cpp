@@ -26,32 +26,24 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, int64_t n, 
              shrinks = decay != 0;
   const Vec vtheta(theta), vb2(b2), vw2(w2), veps(eps), vc(c), vramp(ramp), vlr(-lr),
       vshrink(shrink), zero(0.0f);
-  const int64_t spans = (n + SPAN - 1) / SPAN;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int64_t lo, hi;
-    thread_rows(spans, &lo, &hi);
-    const int64_t end = std::min(n, hi * SPAN);
-    for (int64_t j = lo * SPAN; j < end; j += VEC) {
-      const int64_t k = std::min(VEC, end - j);
-      Vec x = Vec::loadu(g + j, k);
-      const Vec m0 = restart ? zero : Vec::loadu(m + j, k);
-      const Vec v0 = restart ? zero : Vec::loadu(v + j, k);
-      if (clips) {  // spike clipping against the second moment before this step
-        const Vec limit = v0 * vtheta;
-        const Vec sign = Vec::blendv(zero, Vec(1.0f), x > zero) -
-                         Vec::blendv(zero, Vec(1.0f), x < zero);
-        x = Vec::blendv(x, sign * limit.sqrt(), x * x > limit);
-      }
-      const Vec mj = lerp_vec(m0, x, w1);
-      const Vec vj = at::vec::fmadd(vw2 * x, x, v0 * vb2);
-      mj.store(m + j, k);
-      vj.store(v + j, k);
-      Vec u = mj / (vj.sqrt() + veps) * vc;
-      if (ramps) u = u * vramp;
-      Vec pv = at::vec::fmadd(vlr, u, Vec::loadu(p + j, k));
-      if (shrinks) pv = pv * vshrink;
-      pv.store(p + j, k);
+  for_vectors(n, SPAN, nt, [&](int64_t j, int64_t k) {
+    Vec x = Vec::loadu(g + j, k);
+    const Vec m0 = restart ? zero : Vec::loadu(m + j, k);
+    const Vec v0 = restart ? zero : Vec::loadu(v + j, k);
+    if (clips) {  // spike clipping against the second moment before this step
+      const Vec limit = v0 * vtheta;
+      const Vec sign = Vec::blendv(zero, Vec(1.0f), x > zero) -
+                       Vec::blendv(zero, Vec(1.0f), x < zero);
+      x = Vec::blendv(x, sign * limit.sqrt(), x * x > limit);
     }
-  }
+    const Vec mj = lerp_vec(m0, x, w1);
+    const Vec vj = at::vec::fmadd(vw2 * x, x, v0 * vb2);
+    mj.store(m + j, k);
+    vj.store(v + j, k);
+    Vec u = mj / (vj.sqrt() + veps) * vc;
+    if (ramps) u = u * vramp;
+    Vec pv = at::vec::fmadd(vlr, u, Vec::loadu(p + j, k));
+    if (shrinks) pv = pv * vshrink;
+    pv.store(p + j, k);
+  });
 }

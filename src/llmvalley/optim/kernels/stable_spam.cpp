@@ -116,18 +116,9 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* m_ma
   const float limit = *m_max / c_max;
   const Vec vlimit(limit), vpeak(peak);
   if (overflow) {  // the norm of the clipped gradient, in a pass of its own
-    sq = reduce_spans<double>(
-        n, SPAN, nt, 0.0,
-        [&](int64_t lo, int64_t hi) {
-          Vec acc(0.0f);
-          for (int64_t j = lo; j < hi; j += VEC) {
-            const int64_t k = std::min(VEC, hi - j);
-            const Vec c = head(clipped(Vec::loadu(g + j, k), vlimit, vpeak), k);
-            acc = at::vec::fmadd(c, c, acc);
-          }
-          return static_cast<double>(sum_all(acc));
-        },
-        [](double x, double y) { return x + y; });
+    sq = sum_squares(n, SPAN, nt, [&](int64_t j, int64_t k) {
+      return clipped(Vec::loadu(g + j, k), vlimit, vpeak);
+    });
   } else {  // the kept elements, clipped
     for (const First& f : part)
       for (const float x : f.kept) {
@@ -143,19 +134,11 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* m_ma
   const Vec vnorm(norm), vratio(ratio), zero(0.0f);
   const AdamWrite adam(w1, b2, w2, a, b, lr, shrink, decay != 0);
   // 2. Adam on the rescaled gradient, and the write
-  const int64_t spans = (n + SPAN - 1) / SPAN;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int64_t lo, hi;
-    thread_rows(spans, &lo, &hi);
-    const int64_t end = std::min(n, hi * SPAN);
-    for (int64_t j = lo * SPAN; j < end; j += VEC) {
-      const int64_t k = std::min(VEC, end - j);
-      Vec x = clipped(Vec::loadu(g + j, k), vlimit, vpeak);
-      if (scaled) x = x / vnorm * vratio;
-      const Vec m0 = restart ? zero : Vec::loadu(m + j, k);
-      const Vec v0 = restart ? zero : Vec::loadu(v + j, k);
-      adam.write(p + j, adam.moments(m + j, v + j, m0, v0, x, k), k);
-    }
-  }
+  for_vectors(n, SPAN, nt, [&](int64_t j, int64_t k) {
+    Vec x = clipped(Vec::loadu(g + j, k), vlimit, vpeak);
+    if (scaled) x = x / vnorm * vratio;
+    const Vec m0 = restart ? zero : Vec::loadu(m + j, k);
+    const Vec v0 = restart ? zero : Vec::loadu(v + j, k);
+    adam.write(p + j, adam.moments(m + j, v + j, m0, v0, x, k), k);
+  });
 }

@@ -149,6 +149,33 @@ def test_spam_compiles_a_few_graphs_across_resets():
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("name", ["spam", "grams", "adan"])
+def test_a_kernel_that_bridges_the_eager_phase_gives_way_to_the_compiled_step(
+        name, monkeypatch, kernel_calls):
+    """SPAM's, Grams' and Adan's CPU kernels (``fused_until_compiled``) run the steps before
+    ``"auto"`` compiles; then the compiled step, faster in steady state, takes over. The
+    foreach tier's results throughout (float32 rounding)."""
+    from tests.helpers import make_model
+
+    model = make_model()
+    monkeypatch.setenv(auto_tier.ENV, str(3 * numel(model)))
+    opt = make_optimizer(name, model, weight_decay=0.1)
+    graphs, calls = [], []
+    for step in range(8):
+        train(model, opt, step, 1)
+        graphs.append(compile_stats(opt).graphs)
+        calls.append(len(kernel_calls))
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    assert calls[0] == tensors and graphs[:3] == [0, 0, 0], (calls, graphs)
+    # the compiled step took over the groups that compile (a group "auto" keeps eager, here
+    # the one holding the 0-d gain, stays on the kernel)
+    assert graphs[-1] > 0 and calls[-1] - calls[-2] < tensors, (calls, graphs)
+    ref = make_model()
+    train(ref, make_optimizer(name, ref, weight_decay=0.1, implementation="foreach"), 0, 8)
+    for g, e in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 class _StepSpecialised(Transform):
     """A step scaled by a Python function of the step count: traced, it specialises the
     graph on every step (what Stable-SPAM's bias corrections did before their prelude)."""

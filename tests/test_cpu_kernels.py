@@ -1,11 +1,11 @@
 """The hand-written CPU kernels of the fused tier (``llmvalley.optim.kernels``): Adafactor, CAME,
-AdamP, SGDP, FAdam, MARS, SPAM and Adan. Each must give the foreach chain's parameters and state
-to float32 rounding, on every path through its C++ (factored matrices, batches of matrices,
-vectors, a 0-d tensor, rows that are not a multiple of the vector width, Adafactor's capped
-preconditioner, AdamP's and SGDP's three projection choices, SGDP with and without momentum,
-FAdam's powers, clipping and zero gradients, MARS's two branches with and without the unit-norm
-rescaling, SPAM's resets, warm-up and spike clipping, Adan's two decay forms, several OpenMP
-threads), and the tier must step aside where it cannot run.
+AdamP, SGDP, FAdam, MARS, SPAM, Adan and Grams. Each must give the foreach chain's parameters
+and state to float32 rounding, on every path through its C++ (factored matrices, batches of
+matrices, vectors, a 0-d tensor, rows that are not a multiple of the vector width, Adafactor's
+capped preconditioner, AdamP's and SGDP's three projection choices, SGDP with and without
+momentum, FAdam's powers, clipping and zero gradients, MARS's two branches with and without the
+unit-norm rescaling, SPAM's resets, warm-up and spike clipping, Adan's two decay forms, several
+OpenMP threads), and the tier must step aside where it cannot run.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import llmvalley
 from llmvalley.optim import kernels
 from tests.helpers import make_optimizer, roundtrip
 
-NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam", "mars", "spam", "adan"]
+NAMES = ["adafactor", "came", "adamp", "sgdp", "fadam", "mars", "spam", "adan", "grams"]
 #: the kernel each recipe runs
 KERNEL = {"adafactor": "adafactor", "came": "came", "adamp": "projected", "sgdp": "projected",
-          "fadam": "fadam", "mars": "adam", "spam": "spam", "adan": "adan"}
+          "fadam": "fadam", "mars": "adam", "spam": "adam_hf", "adan": "adan",
+          "grams": "adam_hf"}
 #: a 2-D matrix whose rows are not a multiple of 16 floats, a batch of matrices, a matrix
 #: of one row, vectors, a 0-d tensor
 SHAPES = [(40, 24), (3, 20, 17), (1, 7), (33,), (5,), ()]

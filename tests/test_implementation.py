@@ -117,6 +117,7 @@ def test_fused_tier_needs_a_kernel():
     ("mars", {}, "fused"),
     ("spam", {}, "fused"),
     ("adan", {}, "fused"),
+    ("grams", {}, "fused"),
     ("stable_spam", {"total_steps": 100}, "fused"),
     ("adamw", {"implementation": "compiled"}, "compiled"),
     ("adamw", {"implementation": "compiled", "fused": False}, "compiled"),

@@ -11,7 +11,9 @@ eager steps have taken about as long as a compile takes, the classic rent-or-buy
 run never spends more than about twice the time it would have with the better choice made
 in hindsight, and short runs (tests, smoke runs, small models) never compile.
 
-The rule, for a group with ``implementation="auto"`` that does not run a fused kernel:
+The rule, for a group with ``implementation="auto"`` that does not run a fused kernel, or
+whose spec's kernel only bridges the eager phase (``fused_until_compiled``: SPAM's, Grams'
+and Adan's, no faster than inductor's code in steady state):
 
 - the device is a CPU (CUDA stays on the foreach tier until the compiled tier has been
   checked on a GPU; ask for ``implementation="compiled"`` there), its parameters are not

@@ -22,8 +22,9 @@ and its parameter write.
   four to eight and ``"auto"`` compiles only after hundreds of steps;
 - adan (CPU, float32): ``kernels/adan.cpp``, one pass over its three moments, the last
   gradient and the parameter, where the eager chain makes about fifteen;
-- spam (CPU, float32): ``kernels/spam.cpp``, one pass (moments reset, spike clipping, Adam,
-  the warm-up multiplier, the write and the decay), where the eager chain makes about ten;
+- spam and grams (CPU, float32): ``kernels/adam_hf.cpp``, one pass of Adam in the HF eps form
+  (SPAM's moments reset, spike clipping and warm-up multiplier; Grams' magnitude with the
+  gradient's sign), with the write, where the eager chains make about ten;
 - stable_spam (CPU, float32): ``kernels/stable_spam.cpp``, two passes over the gradient (the
   peak and the clipped norm together, then the moments and the write; a third while many
   elements come near the clipping limit), where inductor's code makes six;
@@ -54,7 +55,7 @@ The shell flips the gradients' sign for ``maximize`` before the kernel sees them
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -94,6 +95,7 @@ _ADAGC = AdaptiveGradClip()
 _ADAN = ScaleByAdan()
 _STABLE_SPAM = ScaleByStableSPAM()
 _SPAM = ScaleBySpikeAwareAdam()
+_ADAM_HF = ScaleByAdam(eps_form="hf")
 _FADAM = ScaleByFAdam()
 _MARS = MARSCorrection()
 
@@ -379,26 +381,42 @@ def fused_schedule_free_adamw(ctx: StepContext) -> bool:
     return _schedule_free(ctx, _SF_ADAMW, adam=True)
 
 
-def fused_spam(ctx: StepContext) -> bool:
-    """SPAM through :mod:`llmvalley.optim.kernels`' CPU kernel, for float32 tensors on CPU:
-    one pass per tensor (moments reset, spike clipping, Adam in the HF eps form, the warm-up
-    multiplier, the write and the decay after it), at the flags and multipliers of the
-    transform's prelude."""
-    kernel = _cpu_kernel(ctx, "spam")
-    work = kernel and _dense_slots(ctx, _SPAM, lambda p: ("exp_avg", "exp_avg_sq"))
+def _adam_hf(ctx: StepContext, transform: ScaleByAdam, numbers: Mapping[str, list[Any]],
+             grams: bool, decay_after: bool) -> bool:
+    """The HF-eps-form Adam kernel (``kernels/adam_hf.cpp``) on every tensor of the group, with
+    SPAM's per-tensor ``numbers`` (``reset``, ``clip``, ``ramp``; none for Grams)."""
+    kernel = _cpu_kernel(ctx, "adam_hf")
+    work = kernel and _dense_slots(ctx, transform, lambda p: ("exp_avg", "exp_avg_sq"))
     if not work:
         return False
     group = ctx.group
-    numbers = ctx.bind(_SPAM, {}).prelude()
     beta1, beta2 = group["betas"]
-    lr, theta, eps = float(group["lr"]), float(group["threshold"]), float(group["eps"])
+    lr, eps = float(group["lr"]), float(group["eps"])
+    theta = float(group.get("threshold", 0.0))
     for i, (p, g, (m, v), t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
         scale = math.sqrt(1 - beta2**t) / (1 - beta1**t)
-        kernel(p, g, m, v, p.numel(), theta, int(numbers["clip"][i]),
-               int(numbers["reset"][i]), 1 - beta1, beta2, 1 - beta2, eps, scale,
-               float(numbers["ramp"][i]), lr * ctx.plan.lr_mult[i], _shrink(ctx, i),
-               int(ctx.plan.weight_decay[i] != 0), kernels.threads_for(p.numel()))
+        kernel(p, g, m, v, p.numel(), theta, int(bool(numbers and numbers["clip"][i])),
+               int(bool(numbers and numbers["reset"][i])), 1 - beta1, beta2, 1 - beta2, eps,
+               scale, float(numbers["ramp"][i]) if numbers else 1.0, int(grams),
+               lr * ctx.plan.lr_mult[i], _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0),
+               int(decay_after), kernels.threads_for(p.numel()))
     return True
+
+
+def fused_spam(ctx: StepContext) -> bool:
+    """SPAM through :mod:`llmvalley.optim.kernels`' HF-eps-form Adam kernel, for float32
+    tensors on CPU: one pass per tensor (moments reset, spike clipping, Adam, the warm-up
+    multiplier, the write and the decay after it), at the flags and multipliers of the
+    transform's prelude."""
+    if _cpu_kernel(ctx, "adam_hf") is None:
+        return False
+    return _adam_hf(ctx, _SPAM, ctx.bind(_SPAM, {}).prelude(), grams=False, decay_after=True)
+
+
+def fused_grams(ctx: StepContext) -> bool:
+    """Grams through the same kernel: one pass per tensor (Adam in the HF eps form, the
+    magnitude of its update with the gradient's sign, the decay and the write)."""
+    return _adam_hf(ctx, _ADAM_HF, {}, grams=True, decay_after=False)
 
 
 def fused_stable_spam(ctx: StepContext) -> bool:
@@ -634,6 +652,6 @@ def fused_lowbit_lion(ctx: StepContext) -> bool:
 
 __all__ = ["FUSED_DEVICES", "fused_adafactor", "fused_adagc_adam", "fused_adagrad",
            "fused_adam", "fused_adamp", "fused_adan", "fused_came", "fused_fadam",
-           "fused_lowbit_adam", "fused_lowbit_lion", "fused_mars", "fused_schedule_free_adamw",
-           "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp", "fused_spam",
-           "fused_stable_spam", "ready"]
+           "fused_grams", "fused_lowbit_adam", "fused_lowbit_lion", "fused_mars",
+           "fused_schedule_free_adamw", "fused_schedule_free_sgd", "fused_sgd", "fused_sgdp",
+           "fused_spam", "fused_stable_spam", "ready"]

@@ -613,14 +613,23 @@ class ChainOptimizer(torch.optim.Optimizer):
             from llmvalley.optim.compiled import compiled_step
 
             compiled_step(self, group, ctx, working)
-        elif not (spec.fused is not None
-                  and is_plain(group, spec.fused_state, spec.fused_options)
-                  and spec.fused(ctx)) \
+        elif not self._fused_step(spec, group, params, ctx, working) \
                 and not self._auto_compiled_step(group, params, ctx, working) \
                 and not self._blocked_step(group, params, ctx):
             self._apply(group, ctx, working, run_chain(self._chain(group), ctx, ctx.grads,
                                                        ctx.keymap))
         self._write_back(group, params, working, ctx.codec)
+
+    def _fused_step(self, spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor],
+                    ctx: StepContext, working: list[Tensor]) -> bool:
+        """The spec's fused kernel, where it computes the group's whole chain (no other shell
+        option); a kernel that only bridges the eager phase (``fused_until_compiled``) gives
+        way to ``"auto"``'s compiled step once that compiles. Returns whether a step ran."""
+        if spec.fused is None or not is_plain(group, spec.fused_state, spec.fused_options):
+            return False
+        if spec.fused_until_compiled and self._auto_compiled_step(group, params, ctx, working):
+            return True
+        return spec.fused(ctx)
 
     def _auto_compiled_step(self, group: dict[str, Any], params: list[Tensor],
                             ctx: StepContext, working: list[Tensor]) -> bool:

@@ -91,6 +91,10 @@ class OptimizerSpec:
             step (True when it ran); used only when no shell option changes the chain.
         fused_state: the ``state_precision`` values the fused kernel stores itself
             (adamw8bit's ``"int8"``); any other precision runs the chain.
+        fused_until_compiled: the fused kernel runs only until ``"auto"`` compiles the group
+            (:mod:`llmvalley.optim.auto_tier`): for kernels that bridge the eager phase but
+            are not faster than inductor's code in steady state (SPAM's and Grams': 1.10-1.15x
+            against 1.03-1.09x fused AdamW at 45M; Adan's level with it).
         fused_options: the shell options the fused kernel computes itself (``"adagc"``:
             the CPU Adam kernel scales each gradient by AdaGC's clipping factor as it reads
             it); any other shell option runs the chain.
@@ -113,6 +117,7 @@ class OptimizerSpec:
     fused: Callable[[Any], bool] | None = None
     fused_state: tuple[str, ...] = ()
     fused_options: tuple[str, ...] = ()
+    fused_until_compiled: bool = False
     check: Callable[[dict[str, Any]], None] | None = None
     rules: tuple = ()
     fallback_hparams: dict[str, Any] | None = None

@@ -9,16 +9,16 @@ lion8bit in one pass: it decodes each block of the 8-/4-bit moments into L1, upd
 writes the parameter and encodes them again (the chain decodes and encodes in passes of their
 own, through table lookups that inductor's CPU code makes one element at a time); the same
 kernel runs lion, and adamw with bfloat16 moments (stochastic rounding by hashed noise).
-``schedule_free.cpp`` runs schedule-free SGD and AdamW in one pass, ``spam.cpp`` SPAM and
-``adan.cpp`` Adan in one, ``stable_spam.cpp`` Stable-SPAM in two (its clipped norm found in the
-pass that finds the peak), ``fadam.cpp`` FAdam in three, ``adam.cpp`` AdamW with MARS's
-correction (two passes) or AdaGC's clipping factor (one). Each is one C++ file next to this
-module with an ``extern "C" void kernel(...)`` entry, built after the helpers of ``common.h``
-(row and column sums in one pass, OpenMP over rows). :func:`load` compiles it through
-``torch._inductor.codecache.CppPythonBindingsCodeCache`` (the compiler, ISA flags, OpenMP and
-on-disk cache that ``torch.compile`` uses on CPU: a few seconds the first time on a machine,
-then a load from the cache) and returns a Python callable taking tensors for the pointer
-arguments.
+``schedule_free.cpp`` runs schedule-free SGD and AdamW in one pass, ``adam_hf.cpp`` SPAM and
+Grams (Adam in the HF eps form) and ``adan.cpp`` Adan in one, ``stable_spam.cpp`` Stable-SPAM in
+two (its clipped norm found in the pass that finds the peak), ``fadam.cpp`` FAdam in three,
+``adam.cpp`` AdamW with MARS's correction (two passes) or AdaGC's clipping factor (one). Each is
+one C++ file next to this module with an ``extern "C" void kernel(...)`` entry, built after the
+helpers of ``common.h`` (row and column sums in one pass, OpenMP over rows). :func:`load`
+compiles it through ``torch._inductor.codecache.CppPythonBindingsCodeCache`` (the compiler, ISA
+flags, OpenMP and on-disk cache that ``torch.compile`` uses on CPU: a few seconds the first time
+on a machine, then a load from the cache) and returns a Python callable taking tensors for the
+pointer arguments.
 
 A kernel that cannot be built (no C++ compiler, a torch without that API) is reported once
 in the log and :func:`load` returns None: the fused tier then declines and the recipe's
@@ -78,9 +78,9 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "adam": ("float*", "const float*", "float*", "float*", "float*", "int64_t", "float",
              "int64_t", "float", "float", "float", "float", "float", "float", "float", "float",
              "int64_t", "int64_t"),
-    "spam": ("float*", "const float*", "float*", "float*", "int64_t", "float", "int64_t",
-             "int64_t", "float", "float", "float", "float", "float", "float", "float", "float",
-             "int64_t", "int64_t"),
+    "adam_hf": ("float*", "const float*", "float*", "float*", "int64_t", "float", "int64_t",
+                "int64_t", "float", "float", "float", "float", "float", "float", "int64_t",
+                "float", "float", "int64_t", "int64_t", "int64_t"),
     "stable_spam": ("float*", "const float*", "float*", "float*", "float*", "float*", "float*",
                     "int64_t", "float", "float", "float", "float", "float", "float", "float",
                     "float", "float", "float", "int64_t", "float", "float", "float", "float",

@@ -220,7 +220,10 @@ void for_vectors(int64_t n, int64_t span, int threads, const F& f) {
     int64_t lo, hi;
     thread_rows(spans, &lo, &hi);
     const int64_t end = std::min(n, hi * span);
-    for (int64_t j = lo * span; j < end; j += VEC) f(j, std::min(VEC, end - j));
+    int64_t j = lo * span;
+    // full vectors with a width the compiler sees (whole loads and stores), then the tail
+    for (; j + VEC <= end; j += VEC) f(j, VEC);
+    if (j < end) f(j, end - j);
   }
 }
 

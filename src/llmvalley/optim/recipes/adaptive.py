@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmvalley.optim.fused import fused_adam, fused_adan, fused_lowbit_adam, fused_mars
+from llmvalley.optim.fused import (
+    fused_adam,
+    fused_adan,
+    fused_grams,
+    fused_lowbit_adam,
+    fused_mars,
+)
 from llmvalley.optim.recipes.common import require_betas
 from llmvalley.optim.spec import Decay, OptimizerSpec
 from llmvalley.optim.transforms import (
@@ -103,6 +109,7 @@ SPECS = [
         build=lambda g: [ScaleByAdan()],
         decay=lambda g: Decay("decoupled" if g["no_prox"] else "proximal"),
         fused=fused_adan,
+        fused_until_compiled=True,  # level with inductor's step once compiled (+-10%)
         check=require_betas("adan", 3),
     ),
     OptimizerSpec(
@@ -140,6 +147,8 @@ SPECS = [
         name="grams",
         defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0),
         build=lambda g: [ScaleByAdam(eps_form="hf"), GradSignTimesMagnitude()],
+        fused=fused_grams,
+        fused_until_compiled=True,  # inductor's step is faster once compiled
         check=require_betas("grams", 2),
     ),
 ]

@@ -25,10 +25,11 @@ ESTABLISHED = list(established.ENTRIES)  # the methods of 0.1 and 0.2
 CHECKPOINT_01 = Path(__file__).parent / "data" / "checkpoint-0.1.pt"
 # recipes whose arithmetic was reorganised since (same equations, another order of
 # floating-point operations): by Core v2, and by issue 11's faster eager forms (Adafactor's
-# factored rsqrt and mean squares, SinkGD's column norms as sums of squares, Adafactor's and
-# CAME's CPU kernels); their resumed runs agree to rounding, the others bit for bit
+# factored rsqrt and mean squares, SinkGD's column norms as sums of squares, the CPU kernels
+# of Adafactor, CAME, Adan and Grams); their resumed runs agree to rounding, the others bit
+# for bit
 REORDERED = {"mars", "conda", "cosmos", "namo", "namo_d", "scale", "adafactor", "came",
-             "sinkgd"}
+             "sinkgd", "adan", "grams"}
 # the checkpoint's continuations were recorded where ATen runs its AVX512 kernels; its AVX2
 # kernels round a few operations differently (18 methods land 1 ulp apart after 5 steps), so
 # elsewhere every method is held to rounding (Dion's QR magnifies a 1-ulp input difference to

@@ -260,18 +260,18 @@ def fused_adafactor(ctx: StepContext) -> bool:
     return True
 
 
-def _adam_numbers(group: Any) -> Callable[[int], tuple[float, ...]]:
+def adam_numbers(beta1: float, beta2: float, eps: float, t: int) -> tuple[float, ...]:
     """The numbers of Adam's update at step ``t`` that the kernels take: ``b1, 1 - b1, b2,
     1 - b2`` and the denominator's ``a = bc1 / sqrt(bc2)``, ``b = eps bc1`` (``u = m /
     (sqrt(v) a + b)``, ScaleByAdam's form)."""
+    bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+    return beta1, 1 - beta1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1
+
+
+def _adam_numbers(group: Any) -> Callable[[int], tuple[float, ...]]:
+    """:func:`adam_numbers` at the group's ``betas`` and ``eps``, as a function of ``t``."""
     beta1, beta2 = group["betas"]
-    eps = group["eps"]
-
-    def numbers(t: int) -> tuple[float, ...]:
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        return beta1, 1 - beta1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1
-
-    return numbers
+    return lambda t: adam_numbers(beta1, beta2, group["eps"], t)
 
 
 def _projected(ctx: StepContext, kernel: Any, work: list[list[Tensor]], mode: int,
@@ -408,8 +408,6 @@ def fused_spam(ctx: StepContext) -> bool:
     tensors on CPU: one pass per tensor (moments reset, spike clipping, Adam, the warm-up
     multiplier, the write and the decay after it), at the flags and multipliers of the
     transform's prelude."""
-    if _cpu_kernel(ctx, "adam_hf") is None:
-        return False
     return _adam_hf(ctx, _SPAM, ctx.bind(_SPAM, {}).prelude(), grams=False, decay_after=True)
 
 
@@ -439,13 +437,11 @@ def fused_stable_spam(ctx: StepContext) -> bool:
     total, eta_min = group["total_steps"], float(group["eta_min"])
     for i, (p, g, state, t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
         s = stable_spam_scale(t, total, eta_min)
-        b1, k = beta1 * s, stable_spam_steps(t, interval)[1]
-        bc1, bc2 = 1 - b1**k, 1 - beta2**k
+        adam = adam_numbers(beta1 * s, beta2, eps, stable_spam_steps(t, interval)[1])
         kernel(p, g, *state, p.numel(), g1 * s, 1 - g1 * s, g2, 1 - g2, g3, 1 - g3,
                numbers["c_max"][i], numbers["c_norm"][i], numbers["c_sq"][i], eps,
-               int(numbers["reset"][i]), 1 - b1, beta2, 1 - beta2, bc1 / bc2**0.5, eps * bc1,
-               lr * ctx.plan.lr_mult[i], _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0),
-               kernels.threads_for(p.numel()))
+               int(numbers["reset"][i]), *adam[1:], lr * ctx.plan.lr_mult[i], _shrink(ctx, i),
+               int(ctx.plan.weight_decay[i] != 0), kernels.threads_for(p.numel()))
     return True
 
 
@@ -510,10 +506,8 @@ def fused_adagc_adam(ctx: StepContext) -> bool:
     numbers = _adam_numbers(ctx.group)
     lr = float(ctx.group["lr"])
     for i, (p, g, (m, v), t) in enumerate(zip(ctx.params, ctx.grads, work, ctx.steps)):
-        _, w1, b2, w2, a, b = numbers(t)
-        rate = lr * ctx.plan.lr_mult[i]
-        kernel(p, g, m, v, m, p.numel(), 0.0, 0, float(factors[i]), w1, b2, w2, a, b, rate,
-               _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0),
+        kernel(p, g, m, v, m, p.numel(), 0.0, 0, float(factors[i]), *numbers(t)[1:],
+               lr * ctx.plan.lr_mult[i], _shrink(ctx, i), int(ctx.plan.weight_decay[i] != 0),
                kernels.threads_for(p.numel()))
     return True
 
@@ -531,9 +525,9 @@ def fused_mars(ctx: StepContext) -> bool:
     group = ctx.group
     matrix = [_mars_branch(tuple(p.shape), group) == "matrix" for p in ctx.params]
     adam = _dense_slots(ctx, _ADAM, lambda p: ("exp_avg", "exp_avg_sq"))
-    lasts = _dense_slots(ctx, _MARS, lambda p: ("last_grad",)) if all(matrix) else \
-        _dense_slots(ctx.subset([i for i, mat in enumerate(matrix) if mat]), _MARS,
-                     lambda p: ("last_grad",)) if any(matrix) else []
+    matrices = [i for i, mat in enumerate(matrix) if mat]
+    lasts = _dense_slots(ctx.subset(matrices), _MARS, lambda p: ("last_grad",)) \
+        if matrices else []
     if adam is None or lasts is None:
         return False
     lasts = iter(lasts)
@@ -547,10 +541,9 @@ def fused_mars(ctx: StepContext) -> bool:
         else:
             (beta1, beta2), wd = group["betas_1d"], group["weight_decay_1d"]
             rate, last, k = lr * vector_mult, m, 0.0  # no correction: last is never read
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         rate *= ctx.plan.lr_mult[i]
-        kernel(p, g, m, v, last, p.numel(), k, int(matrix[i]), 1.0, 1 - beta1, beta2,
-               1 - beta2, bc1 / bc2**0.5, eps * bc1, rate, 1.0 - rate * wd, int(wd != 0),
+        kernel(p, g, m, v, last, p.numel(), k, int(matrix[i]), 1.0,
+               *adam_numbers(beta1, beta2, eps, t)[1:], rate, 1.0 - rate * wd, int(wd != 0),
                kernels.threads_for(p.numel()))
     return True
 

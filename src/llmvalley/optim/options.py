@@ -62,13 +62,12 @@ def full_chain(spec: Any, group: Mapping[str, Any]) -> list[Transform]:
     return chain_and_keys(spec, group)[0]
 
 
-def is_plain(group: Mapping[str, Any], fused_state: tuple[str, ...] = (),
-             fused_options: tuple[str, ...] = ()) -> bool:
-    """No shell option changes the recipe's chain or its storage (fused paths allowed).
-    ``fused_state``: the state precisions a spec's fused kernel stores itself
-    (:attr:`~llmvalley.optim.spec.OptimizerSpec.fused_state`), allowed as a group's
-    ``state_precision``; ``fused_options``: the shell options it computes itself
-    (:attr:`~llmvalley.optim.spec.OptimizerSpec.fused_options`), allowed on."""
+def is_plain(spec: Any, group: Mapping[str, Any]) -> bool:
+    """No shell option changes ``spec``'s chain or its storage for ``group`` beyond what its
+    fused kernel computes itself: the state precisions of its
+    :attr:`~llmvalley.optim.spec.OptimizerSpec.fused_state` (as ``state_precision``) and the
+    shell options of its :attr:`~llmvalley.optim.spec.OptimizerSpec.fused_options`."""
+    fused_state, fused_options = spec.fused_state, spec.fused_options
     precision = group_precision(group)
     return not (any(group.get(k) and k not in fused_options
                     for k in ("mars", "cautious", "adagc"))

@@ -625,7 +625,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         """The spec's fused kernel, where it computes the group's whole chain (no other shell
         option); a kernel that only bridges the eager phase (``fused_until_compiled``) gives
         way to ``"auto"``'s compiled step once that compiles. Returns whether a step ran."""
-        if spec.fused is None or not is_plain(group, spec.fused_state, spec.fused_options):
+        if spec.fused is None or not is_plain(spec, group):
             return False
         if spec.fused_until_compiled and self._auto_compiled_step(group, params, ctx, working):
             return True

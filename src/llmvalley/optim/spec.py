@@ -264,15 +264,14 @@ def execution_tier(spec: OptimizerSpec, group: Mapping[str, Any]) -> str:
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': {spec.name} has no fused "
                 f"kernel ({', '.join(have)} have one); use 'auto', 'foreach' or 'compiled'")
-        if not is_plain(group, spec.fused_state, spec.fused_options):
+        if not is_plain(spec, group):
             raise ValueError(
                 f"{spec.name}: invalid implementation='fused': the fused kernel computes the "
                 "plain method, and a shell option (mars, cautious, adagc, state_precision, "
                 "state_dtype or master_weights) changes it; use 'foreach' or 'compiled'")
         return "fused"
     if impl == "auto":
-        plain = is_plain(group, spec.fused_state, spec.fused_options)
-        return "fused" if spec.fused is not None and plain else "foreach"
+        return "fused" if spec.fused is not None and is_plain(spec, group) else "foreach"
     return impl
 
 

@@ -17,12 +17,6 @@
 namespace {
 using namespace llmvalley;
 constexpr int64_t SPAN = 4096;  // elements per unit of work split over the threads
-
-// torch.sign: 1, -1, or 0 for a zero
-inline Vec sign(const Vec& x) {
-  const Vec zero(0.0f);
-  return Vec::blendv(zero, Vec(1.0f), x > zero) - Vec::blendv(zero, Vec(1.0f), x < zero);
-}
 }  // namespace
 
 extern "C" void kernel(float* p, const float* g, float* m, float* v, int64_t n, float theta,
@@ -41,7 +35,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, int64_t n, 
     Vec x = gv;
     if (clips) {  // spike clipping against the second moment before this step
       const Vec limit = v0 * vtheta;
-      x = Vec::blendv(x, sign(x) * limit.sqrt(), x * x > limit);
+      x = Vec::blendv(x, sign_vec(x) * limit.sqrt(), x * x > limit);
     }
     const Vec mj = lerp_vec(m0, x, w1);
     const Vec vj = at::vec::fmadd(vw2 * x, x, v0 * vb2);
@@ -49,7 +43,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, int64_t n, 
     vj.store(v + j, k);
     Vec u = mj / (vj.sqrt() + veps) * vc;
     if (ramps) u = u * vramp;
-    if (sign_of_g) u = u.abs() * sign(gv);
+    if (sign_of_g) u = u.abs() * sign_vec(gv);
     Vec pv = Vec::loadu(p + j, k);
     if (shrinks && !after) pv = pv * vshrink;
     pv = at::vec::fmadd(vlr, u, pv);

@@ -183,7 +183,8 @@ T reduce_spans(int64_t n, int64_t span, int threads, T init, const F& f, const J
     int64_t lo, hi;
     thread_rows(spans, &lo, &hi);
     T mine = init;
-    for (int64_t s = lo; s < hi; ++s) mine = join(mine, f(s * span, std::min(n, (s + 1) * span)));
+    for (int64_t s = lo; s < hi; ++s)
+      mine = join(mine, f(s * span, std::min(n, (s + 1) * span)));
     part[omp_get_thread_num()] = mine;
   }
   T total = init;
@@ -231,6 +232,12 @@ void for_vectors(int64_t n, int64_t span, int threads, const F& f) {
 inline Vec lerp_vec(const Vec& start, const Vec& end, float weight) {
   return weight < 0.5f ? at::vec::fmadd(Vec(weight), end - start, start)
                        : at::vec::fmadd(Vec(weight - 1.0f), end - start, end);
+}
+
+// torch.sign for each lane: 1, -1, or 0 for a zero
+inline Vec sign_vec(const Vec& x) {
+  const Vec zero(0.0f), one(1.0f);
+  return Vec::blendv(zero, one, x > zero) - Vec::blendv(zero, one, x < zero);
 }
 
 // ScaleByAdam's step (torch eps form) and the shell's decoupled write, for w lanes:

@@ -263,11 +263,8 @@ void run(float* p, const float* g, const Slot& m, const Slot& v, int64_t n, cons
           const int64_t w = std::min(VEC, k - j);
           const Vec gj = Vec::loadu(gg + j, w), m0 = Vec::loadu(mb + j, w);
           const Vec cj = at::vec::fmadd(Vec(h.w1), gj, m0 * Vec(h.b1));
-          const Vec zero(0.0f);
-          const Vec u = Vec::blendv(zero, Vec(1.0f), cj > zero) -
-                        Vec::blendv(zero, Vec(1.0f), cj < zero);
           lerp_vec(m0, gj, h.w2).store(mb + j, w);
-          adam.write(pp + j, u, w);
+          adam.write(pp + j, sign_vec(cj), w);
         }
       }
       encode<MKind>(m, start, k, mb);
